@@ -1,0 +1,26 @@
+# The two set-up commands of README.md: `make bench` (main job) and `make test`.
+# Each creates .venv when missing (with system site packages, so a machine that already
+# has a CUDA torch uses it), installs torch only when none is importable, then the package.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-triton bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[test,hf,bench]"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/latency_table.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,143 @@
+"""Which backend runs an op.
+
+Backends: ``torch`` (the reference, any device), ``triton`` (CUDA tensors, or CPU tensors
+under ``TRITON_INTERPRET=1``), ``cuda`` (the compiled extension ``lora_kernels._C``) and
+``auto``, which picks the first of them that can run the op on the given tensors.
+The choice comes from ``set_backend`` / ``use_backend`` or else the environment variable
+``LORA_KERNELS_BACKEND`` (default ``auto``). A backend asked for explicitly that cannot run
+an op raises ``BackendUnavailable`` saying why; it never falls back silently.
+"""
+import contextlib
+import contextvars
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+ENV_VAR = "LORA_KERNELS_BACKEND"
+
+_BUILD_HINT = ("build it with a CUDA build of PyTorch and nvcc: "
+               "LORA_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run this op on these inputs; the message says why."""
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One backend's implementation of one op.
+
+    ``supports(*tensors)`` returns None when it can run them, else a one-sentence reason
+    (dtype, size limits...).
+    """
+    forward: Callable
+    backward: Callable
+    supports: Callable[..., Optional[str]] = lambda *tensors: None
+
+
+_chosen: contextvars.ContextVar = contextvars.ContextVar("lora_kernels_backend", default=None)
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors through the numpy interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(name: str) -> Optional[str]:
+    """None if backend ``name`` can run on this machine at all, else the reason."""
+    if name in ("auto", "torch"):
+        return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "the `triton` package is not installed (pip install triton)"
+        if not (torch.cuda.is_available() or interpreting()):
+            return "Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 to interpret them on CPU)"
+        return None
+    if not torch.cuda.is_available():
+        return "the cuda backend needs a CUDA GPU and a CUDA build of PyTorch"
+    try:
+        importlib.import_module("lora_kernels._C")
+    except ImportError as err:
+        return f"the compiled extension lora_kernels._C is not importable ({err}); {_BUILD_HINT}"
+    return None
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for all ops ("auto" | "triton" | "cuda" | "torch")."""
+    reason = why_unavailable(_check_name(name))
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
+    _chosen.set(name)
+
+
+def get_backend() -> str:
+    name = _chosen.get()
+    if name is None:
+        name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if name not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: run the ops inside with backend ``name``."""
+    reason = why_unavailable(_check_name(name))
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
+    token = _chosen.set(name)
+    try:
+        yield
+    finally:
+        _chosen.reset(token)
+
+
+def _why_not(name: str, op: str, impls: Mapping[str, Impl], tensors) -> Optional[str]:
+    if name not in impls:
+        return f"it has no implementation of {op} yet"
+    reason = why_unavailable(name)
+    if reason is not None:
+        return reason
+    device = tensors[0].device
+    if name == "triton" and not (device.type == "cuda" or (device.type == "cpu" and interpreting())):
+        return f"Triton kernels run on CUDA tensors (CPU only under TRITON_INTERPRET=1), got {device}"
+    if name == "cuda" and device.type != "cuda":
+        return f"the compiled kernels run on CUDA tensors, got {device}"
+    return impls[name].supports(*tensors)
+
+
+def _auto_order(device: torch.device):
+    if device.type == "cuda":
+        return ("triton", "cuda", "torch")
+    return ("triton", "torch") if interpreting() else ("torch",)
+
+
+def select(op: str, impls: Mapping[str, Impl], *tensors: torch.Tensor) -> Impl:
+    """The implementation of ``op`` that runs on ``tensors`` under the current choice."""
+    requested = get_backend()
+    if requested == "auto":
+        for name in _auto_order(tensors[0].device):
+            if _why_not(name, op, impls, tensors) is None:
+                return impls[name]
+        return impls["torch"]
+    reason = _why_not(requested, op, impls, tensors)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {requested!r} cannot run {op}: {reason}")
+    return impls[requested]
+
+
+def selected_name(op: str, impls: Mapping[str, Impl], *tensors: torch.Tensor) -> str:
+    """Name of the backend ``select`` would use (for tests and benchmarks)."""
+    chosen = select(op, impls, *tensors)
+    return next(name for name, impl in impls.items() if impl is chosen)

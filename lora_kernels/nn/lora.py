@@ -1,0 +1,114 @@
+"""LoRALinear: a frozen linear layer plus a trainable low-rank update, run by the fused op."""
+import math
+
+import torch
+from torch import nn
+
+from ..ops.lora import lora_linear
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D (transformers.pytorch_utils.Conv1D) stores its weight as [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class LoRALinear(nn.Module):
+    """y = x Wᵀ + b + scaling·B(A·dropout(x)), with W and b frozen.
+
+    ``scaling`` is alpha / r, or alpha / sqrt(r) with ``use_rslora``. ``lora_A`` ([r, in]) gets
+    Kaiming-uniform init and ``lora_B`` ([out, r]) zeros, so a new layer equals its base.
+    ``fan_in_fan_out=True`` keeps the weight in GPT-2 Conv1D's [in, out] layout.
+    ``merge()`` folds the update into the weight (one GEMM per call, no LoRA gradients
+    while merged); ``unmerge()`` takes it out again.
+    """
+
+    def __init__(self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True,
+                 use_rslora=False, *, fan_in_fan_out=False, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.dropout = r, alpha, float(dropout)
+        self.use_rslora, self.fan_in_fan_out = use_rslora, fan_in_fan_out
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        self.merged = False
+        self.reset_parameters()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def reset_parameters(self, base: bool = True) -> None:
+        if base and self.weight.device.type != "meta":
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r=8, alpha=16, dropout=0.0, use_rslora=False) -> "LoRALinear":
+        """Wrap an ``nn.Linear`` (or GPT-2 ``Conv1D``), sharing — not copying — its weight and bias."""
+        conv1d = _is_conv1d(linear)
+        if not (isinstance(linear, nn.Linear) or conv1d):
+            raise TypeError(f"from_linear expects nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        w = linear.weight
+        in_f, out_f = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
+        module = cls(in_f, out_f, r=r, alpha=alpha, dropout=dropout, bias=False, use_rslora=use_rslora,
+                     fan_in_fan_out=conv1d, device="meta", dtype=w.dtype)
+        w.requires_grad_(False)
+        module.weight = w
+        module.bias = linear.bias
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+        module.lora_A = nn.Parameter(torch.empty(r, in_f, device=w.device, dtype=w.dtype))
+        module.lora_B = nn.Parameter(torch.empty(out_f, r, device=w.device, dtype=w.dtype))
+        module.reset_parameters(base=False)
+        return module
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as [out, in] (a transposed view for the Conv1D layout)."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling·B A as [out, in], computed in float32 at least."""
+        ct = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return self.scaling * (self.lora_B.to(ct) @ self.lora_A.to(ct))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            w = self.base_weight()
+            w.copy_((w.to(torch.promote_types(w.dtype, torch.float32)) + self.delta_weight()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.base_weight()
+            w.copy_((w.to(torch.promote_types(w.dtype, torch.float32)) - self.delta_weight()).to(w.dtype))
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return nn.functional.linear(x, self.base_weight(), self.bias)
+        return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self.scaling,
+                           dropout_p=self.dropout, training=self.training)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, "
+                f"use_rslora={self.use_rslora}, fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}")

@@ -1,0 +1,73 @@
+"""Input checks shared by the ops: every message names the argument, what was expected
+and what was given, so bad input never reaches a kernel."""
+import math
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, t, ndim: Optional[int] = None, min_ndim: int = 0) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+    return t
+
+
+def shape(name: str, t: Optional[torch.Tensor], expected: Sequence[int], meaning: str) -> None:
+    """``expected`` is the exact shape; ``meaning`` spells it symbolically, e.g. "[N, K]"."""
+    if t is None:
+        return
+    tensor(name, t)
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {meaning} = {list(expected)}, got {list(t.shape)}")
+
+
+def same_device_and_dtype(**tensors: Optional[torch.Tensor]) -> None:
+    given = {k: v for k, v in tensors.items() if v is not None}
+    (first, ref), *rest = given.items()
+    for name, t in rest:
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {ref.device}; "
+                             "all inputs must be on one device")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first} has {ref.dtype}; "
+                            "all inputs must share one dtype")
+
+
+def finite_float(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def probability(name: str, value, allow_one: bool = False) -> float:
+    value = finite_float(name, value)
+    if value < 0.0 or value > 1.0 or (value == 1.0 and not allow_one):
+        bound = "[0, 1]" if allow_one else "[0, 1)"
+        raise ValueError(f"{name} must be in {bound}, got {value}")
+    return value
+
+
+def rows(x: torch.Tensor, width: int, trailing: int = 1) -> torch.Tensor:
+    """View ``x`` as [M, width], merging its last ``trailing`` dims into one row
+    (a copy only when strides make a view impossible)."""
+    return x.reshape(math.prod(x.shape[: x.ndim - trailing]), width)
+
+
+def needs(ctx, index: int) -> bool:
+    return bool(ctx.needs_input_grad[index])
+
+
+def grad_or_none(g: torch.Tensor, needed: bool) -> Optional[torch.Tensor]:
+    return g if needed else None

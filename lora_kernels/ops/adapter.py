@@ -1,0 +1,81 @@
+"""Bottleneck adapter as a custom op: forward and backward are separate ops, each dispatched to a backend."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend
+from ..reference import adapter as ref
+from ..reference import compute_dtype
+from . import _validate as check
+
+IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
+
+
+@torch.library.custom_op("lora_kernels::adapter_fwd", mutates_args=())
+def adapter_fwd(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
+                activation: str, scale: float) -> tuple[Tensor, Tensor]:
+    impl = backend.select("adapter", IMPLS, x)
+    return impl.forward(x, w_down, b_down, w_up, b_up, activation, scale)
+
+
+@adapter_fwd.register_fake
+def _(x, w_down, b_down, w_up, b_up, activation, scale):
+    return torch.empty_like(x), x.new_empty(x.shape[0], w_down.shape[0], dtype=compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("lora_kernels::adapter_bwd", mutates_args=())
+def adapter_bwd(g: Tensor, x: Tensor, w_down: Tensor, w_up: Tensor, h: Tensor, activation: str, scale: float,
+                need_dx: bool, need_dbd: bool, need_dbu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = backend.select("adapter", IMPLS, x)
+    return impl.backward(g.contiguous(), x, w_down, w_up, h, activation, scale, need_dx, need_dbd, need_dbu)
+
+
+@adapter_bwd.register_fake
+def _(g, x, w_down, w_up, h, activation, scale, need_dx, need_dbd, need_dbu):
+    empty = x.new_empty(0)
+    return (torch.empty_like(x) if need_dx else empty, torch.empty_like(w_down),
+            w_down.new_empty(w_down.shape[0]) if need_dbd else empty, torch.empty_like(w_up),
+            w_up.new_empty(w_up.shape[0]) if need_dbu else empty)
+
+
+def _setup(ctx, inputs, output):
+    x, w_down, _b_down, w_up, _b_up, activation, scale = inputs
+    ctx.save_for_backward(x, w_down, w_up, output[1])
+    ctx.activation, ctx.scale = activation, scale
+
+
+def _backward(ctx, gy, _gh):
+    x, w_down, w_up, h = ctx.saved_tensors
+    need_dx, need_dbd, need_dbu = (check.needs(ctx, i) for i in (0, 2, 4))
+    dx, dwd, dbd, dwu, dbu = adapter_bwd(gy, x, w_down, w_up, h, ctx.activation, ctx.scale,
+                                         need_dx, need_dbd, need_dbu)
+    return (check.grad_or_none(dx, need_dx), dwd, check.grad_or_none(dbd, need_dbd), dwu,
+            check.grad_or_none(dbu, need_dbu), None, None)
+
+
+adapter_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def adapter(x, w_down, b_down, w_up, b_up, activation="gelu", scale=1.0):
+    """y = x + scale·(act(x W_dᵀ + b_d) W_uᵀ + b_u) for x of shape [..., K].
+
+    w_down: [r, K], b_down: [r] or None, w_up: [K, r], b_up: [K] or None,
+    activation: "gelu" (erf) | "gelu_tanh" | "relu" | "silu".
+    """
+    check.tensor("x", x, min_ndim=1)
+    check.tensor("w_down", w_down, ndim=2)
+    check.tensor("w_up", w_up, ndim=2)
+    k, r = x.shape[-1], w_down.shape[0]
+    if r == 0:
+        raise ValueError("adapter bottleneck r must be >= 1, got w_down of shape [0, K]")
+    check.shape("w_down", w_down, (r, k), "[r, K]")
+    check.shape("w_up", w_up, (k, r), "[K, r]")
+    check.shape("b_down", b_down, (r,), "[r]")
+    check.shape("b_up", b_up, (k,), "[K]")
+    check.same_device_and_dtype(x=x, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up)
+    if activation not in ref.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ref.ACTIVATIONS}, got {activation!r}")
+    scale = check.finite_float("scale", scale)
+    y, _ = adapter_fwd(check.rows(x, k), w_down, b_down, w_up, b_up, activation, scale)
+    return y.reshape(x.shape)

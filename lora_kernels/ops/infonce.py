@@ -1,0 +1,81 @@
+"""Symmetric InfoNCE (CLIP) loss as a custom op: forward and backward dispatched to a backend."""
+import torch
+from torch import Tensor
+
+from .. import backend
+from ..reference import compute_dtype
+from ..reference import infonce as ref
+from . import _validate as check
+
+IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
+
+
+@torch.library.custom_op("lora_kernels::infonce_fwd", mutates_args=())
+def infonce_fwd(image: Tensor, text: Tensor, logit_scale: Tensor, lambda_: float,
+                normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backend.select("infonce", IMPLS, image)
+    return impl.forward(image, text, logit_scale, lambda_, normalize)
+
+
+@infonce_fwd.register_fake
+def _(image, text, logit_scale, lambda_, normalize):
+    ct = compute_dtype(image.dtype)
+    lse = image.new_empty(image.shape[0], dtype=ct)
+    return image.new_empty((), dtype=ct), lse, torch.empty_like(lse)
+
+
+@torch.library.custom_op("lora_kernels::infonce_bwd", mutates_args=())
+def infonce_bwd(gloss: Tensor, image: Tensor, text: Tensor, logit_scale: Tensor, lse_row: Tensor,
+                lse_col: Tensor, lambda_: float, normalize: bool, need_dimage: bool, need_dtext: bool,
+                need_dscale: bool) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backend.select("infonce", IMPLS, image)
+    return impl.backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normalize,
+                         need_dimage, need_dtext, need_dscale)
+
+
+@infonce_bwd.register_fake
+def _(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normalize, need_di, need_dt, need_dc):
+    empty = image.new_empty(0)
+    return (torch.empty_like(image) if need_di else empty, torch.empty_like(text) if need_dt else empty,
+            torch.empty_like(logit_scale) if need_dc else logit_scale.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    image, text, logit_scale, lambda_, normalize = inputs
+    ctx.save_for_backward(image, text, logit_scale, output[1], output[2])
+    ctx.lambda_, ctx.normalize = lambda_, normalize
+
+
+def _backward(ctx, gloss, _glse_row, _glse_col):
+    image, text, logit_scale, lse_row, lse_col = ctx.saved_tensors
+    need = [check.needs(ctx, i) for i in (0, 1, 2)]
+    grads = infonce_bwd(gloss, image, text, logit_scale, lse_row, lse_col, ctx.lambda_, ctx.normalize, *need)
+    return (*(check.grad_or_none(gr, n) for gr, n in zip(grads, need)), None, None)
+
+
+infonce_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def infonce(image, text, logit_scale, lambda_=0.5, normalize=False):
+    """Symmetric InfoNCE: λ·CE(S, diag) + (1−λ)·CE(Sᵀ, diag) with S = logit_scale·image·textᵀ.
+
+    image, text: [N, d]; logit_scale: a scalar tensor (c = 1/τ, already exponentiated, as
+    open_clip passes it) or a float; ``normalize`` L2-normalises the rows first.
+    Returns a 0-d loss (float32 for half inputs).
+    """
+    check.tensor("image", image, ndim=2)
+    check.tensor("text", text, ndim=2)
+    if image.shape != text.shape:
+        raise ValueError(f"image and text must both be [N, d] with the same N and d; "
+                         f"got image {list(image.shape)} and text {list(text.shape)}")
+    check.same_device_and_dtype(image=image, text=text)
+    if not isinstance(logit_scale, torch.Tensor):
+        logit_scale = torch.tensor(check.finite_float("logit_scale", logit_scale), device=image.device)
+    check.tensor("logit_scale", logit_scale)
+    if logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale must hold one value, got shape {list(logit_scale.shape)}")
+    if logit_scale.device != image.device:
+        raise ValueError(f"logit_scale is on {logit_scale.device} but image is on {image.device}")
+    lambda_ = check.probability("lambda_", lambda_, allow_one=True)
+    loss, _, _ = infonce_fwd(image, text, logit_scale, lambda_, bool(normalize))
+    return loss

@@ -1,0 +1,76 @@
+"""LayerNorm for LN-tuning as a custom op: dγ/dβ always, dx only when x requires grad."""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend
+from ..reference import compute_dtype
+from ..reference import layer_norm as ref
+from . import _validate as check
+
+IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
+
+
+@torch.library.custom_op("lora_kernels::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backend.select("layer_norm", IMPLS, x)
+    return impl.forward(x, weight, bias, eps)
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    stats = x.new_empty(x.shape[0], dtype=compute_dtype(x.dtype))
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("lora_kernels::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(g: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                   need_dx: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backend.select("layer_norm", IMPLS, x)
+    return impl.backward(g.contiguous(), x, weight, mean, rstd, need_dx, need_dw, need_db)
+
+
+@layer_norm_bwd.register_fake
+def _(g, x, weight, mean, rstd, need_dx, need_dw, need_db):
+    empty, width = x.new_empty(0), x.shape[1]
+    return (torch.empty_like(x) if need_dx else empty, x.new_empty(width) if need_dw else empty,
+            x.new_empty(width) if need_db else empty)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, _bias, _eps = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2])
+
+
+def _backward(ctx, gy, _gmean, _grstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need = [check.needs(ctx, i) for i in (0, 1, 2)]
+    grads = layer_norm_bwd(gy, x, weight, mean, rstd, *need)
+    return (*(check.grad_or_none(gr, n) for gr, n in zip(grads, need)), None)
+
+
+layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """y = weight ⊙ (x − mean)·rstd + bias, normalised over the last ``weight.ndim`` dims
+    of x (the last dim when weight is None). weight/bias may be None (no affine)."""
+    check.tensor("x", x, min_ndim=1)
+    norm_shape = tuple(weight.shape) if weight is not None else (
+        tuple(bias.shape) if bias is not None else tuple(x.shape[-1:]))
+    if len(norm_shape) == 0 or tuple(x.shape[x.ndim - len(norm_shape):]) != norm_shape:
+        raise ValueError(f"weight/bias must have the shape of x's trailing dims (normalized_shape); "
+                         f"x has shape {list(x.shape)}, normalized_shape is {list(norm_shape)}")
+    check.shape("weight", weight, norm_shape, "normalized_shape")
+    check.shape("bias", bias, norm_shape, "normalized_shape")
+    check.same_device_and_dtype(x=x, weight=weight, bias=bias)
+    eps = check.finite_float("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    width = math.prod(norm_shape)
+    flat = lambda t: None if t is None else t.reshape(width)  # noqa: E731
+    y, _, _ = layer_norm_fwd(check.rows(x, width, len(norm_shape)), flat(weight), flat(bias), eps)
+    return y.reshape(x.shape)

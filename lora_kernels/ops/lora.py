@@ -1,0 +1,98 @@
+"""LoRA linear as a custom op: forward and backward are separate ops, each dispatched to a backend."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend
+from ..reference import compute_dtype
+from ..reference import lora as ref
+from . import _validate as check
+
+IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                    lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    impl = backend.select("lora_linear", IMPLS, x)
+    return impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    m = x.shape[0]
+    return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(g: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
+                    scaling: float, dropout_p: float, seed: Tensor, need_dx: bool, need_dW: bool,
+                    need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = backend.select("lora_linear", IMPLS, x)
+    return impl.backward(g.contiguous(), x, weight, lora_A, lora_B, u, scaling, dropout_p, int(seed),
+                         need_dx, need_dW, need_db)
+
+
+@lora_linear_bwd.register_fake
+def _(g, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dW, need_db):
+    empty = x.new_empty(0)
+    return (torch.empty_like(x) if need_dx else empty, torch.empty_like(lora_A), torch.empty_like(lora_B),
+            torch.empty_like(weight) if need_dW else empty,
+            weight.new_empty(weight.shape[0]) if need_db else empty)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+
+
+def _backward(ctx, gy, _gu):
+    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    need_dx, need_dW, need_db = (check.needs(ctx, i) for i in (0, 1, 2))
+    dx, dA, dB, dW, db = lora_linear_bwd(gy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p,
+                                         seed, need_dx, need_dW, need_db)
+    return (check.grad_or_none(dx, need_dx), check.grad_or_none(dW, need_dW), check.grad_or_none(db, need_db),
+            dA, dB, None, None, None)
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup)
+
+_NO_SEED = None
+
+
+def _seed(dropout_p: float) -> Tensor:
+    """A CPU int64 seed drawn from torch's generator, so torch.manual_seed reproduces masks."""
+    global _NO_SEED
+    if dropout_p > 0.0:
+        return torch.randint(0, 2**62, (), dtype=torch.int64)
+    if _NO_SEED is None:
+        _NO_SEED = torch.zeros((), dtype=torch.int64)
+    return _NO_SEED
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True):
+    """y = x Wᵀ + b + scaling·(drop(x) Aᵀ) Bᵀ for x of shape [..., K].
+
+    weight: [N, K] (frozen base), bias: [N] or None, lora_A: [r, K], lora_B: [N, r].
+    Dropout (on the LoRA path only) is active when ``training`` and ``dropout_p > 0``.
+    """
+    check.tensor("x", x, min_ndim=1)
+    check.tensor("weight", weight, ndim=2)
+    check.tensor("lora_A", lora_A, ndim=2)
+    check.tensor("lora_B", lora_B, ndim=2)
+    k, (n, kw), r = x.shape[-1], weight.shape, lora_A.shape[0]
+    if kw != k:
+        raise ValueError(f"weight must have shape [N, K] with K = x.shape[-1] = {k}, got {list(weight.shape)}")
+    if r == 0:
+        raise ValueError("LoRA rank r must be >= 1, got lora_A of shape [0, K]")
+    check.shape("lora_A", lora_A, (r, k), "[r, K]")
+    check.shape("lora_B", lora_B, (n, r), "[N, r]")
+    check.shape("bias", bias, (n,), "[N]")
+    check.same_device_and_dtype(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    scaling = check.finite_float("scaling", scaling)
+    p = check.probability("dropout_p", dropout_p)
+    p = p if training else 0.0
+    y, _ = lora_linear_fwd(check.rows(x, k), weight, bias, lora_A, lora_B, scaling, p, _seed(p))
+    return y.reshape(*x.shape[:-1], n)
