@@ -43,7 +43,7 @@ def assert_close(out, ref, dtype, what=""):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e} for {dtype}"
 
 
-def randn(*shape, dtype=torch.float32, requires_grad=False, scale=1.0):
+def randn(*shape, dtype=torch.float64, requires_grad=False, scale=1.0):
     t = torch.randn(*shape, device=DEVICE, dtype=torch.float64) * scale
     return t.to(dtype).requires_grad_(requires_grad)
 
@@ -54,3 +54,37 @@ def _fresh_backend_choice():
     token = backend._chosen.set(None)
     yield
     backend._chosen.reset(token)
+
+
+def _cast(a, dtype):
+    if isinstance(a, torch.Tensor) and a.is_floating_point():
+        return a.detach().to(dtype).requires_grad_(a.requires_grad)
+    return a
+
+
+def check_against_reference(fn, ref_fn, args, dtype, what="", cast=None, grad_tol=None):
+    """Run ``fn`` on ``args`` cast to ``dtype`` and ``ref_fn`` on the same values upcast to
+    float64; compare the output and the gradient of every input that requires grad.
+
+    ``cast(i, arg, dtype)`` may override the cast of argument ``i`` (e.g. keep logit_scale fp32);
+    ``grad_tol`` overrides the gradients' tolerance where the problem itself is ill-conditioned.
+    Returns (low-precision args, reference args) for further checks.
+    """
+    low = [cast(i, a, dtype) if cast else _cast(a, dtype) for i, a in enumerate(args)]
+    ref = [_cast(a, torch.float64) for a in low]
+    out, expected = fn(*low), ref_fn(*ref)
+    assert out.dtype in (dtype, torch.float32), f"{what}: output dtype {out.dtype} for {dtype} inputs"
+    assert_close(out, expected, dtype, f"{what} output")
+    grad = torch.randn(expected.shape, dtype=torch.float64, device=expected.device)
+    out.backward(grad.to(out.dtype))
+    expected.backward(grad)
+    for i, (a, r) in enumerate(zip(low, ref)):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            assert a.grad is not None, f"{what}: argument {i} got no gradient"
+            assert a.grad.dtype == a.dtype, f"{what}: grad of argument {i} is {a.grad.dtype}, not {a.dtype}"
+            if grad_tol is None:
+                assert_close(a.grad, r.grad, dtype, f"{what} grad of argument {i}")
+            else:
+                err = rel_err(a.grad, r.grad)
+                assert err <= grad_tol, f"{what} grad of argument {i}: relative error {err:.3e} > {grad_tol:.0e}"
+    return low, ref

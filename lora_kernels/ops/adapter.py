@@ -21,7 +21,7 @@ def adapter_fwd(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tenso
 
 @adapter_fwd.register_fake
 def _(x, w_down, b_down, w_up, b_up, activation, scale):
-    return torch.empty_like(x), x.new_empty(x.shape[0], w_down.shape[0], dtype=compute_dtype(x.dtype))
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], w_down.shape[0], dtype=compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("lora_kernels::adapter_bwd", mutates_args=())
@@ -33,10 +33,10 @@ def adapter_bwd(g: Tensor, x: Tensor, w_down: Tensor, w_up: Tensor, h: Tensor, a
 
 @adapter_bwd.register_fake
 def _(g, x, w_down, w_up, h, activation, scale, need_dx, need_dbd, need_dbu):
-    empty = x.new_empty(0)
-    return (torch.empty_like(x) if need_dx else empty, torch.empty_like(w_down),
-            w_down.new_empty(w_down.shape[0]) if need_dbd else empty, torch.empty_like(w_up),
-            w_up.new_empty(w_up.shape[0]) if need_dbu else empty)
+    empty = lambda: x.new_empty(0)  # noqa: E731  (fresh each: outputs must not alias)
+    return (x.new_empty(x.shape) if need_dx else empty(), w_down.new_empty(w_down.shape),
+            w_down.new_empty(w_down.shape[0]) if need_dbd else empty(), w_up.new_empty(w_up.shape),
+            w_up.new_empty(w_up.shape[0]) if need_dbu else empty())
 
 
 def _setup(ctx, inputs, output):

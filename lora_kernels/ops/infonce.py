@@ -21,7 +21,7 @@ def infonce_fwd(image: Tensor, text: Tensor, logit_scale: Tensor, lambda_: float
 def _(image, text, logit_scale, lambda_, normalize):
     ct = compute_dtype(image.dtype)
     lse = image.new_empty(image.shape[0], dtype=ct)
-    return image.new_empty((), dtype=ct), lse, torch.empty_like(lse)
+    return image.new_empty((), dtype=ct), lse, lse.new_empty(lse.shape)
 
 
 @torch.library.custom_op("lora_kernels::infonce_bwd", mutates_args=())
@@ -35,9 +35,9 @@ def infonce_bwd(gloss: Tensor, image: Tensor, text: Tensor, logit_scale: Tensor,
 
 @infonce_bwd.register_fake
 def _(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normalize, need_di, need_dt, need_dc):
-    empty = image.new_empty(0)
-    return (torch.empty_like(image) if need_di else empty, torch.empty_like(text) if need_dt else empty,
-            torch.empty_like(logit_scale) if need_dc else logit_scale.new_empty(0))
+    empty = lambda: image.new_empty(0)  # noqa: E731  (fresh each: outputs must not alias)
+    return (image.new_empty(image.shape) if need_di else empty(), text.new_empty(text.shape) if need_dt else empty(),
+            logit_scale.new_empty(logit_scale.shape) if need_dc else logit_scale.new_empty(0))
 
 
 def _setup(ctx, inputs, output):

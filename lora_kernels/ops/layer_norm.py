@@ -23,7 +23,7 @@ def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
     stats = x.new_empty(x.shape[0], dtype=compute_dtype(x.dtype))
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
 
 
 @torch.library.custom_op("lora_kernels::layer_norm_bwd", mutates_args=())
@@ -35,9 +35,9 @@ def layer_norm_bwd(g: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
 
 @layer_norm_bwd.register_fake
 def _(g, x, weight, mean, rstd, need_dx, need_dw, need_db):
-    empty, width = x.new_empty(0), x.shape[1]
-    return (torch.empty_like(x) if need_dx else empty, x.new_empty(width) if need_dw else empty,
-            x.new_empty(width) if need_db else empty)
+    empty, width = (lambda: x.new_empty(0)), x.shape[1]  # fresh each: outputs must not alias
+    return (x.new_empty(x.shape) if need_dx else empty(), x.new_empty(width) if need_dw else empty(),
+            x.new_empty(width) if need_db else empty())
 
 
 def _setup(ctx, inputs, output):

@@ -36,10 +36,10 @@ def lora_linear_bwd(g: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
 
 @lora_linear_bwd.register_fake
 def _(g, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dW, need_db):
-    empty = x.new_empty(0)
-    return (torch.empty_like(x) if need_dx else empty, torch.empty_like(lora_A), torch.empty_like(lora_B),
-            torch.empty_like(weight) if need_dW else empty,
-            weight.new_empty(weight.shape[0]) if need_db else empty)
+    empty = lambda: x.new_empty(0)  # noqa: E731  (fresh each: outputs must not alias)
+    return (x.new_empty(x.shape) if need_dx else empty(), torch.empty_like(lora_A), torch.empty_like(lora_B),
+            weight.new_empty(weight.shape) if need_dW else empty(),
+            weight.new_empty(weight.shape[0]) if need_db else empty())
 
 
 def _setup(ctx, inputs, output):

@@ -20,9 +20,14 @@ def forward(x, weight, bias, eps):
     """x:[M,K] -> (y in x.dtype, mean:[M], rstd:[M] in the compute dtype, never half)."""
     ct = compute_dtype(x.dtype)
     xc = x.to(ct)
-    mean = xc.mean(-1)
-    rstd = torch.rsqrt(((xc - mean[:, None]) ** 2).mean(-1) + eps)
-    y = (xc - mean[:, None]) * rstd[:, None]
+    # Shift by the row's first element before summing: when |mean| >> std the shifted values
+    # are small and exact, so the variance keeps its digits (x + 1e4 in fp32).
+    pivot = xc[:, :1]
+    shifted_mean = (xc - pivot).mean(-1, keepdim=True)
+    centered = (xc - pivot) - shifted_mean
+    rstd = torch.rsqrt((centered * centered).mean(-1) + eps)
+    mean = (pivot + shifted_mean)[:, 0]
+    y = centered * rstd[:, None]
     if weight is not None:
         y = y * weight.to(ct)
     if bias is not None:

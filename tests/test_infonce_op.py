@@ -1,0 +1,138 @@
+"""infonce against the float64 reference, on every backend that can run here."""
+import math
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels.ops import infonce as op
+from lora_kernels.reference import infonce as ref
+
+from conftest import DEVICE, DTYPES, assert_close, backends_for, check_against_reference, randn
+
+BACKENDS = backends_for(op.IMPLS)
+
+
+def make_args(n, d, scale=10.0):
+    return [randn(n, d, requires_grad=True), randn(n, d, requires_grad=True),
+            torch.tensor(scale, dtype=torch.float64, device=DEVICE, requires_grad=True)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", [(1, 8), (37, 24), (300, 64)])
+@pytest.mark.parametrize("lambda_", [0.5, 0.2])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_loss_and_grads(backend, dtype, n, d, lambda_, normalize):
+    # Unnormalised features get a temperature that keeps logits O(10), as after training.
+    args = make_args(n, d, scale=10.0 if normalize else 10.0 / math.sqrt(d))
+    fn = lambda *a: lk.infonce(*a, lambda_=lambda_, normalize=normalize)  # noqa: E731
+    with lk.use_backend(backend):
+        check_against_reference(fn, lambda *a: ref.infonce(*a, lambda_, normalize), args, dtype,
+                                f"{backend} N={n} d={d} λ={lambda_} normalize={normalize}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gradcheck_fp64(backend, normalize):
+    args = make_args(6, 5, scale=2.0)
+    with lk.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda *t: lk.infonce(*t, lambda_=0.3, normalize=normalize), args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_at_logit_scale_100_stays_finite(backend):
+    """CLIP's maximal temperature with bf16 features: no inf/NaN anywhere."""
+    image, text = (randn(64, 32).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    scale = torch.tensor(math.log(100.0), device=DEVICE, requires_grad=True)
+    with lk.use_backend(backend):
+        loss = lk.infonce(image, text, scale.exp(), normalize=True)
+        loss.backward()
+    for t in (loss, image.grad, text.grad, scale.grad):
+        assert torch.isfinite(t).all()
+    expected = ref.infonce(image.detach().double(), text.detach().double(), 100.0, 0.5, True)
+    assert_close(loss, expected, torch.bfloat16, "loss")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_logit_scale_with_half_features(backend):
+    """open_clip keeps logit_scale in fp32 while features may be bf16/fp16."""
+    image, text = (randn(20, 16).to(torch.float16).requires_grad_() for _ in range(2))
+    scale = torch.tensor(5.0, device=DEVICE, requires_grad=True)
+    with lk.use_backend(backend):
+        loss = lk.infonce(image, text, scale)
+        loss.backward()
+    assert scale.grad.dtype == torch.float32 and image.grad.dtype == torch.float16
+    i64, t64 = (t.detach().double().requires_grad_() for t in (image, text))
+    s64 = torch.tensor(5.0, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    ref.infonce(i64, t64, s64).backward()
+    assert_close(scale.grad, s64.grad, torch.float16, "d logit_scale")
+    assert_close(image.grad, i64.grad, torch.float16, "d image")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_logit_scale_and_frozen_text(backend):
+    image, text, _ = make_args(9, 4)
+    text.requires_grad_(False)
+    with lk.use_backend(backend):
+        loss = lk.infonce(image, text, 3.0)
+        loss.backward()
+    assert text.grad is None and image.grad is not None
+    assert_close(loss, ref.infonce(image, text, 3.0), torch.float64, "loss")
+
+
+def test_reference_equals_log_softmax_formula():
+    """Independent formula: mean over rows of −log softmax on the diagonal, both directions."""
+    image, text, scale = (a.detach() for a in make_args(11, 6))
+    logits = scale * image @ text.T
+    row = -torch.log_softmax(logits, 1).diagonal().mean()
+    col = -torch.log_softmax(logits, 0).diagonal().mean()
+    assert_close(ref.infonce(image, text, scale, 0.3), 0.3 * row + 0.7 * col, torch.float64, "formula")
+
+
+def test_reference_backward_matches_autograd():
+    for normalize in (False, True):
+        args = make_args(10, 7)
+        loss = ref.infonce(*args, 0.4, normalize)
+        loss.backward(torch.tensor(1.7, dtype=torch.float64))
+        detached = [a.detach() for a in args]
+        out, lse_row, lse_col = ref.forward(*detached, 0.4, normalize)
+        assert_close(out, loss, torch.float64, "forward")
+        grads = ref.backward(torch.tensor(1.7, dtype=torch.float64), *detached, lse_row, lse_col, 0.4, normalize,
+                             True, True, True)
+        for got, t in zip(grads, args):
+            assert_close(got, t.grad, torch.float64, f"reference backward normalize={normalize}")
+
+
+def test_opcheck():
+    image, text, scale = (a.detach() for a in make_args(7, 5))
+    for normalize in (False, True):
+        torch.library.opcheck(op.infonce_fwd, (image, text, scale, 0.5, normalize))
+        _, lse_row, lse_col = ref.forward(image, text, scale, 0.5, normalize)
+        for needs in [(True, True, True), (True, False, False)]:
+            torch.library.opcheck(op.infonce_bwd, (torch.tensor(1.0, dtype=torch.float64), image, text, scale,
+                                                   lse_row, lse_col, 0.5, normalize, *needs))
+
+
+BAD_INPUTS = [
+    ("batch mismatch", lambda i, t, s: (i, t[:-1], s), ValueError, "same N"),
+    ("dim mismatch", lambda i, t, s: (i, t[:, :-1], s), ValueError, "same N and d"),
+    ("1-D image", lambda i, t, s: (i[0], t, s), ValueError, "image must be 2-D"),
+    ("int dtype", lambda i, t, s: (i, t.long(), s), TypeError, "text must be float"),
+    ("mixed dtype", lambda i, t, s: (i, t.float(), s), TypeError, "dtype"),
+    ("mixed device", lambda i, t, s: (i, t.to("meta"), s), ValueError, "device"),
+    ("vector scale", lambda i, t, s: (i, t, s.expand(3)), ValueError, "logit_scale must hold one value"),
+]
+
+
+@pytest.mark.parametrize("what,mutate,exc,text", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_rejected(what, mutate, exc, text):
+    args = [a.detach() for a in make_args(4, 3)]
+    with pytest.raises(exc, match=text):
+        lk.infonce(*mutate(*args))
+
+
+@pytest.mark.parametrize("lambda_", [-0.1, 1.5])
+def test_bad_lambda_is_rejected(lambda_):
+    with pytest.raises(ValueError, match="lambda_"):
+        lk.infonce(*[a.detach() for a in make_args(4, 3)], lambda_=lambda_)
