@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -e ".[test,hf,bench]"
 	touch $@
 
+# The whole suite, then the Triton kernels again through the CPU interpreter (on a GPU
+# machine the first run already covers them on the device).
 test: $(STAMP)
 	$(PY) -m pytest tests
+	$(MAKE) test-triton
+
+test-triton: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -k triton -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) benchmarks/latency_table.py

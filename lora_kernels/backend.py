@@ -40,6 +40,17 @@ class Impl:
     supports: Callable[..., Optional[str]] = lambda *tensors: None
 
 
+def lazy_impl(module: str) -> Impl:
+    """An Impl whose ``forward``/``backward``/``supports`` live in ``module``, imported on first
+    use, so that importing lora_kernels never imports Triton or the compiled extension."""
+    def attr(name):
+        def call(*args, **kwargs):
+            return getattr(importlib.import_module(module), name)(*args, **kwargs)
+        call.__name__ = f"{module}.{name}"
+        return call
+    return Impl(attr("forward"), attr("backward"), attr("supports"))
+
+
 _chosen: contextvars.ContextVar = contextvars.ContextVar("lora_kernels_backend", default=None)
 
 

@@ -4,10 +4,15 @@ Kernel issues add a backend by registering it in ``ops/<op>.py``'s IMPLS: every 
 parametrised with ``backends_for(IMPLS)`` then runs it too, whenever it is runnable here
 (triton: a CUDA GPU or TRITON_INTERPRET=1; cuda: lora_kernels._C and a GPU).
 """
+import os
+
 import pytest
 import torch
 
 from lora_kernels import backend
+
+# Kernels fill their outputs with NaN before running, so an unwritten element fails loudly.
+os.environ.setdefault("LORA_KERNELS_POISON", "1")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

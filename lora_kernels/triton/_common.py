@@ -1,0 +1,39 @@
+"""Pieces every Triton op needs: poisoned allocation, interpreter-safe dot, dtype maps."""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import interpreting
+
+# Under TRITON_INTERPRET=1 a bf16 tl.dot returns garbage: upcast its operands to fp32 there.
+UPCAST_BF16_DOT = interpreting()
+
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    """torch.empty, filled with NaN when LORA_KERNELS_POISON=1 (the tests set it), so an
+    element a kernel forgets to write can never pass as a plausible value."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("LORA_KERNELS_POISON") == "1" and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def upcast_bf16_dot(dtype: torch.dtype) -> bool:
+    return UPCAST_BF16_DOT and dtype == torch.bfloat16
+
+
+@triton.jit
+def dot(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr = "ieee"):
+    """acc + a @ b with fp32 (fp64 for fp64) accumulation; UPCAST routes bf16 through fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 GEMMs honour torch.backends.cuda.matmul.allow_tf32, like torch.matmul."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+        return "tf32"
+    return "ieee"
