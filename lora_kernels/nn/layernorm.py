@@ -19,15 +19,10 @@ class FusedLayerNorm(nn.Module):
             raise ValueError(f"normalized_shape must be non-empty with sizes >= 1, got {normalized_shape}")
         self.eps, self.elementwise_affine = float(eps), elementwise_affine
         factory = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape, **factory))
-            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if bias else None
-        else:
-            self.weight, self.bias = None, None
-        if self.bias is None:
-            self.register_parameter("bias", None)
-        if self.weight is None:
-            self.register_parameter("weight", None)
+        weight = nn.Parameter(torch.ones(self.normalized_shape, **factory)) if elementwise_affine else None
+        bias = nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if elementwise_affine and bias else None
+        self.register_parameter("weight", weight)
+        self.register_parameter("bias", bias)
 
     @classmethod
     def from_layer_norm(cls, ln: nn.LayerNorm) -> "FusedLayerNorm":
