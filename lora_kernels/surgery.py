@@ -236,7 +236,7 @@ def ln_tuning(model: nn.Module) -> nn.Module:
     """Replace every ``nn.LayerNorm`` by a ``FusedLayerNorm`` sharing its parameters and train only those."""
     for name, module in list(model.named_modules()):
         if name and isinstance(module, nn.LayerNorm):
-            fused = FusedLayerNorm.from_layer_norm(module)
+            fused = FusedLayerNorm.from_layer_norm(module)  # shares the Parameter objects
             fused.train(module.training)
             _set_submodule(model, name, fused)
     norms = [m for m in model.modules() if isinstance(m, FusedLayerNorm)]
@@ -319,7 +319,7 @@ def _lora_from_peft_layer(name: str, layer: nn.Module):
     lora.alpha = _alpha_for_scaling(r, lora.alpha, use_rslora, layer.scaling[adapter], name)
     # The very same Parameter objects: optimizer state and requires_grad flags carry over.
     lora.weight, lora.bias, lora.lora_A, lora.lora_B = w, base.bias, A, B
-    lora.train(layer.training)
+    lora.train(drop.training)  # PEFT's dropout module decides whether its dropout is active
     return lora
 
 
