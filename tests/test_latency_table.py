@@ -1,0 +1,96 @@
+"""Smoke test of benchmarks/latency_table.py (the LoRA paper's Table 1): a --quick run in-process."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "latency_table.py"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("latency_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+lt = _load_benchmark()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("latency")
+    report = lt.main(["--quick", "--device", "cpu", "--out-dir", str(out_dir)])
+    return report, out_dir
+
+
+def test_table_has_every_row_and_column(quick_run):
+    report, _ = quick_run
+    settings = report["config"]["settings"]
+    lines = report["table"].splitlines()
+    header = lines[0]
+    for label in settings:
+        assert label.replace("x", "×") in header
+    rows = {line.split("|")[1].strip(): line for line in lines[2:]}
+    assert list(rows) == list(lt.VARIANTS)
+    for line in rows.values():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == 2 + len(settings)
+        for cell in cells[2:]:
+            assert " ± " in cell and cell.endswith("%)")
+
+
+def test_results_cover_every_cell_and_baseline_overhead_is_zero(quick_run):
+    report, _ = quick_run
+    cells = {(r["variant"], r["setting"]): r for r in report["results"]}
+    assert set(cells) == {(v, s) for v in lt.VARIANTS for s in report["config"]["settings"]}
+    for (variant, _), row in cells.items():
+        assert row["n"] == report["config"]["repeats"] == len(row["samples_ms"])
+        assert row["mean_ms"] > 0 and row["std_ms"] >= 0
+        if variant == lt.BASE:
+            assert row["overhead_pct"] == 0.0
+    assert report["params"][lt.BASE] == 0
+    assert report["params"][lt.HOULSBY] == 2 * report["params"][lt.PFEIFFER] > 0
+    assert report["params"][lt.MERGED] == report["params"][lt.UNMERGED] > 0
+
+
+def test_result_files_exist_and_parse(quick_run):
+    report, out_dir = quick_run
+    json_path, md_path = Path(report["paths"]["json"]), Path(report["paths"]["markdown"])
+    assert json_path.parent == out_dir and md_path.parent == out_dir
+    assert json_path.name.startswith("latency-") and md_path.suffix == ".md"
+    saved = json.loads(json_path.read_text())
+    assert saved["results"] == report["results"]
+    env = saved["environment"]
+    for key in ("torch", "transformers", "lora_kernels"):
+        assert env["versions"][key]
+    assert env["device"]["name"] and env["date"] and "requested" in env["backend"]
+    assert env["backend"]["lora_linear"] in ("torch", "triton", "cuda")
+    markdown = md_path.read_text()
+    assert report["table"] in markdown
+    assert "Shrunk / changed vs the paper" in markdown
+
+
+def test_lora_merged_equals_unmerged_and_adaptations_are_not_noops():
+    cfg = lt.resolve_config(lt.build_parser().parse_args(["--quick", "--device", "cpu"]))
+    variants = lt.build_variants(cfg)
+    merged = variants[lt.MERGED].h[0].attn.c_attn
+    assert isinstance(merged, lt.lk.LoRALinear) and merged.merged
+    assert not variants[lt.UNMERGED].h[0].attn.c_attn.merged
+    assert torch.equal(variants[lt.MERGED].h[0].attn.c_attn.lora_B, variants[lt.UNMERGED].h[0].attn.c_attn.lora_B)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    out = lt.last_hidden_states(variants, ids)
+    torch.testing.assert_close(out[lt.MERGED], out[lt.UNMERGED], rtol=1e-4, atol=1e-5)
+    for name in (lt.MERGED, lt.HOULSBY, lt.PFEIFFER):
+        assert not torch.allclose(out[name], out[lt.BASE], rtol=1e-3, atol=1e-4), f"{name} is a no-op"
+    # the base model keeps its own weights: merging must not leak into it through shared tensors
+    base_w = variants[lt.BASE].h[0].attn.c_attn.weight
+    assert not torch.equal(base_w, merged.weight)
+    diffs = lt.check_variants(variants, cfg)
+    assert diffs["merged_vs_unmerged"] <= diffs["tolerance"]
