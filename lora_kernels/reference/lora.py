@@ -31,9 +31,10 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     xc = x.to(ct)
     mask = dropout_mask(x.shape, dropout_p, seed, x.device)
     u = apply_dropout(xc, mask, dropout_p) @ lora_A.to(ct).T
-    y = xc @ weight.to(ct).T + scaling * (u @ lora_B.to(ct).T)
-    if bias is not None:
-        y = y + bias.to(ct)
+    # addmm folds the bias and the scaled low-rank term into the base GEMM's output buffer:
+    # this is the CPU path users run, so it avoids two extra M×N temporaries.
+    y = xc @ weight.to(ct).T if bias is None else torch.addmm(bias.to(ct), xc, weight.to(ct).T)
+    y.addmm_(u, lora_B.to(ct).T, alpha=scaling)
     return y.to(x.dtype), u
 
 
