@@ -1,8 +1,11 @@
 """layer_norm against the float64 reference, on every backend that can run here."""
+import copy
+
 import pytest
 import torch
 
 import lora_kernels as lk
+from lora_kernels import backend as backend_lib
 from lora_kernels.ops import layer_norm as op
 from lora_kernels.reference import layer_norm as ref
 
@@ -164,3 +167,107 @@ def test_bad_input_is_rejected(what, mutate, exc, text):
 def test_negative_eps_is_rejected():
     with pytest.raises(ValueError, match="eps"):
         lk.layer_norm(*[a.detach() for a in make_args((4,), 8)], eps=-1.0)
+
+
+# ------------------------------------------------------------------ Triton kernel paths
+TRITON = [b for b in BACKENDS if b == "triton"]
+NEEDS = {"all": (True, True), "x frozen": (False, True), "weights frozen": (True, False), "no affine": (True, None)}
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Shrink the Triton kernels' limits so that rows of a few hundred features take the paths
+    of rows too wide for registers: chunked statistics merged across chunks, a column-tiled
+    backward after a row-statistics pass, several row groups each looping over row tiles, and
+    a partial-sum reduction over several blocks of partials."""
+    from lora_kernels.triton import layer_norm as tln
+    for name, value in [("_FWD_MAX_FUSED", 64), ("_BWD_MAX_FUSED", 64), ("_CHUNK", 64), ("_TILE", 64),
+                        ("_WIDE_BWD_BLOCK_N", 32), ("_INTERPRETER_PROGRAMS", 20)]:
+        monkeypatch.setattr(tln, name, value)
+    return tln
+
+
+def needs_args(lead, width, need):
+    x_grad, weights = NEEDS[need]
+    args = [leaf(a) for a in make_args(lead, width, x_grad=x_grad, affine=weights is not None)]
+    if weights is False:
+        args[1].requires_grad_(False)
+        args[2].requires_grad_(False)
+    return args
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("need", list(NEEDS))
+def test_chunked_rows(backend, dtype, need, small_blocks):
+    """13 rows of 300 features: 5 chunks of 64 (the last one partial), 10 column blocks, 2 row
+    groups of 2 row tiles each."""
+    args = needs_args((13,), 300, need)
+    with lk.use_backend(backend):
+        (x, w, b), _ = check_against_reference(lambda *a: lk.layer_norm(*a), lambda *a: ref.layer_norm(*a), args,
+                                               dtype, f"chunked {need}")
+    assert (x.grad is None) == (need == "x frozen")
+    assert (w is None or w.grad is None) == (need in ("weights frozen", "no affine"))
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_chunked_rows_large_mean_is_stable(backend, small_blocks):
+    """Chunk statistics merged with Chan's update keep the variance of x + 1e4 in fp32."""
+    x = (randn(5, 300) + 1e4).requires_grad_()
+    w, b = randn(300, requires_grad=True), randn(300, requires_grad=True)
+    with lk.use_backend(backend):
+        check_against_reference(lambda *a: lk.layer_norm(*a), lambda *a: ref.layer_norm(*a), [x, w, b],
+                                torch.float32, "chunked large mean", grad_tol=1e-3)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("path", ["whole row", "chunked"])
+def test_strided_rows(backend, path, request):
+    """A transposed x: both the row and the feature stride differ from a contiguous layout."""
+    if path == "chunked":
+        request.getfixturevalue("small_blocks")
+    x = randn(129, 11).t().requires_grad_()   # [11, 129], strides (1, 11)
+    w, b = randn(129, requires_grad=True), randn(129, requires_grad=True)
+    with lk.use_backend(backend):
+        check_against_reference(lambda *a: lk.layer_norm(*a), lambda *a: ref.layer_norm(*a), [x, w, b],
+                                torch.float32, f"strided {path}")
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_chunked_backward_is_deterministic(backend, small_blocks):
+    x, w, b = (leaf(a) for a in make_args((21,), 100))
+    g = randn(21, 100)
+    grads = []
+    with lk.use_backend(backend):
+        for _ in range(2):
+            x.grad = w.grad = b.grad = None
+            lk.layer_norm(x, w, b).backward(g)
+            grads.append((x.grad.clone(), w.grad.clone(), b.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ln_tuning_with_lora_and_adapter_in_one_model(backend):
+    """Bitfit-style combo: LoRA factors, an adapter and LayerNorm γ/β train together, so the
+    LayerNorm needs dx (for the LoRA and adapter upstream) as well as dγ/dβ. Gradients of every
+    trainable parameter match the same model run in float64 on the torch reference backend.
+    The other ops run on whatever backend ``auto`` picks for them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(lk.LoRALinear(24, 40, r=4), lk.BottleneckAdapter(40, bottleneck=8),
+                                lk.FusedLayerNorm(40), torch.nn.GELU(), lk.LoRALinear(40, 16, r=2),
+                                lk.FusedLayerNorm(16, elementwise_affine=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    expected = copy.deepcopy(model).double()
+    x, g = randn(3, 7, 24), randn(3, 7, 16)  # a normalised row's Σy² is constant: weight it by g
+    with lk.use_backend("auto"):
+        if backend_lib.selected_name("layer_norm", op.IMPLS, x.float()) != backend:
+            pytest.skip(f"auto does not pick {backend} for layer_norm here")
+        model(x.float()).backward(g.float())
+    with lk.use_backend("torch"):
+        expected(x).backward(g)
+    trained = [(n, p, q) for (n, p), q in zip(model.named_parameters(), expected.parameters()) if p.requires_grad]
+    assert any(n.endswith("weight") and "2." in n for n, _, _ in trained)  # LayerNorm γ trains
+    for name, p, q in trained:
+        assert_close(p.grad, q.grad, torch.float32, name)
