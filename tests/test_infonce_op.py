@@ -136,3 +136,63 @@ def test_bad_input_is_rejected(what, mutate, exc, text):
 def test_bad_lambda_is_rejected(lambda_):
     with pytest.raises(ValueError, match="lambda_"):
         lk.infonce(*[a.detach() for a in make_args(4, 3)], lambda_=lambda_)
+
+
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True)],
+                         ids=["dimage", "dtext", "dscale"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_each_gradient_alone(backend, need, normalize):
+    """One gradient at a time (the kernels skip the others' work), over several tiles, row
+    stripes and column splits; fp64 so that any mistake shows far above rounding."""
+    n, d, lambda_ = 150, 40, 0.3
+    image, text, scale = (a.detach() for a in make_args(n, d, scale=30.0 if normalize else 10.0 / math.sqrt(d)))
+    _, lse_row, lse_col = ref.forward(image, text, scale, lambda_, normalize)
+    gloss = torch.tensor(0.7, dtype=torch.float64, device=DEVICE)
+    expected = ref.backward(gloss, image, text, scale, lse_row, lse_col, lambda_, normalize, True, True, True)
+    with lk.use_backend(backend):
+        got = op.infonce_bwd(gloss, image, text, scale, lse_row, lse_col, lambda_, normalize, *need)
+    for name, g, e, needed in zip(("d image", "d text", "d logit_scale"), got, expected, need):
+        if needed:
+            assert g.shape == e.shape and g.dtype == e.dtype, f"{name}: {g.shape} {g.dtype}"
+            assert_close(g, e, torch.float64, name)
+        else:
+            assert g.numel() == 0, f"{name} was not asked for but has shape {tuple(g.shape)}"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_wide_features_and_determinism(backend):
+    """Non-contiguous features (a transposed view, a strided column slice), d wider than one
+    block, and bitwise-identical loss and gradients from run to run."""
+    n, d = 70, 150
+    image = randn(d, n, dtype=torch.float32).T
+    text = randn(n, 2 * d, dtype=torch.float32)[:, ::2]
+    scale = torch.tensor(12.0, device=DEVICE)
+    assert not image.is_contiguous() and not text.is_contiguous()
+
+    def run():
+        i, t, s = (x.detach().requires_grad_() for x in (image, text, scale))
+        with lk.use_backend(backend):
+            loss = lk.infonce(i, t, s, lambda_=0.4, normalize=True)
+            return (loss, *torch.autograd.grad(loss, (i, t, s)))
+
+    first, second = run(), run()
+    i64, t64, s64 = (x.detach().double().requires_grad_() for x in (image, text, scale))
+    expected = ref.infonce(i64, t64, s64, 0.4, True)
+    expected = (expected, *torch.autograd.grad(expected, (i64, t64, s64)))
+    for name, got, again, want in zip(("loss", "d image", "d text", "d logit_scale"), first, second, expected):
+        assert_close(got, want, torch.float32, name)
+        assert torch.equal(got, again), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck_on_backend(backend):
+    image, text, scale = (a.detach() for a in make_args(7, 5))
+    with lk.use_backend(backend):
+        torch.library.opcheck(op.infonce_fwd, (image, text, scale, 0.5, True))
+        _, lse_row, lse_col = ref.forward(image, text, scale, 0.5, True)
+        torch.library.opcheck(op.infonce_bwd, (torch.tensor(1.0, dtype=torch.float64, device=DEVICE), image, text,
+                                               scale, lse_row, lse_col, 0.5, True, True, True, True))

@@ -8,6 +8,7 @@ from ..reference import infonce as ref
 from . import _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
+IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.infonce")
 
 
 @torch.library.custom_op("lora_kernels::infonce_fwd", mutates_args=())
