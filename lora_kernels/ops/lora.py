@@ -59,17 +59,13 @@ def _backward(ctx, gy, _gu):
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup)
 
-_NO_SEED = None
-
-
 def _seed(dropout_p: float) -> Tensor:
-    """A CPU int64 seed drawn from torch's generator, so torch.manual_seed reproduces masks."""
-    global _NO_SEED
+    """A CPU int64 seed drawn from torch's generator, so torch.manual_seed reproduces masks.
+    Made fresh each call: a cached tensor born under inference_mode could not be saved for
+    backward later."""
     if dropout_p > 0.0:
         return torch.randint(0, 2**62, (), dtype=torch.int64)
-    if _NO_SEED is None:
-        _NO_SEED = torch.zeros((), dtype=torch.int64)
-    return _NO_SEED
+    return torch.zeros((), dtype=torch.int64)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True):
