@@ -137,3 +137,90 @@ def test_bad_input_is_rejected(what, mutate, exc, text):
 def test_unknown_activation_is_rejected():
     with pytest.raises(ValueError, match="activation"):
         lk.adapter(*[t.detach() for t in make_args((4,), 8, 2)], activation="tanh")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_rows_give_zero_weight_grads(backend):
+    x = randn(0, 15, requires_grad=True)
+    wd, bd, wu, bu = (t.requires_grad_() for t in (randn(4, 15), randn(4), randn(15, 4), randn(15)))
+    with lk.use_backend(backend):
+        lk.adapter(x, wd, bd, wu, bu).sum().backward()
+    for t in (wd, bd, wu, bu):
+        assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t))
+    assert x.grad.shape == (0, 15)
+
+
+# ---- Triton kernel paths: bottleneck tiles, row-stripe reductions, strides ----
+
+TRITON = [b for b in BACKENDS if b == "triton"]
+
+
+@pytest.fixture
+def kernels():
+    return pytest.importorskip("lora_kernels.triton.adapter")
+
+
+def _force(monkeypatch, kernels, dtype, max_block_r, stripe_rows):
+    """max_block_r: the widest register tile of the bottleneck (None: the kernel's own);
+    stripe_rows: rows per stripe of the weight-gradient reduction (None: the kernel's own rule)."""
+    if max_block_r is not None:
+        monkeypatch.setitem(kernels._MAX_BLOCK_R, dtype, max_block_r)
+    if stripe_rows is not None:
+        monkeypatch.setattr(kernels, "_row_splits",
+                            lambda m, r, tiles, device: (-(-m // stripe_rows), stripe_rows))
+
+
+KERNEL_CASES = [  # (max BLOCK_R, rows per stripe, leading dims, K, r, dtype, activation)
+    (None, None, (37,), 129, 300, torch.float32, "gelu"),         # r = 300: 3 tiles of 128
+    (None, None, (37,), 129, 300, torch.bfloat16, "gelu_tanh"),   # 2 tiles of 256
+    (None, None, (3, 7), 40, 1024, torch.float16, "silu"),        # the widest r: 4 tiles of 256
+    (None, None, (4, 275), 24, 3, torch.float32, "gelu"),         # M = 1100: stripes by the kernel's rule
+    (16, 16, (37,), 70, 40, torch.float64, "relu"),               # 3 tiles of 16, a stripe per row block
+    (16, 16, (70,), 33, 17, torch.bfloat16, "gelu"),
+    (16, 32, (50,), 48, 16, torch.float16, "gelu_tanh"),          # exactly one tile, stripes of 2 blocks
+    (None, 16, (1,), 129, 3, torch.float32, "silu"),              # one decode row
+]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("max_block_r,stripe_rows,lead,k,r,dtype,activation", KERNEL_CASES)
+def test_kernel_paths(backend, kernels, monkeypatch, max_block_r, stripe_rows, lead, k, r, dtype, activation):
+    _force(monkeypatch, kernels, dtype, max_block_r, stripe_rows)
+    fn = lambda *a: lk.adapter(*a, activation=activation, scale=0.7)  # noqa: E731
+    with lk.use_backend(backend):
+        check_against_reference(fn, lambda *a: ref.adapter(*a, activation, 0.7), make_args(lead, k, r), dtype,
+                                f"max_block_r={max_block_r} stripe_rows={stripe_rows} {lead}x{k} r={r}")
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_kernel_rule_splits_long_inputs(backend, kernels):
+    """The M = 1100 case above really reduces over several row stripes (then sums them)."""
+    assert kernels._row_splits(1100, 3, 1, torch.device("cpu"))[0] > 1
+    assert kernels._row_splits(37, 3, 1, torch.device("cpu"))[0] == 1
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("frozen_biases", [False, True])
+def test_kernel_striped_grads_are_deterministic(backend, kernels, monkeypatch, frozen_biases):
+    """Row stripes reduce in a fixed order: two runs agree bit for bit; frozen biases and a
+    transposed x (column stride 1 along M) take the same path."""
+    _force(monkeypatch, kernels, torch.float32, 16, 16)
+    x = randn(40, 70).T.to(torch.float32).requires_grad_()  # [70, 40] with strides (1, 70)
+    wd, bd, wu, bu = (t.to(torch.float32).requires_grad_(not (frozen_biases and t.ndim == 1))
+                      for t in (randn(24, 40, scale=40**-0.5), randn(24), randn(40, 24, scale=24**-0.5), randn(40)))
+    g = randn(70, 40).to(torch.float32)
+    grads = []
+    with lk.use_backend(backend):
+        for _ in range(2):
+            for t in (x, wd, bd, wu, bu):
+                t.grad = None
+            lk.adapter(x, wd, bd, wu, bu, activation="silu", scale=1.5).backward(g)
+            grads.append([None if t.grad is None else t.grad.clone() for t in (x, wd, bd, wu, bu)])
+    xr, wdr, bdr, wur, bur = (t.detach().double().requires_grad_() for t in (x, wd, bd, wu, bu))
+    ref.adapter(xr, wdr, bdr, wur, bur, "silu", 1.5).backward(g.double())
+    for i, (first, second, want) in enumerate(zip(grads[0], grads[1], (xr, wdr, bdr, wur, bur))):
+        if frozen_biases and i in (2, 4):
+            assert first is None and second is None
+            continue
+        assert torch.equal(first, second), f"argument {i} differs between runs"
+        assert_close(first, want.grad, torch.float32, f"argument {i}")

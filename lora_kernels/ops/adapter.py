@@ -10,6 +10,7 @@ from ..reference import compute_dtype
 from . import _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
+IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.adapter")
 
 
 @torch.library.custom_op("lora_kernels::adapter_fwd", mutates_args=())

@@ -10,6 +10,7 @@ from ..reference import lora as ref
 from . import _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
+IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.lora")
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
