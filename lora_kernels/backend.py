@@ -40,10 +40,13 @@ class Impl:
     supports: Callable[..., Optional[str]] = lambda *tensors: None
 
 
-def lazy_impl(module: str) -> Impl:
-    """An Impl whose ``forward``/``backward``/``supports`` live in ``module``, imported on first
-    use, so that importing lora_kernels never imports Triton or the compiled extension."""
+def lazy_impl(module: str, prefix: str = "") -> Impl:
+    """An Impl whose ``<prefix>forward``/``<prefix>backward``/``<prefix>supports`` live in
+    ``module``, imported on first use, so that importing lora_kernels never imports Triton or
+    the compiled extension."""
     def attr(name):
+        name = prefix + name
+
         def call(*args, **kwargs):
             return getattr(importlib.import_module(module), name)(*args, **kwargs)
         call.__name__ = f"{module}.{name}"
@@ -75,13 +78,16 @@ def why_unavailable(name: str) -> Optional[str]:
         if not (torch.cuda.is_available() or interpreting()):
             return "Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 to interpret them on CPU)"
         return None
-    if not torch.cuda.is_available():
-        return "the cuda backend needs a CUDA GPU and a CUDA build of PyTorch"
     try:
         importlib.import_module("lora_kernels._C")
+        missing = None
     except ImportError as err:
-        return f"the compiled extension lora_kernels._C is not importable ({err}); {_BUILD_HINT}"
-    return None
+        missing = f"the compiled extension lora_kernels._C is not importable ({err}); {_BUILD_HINT}"
+    if not torch.cuda.is_available():
+        # Both reasons: without the extension, a GPU alone would not be enough either.
+        gpu = "the cuda backend needs a CUDA GPU and a CUDA build of PyTorch"
+        return gpu if missing is None else f"{gpu}, and {missing}"
+    return missing
 
 
 def set_backend(name: str) -> None:
@@ -128,9 +134,22 @@ def _why_not(name: str, op: str, impls: Mapping[str, Impl], tensors) -> Optional
     return impls[name].supports(*tensors)
 
 
-def _auto_order(device: torch.device):
+# "auto" on CUDA tensors, per op (the names ops/ pass to select): the faster of triton and cuda
+# first. Not measured yet (no GPU so far), so Triton, the more widely tested backend, leads
+# everywhere. The fwd+bwd rows of benchmarks/test_bench_<op>.py (lk-triton vs lk-cuda, the
+# issues' default shapes, one run on the H100; results in benchmarks/results/) will decide:
+# cite that file next to each entry once it exists.
+AUTO_ORDER = {
+    "lora_linear": ("triton", "cuda", "torch"),
+    "adapter": ("triton", "cuda", "torch"),
+    "layer_norm": ("triton", "cuda", "torch"),
+    "infonce": ("triton", "cuda", "torch"),
+}
+
+
+def _auto_order(op: str, device: torch.device):
     if device.type == "cuda":
-        return ("triton", "cuda", "torch")
+        return AUTO_ORDER.get(op, ("triton", "cuda", "torch"))
     return ("triton", "torch") if interpreting() else ("torch",)
 
 
@@ -138,7 +157,7 @@ def select(op: str, impls: Mapping[str, Impl], *tensors: torch.Tensor) -> Impl:
     """The implementation of ``op`` that runs on ``tensors`` under the current choice."""
     requested = get_backend()
     if requested == "auto":
-        for name in _auto_order(tensors[0].device):
+        for name in _auto_order(op, tensors[0].device):
             if _why_not(name, op, impls, tensors) is None:
                 return impls[name]
         return impls["torch"]

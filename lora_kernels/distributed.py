@@ -36,3 +36,47 @@ def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     if len({int(s) for s in sizes}) != 1:
         raise ValueError(f"every rank must hold the same number of rows to gather; got {[int(s) for s in sizes]}")
     return _AllGather.apply(x, group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Σ over ranks, on every rank. Each rank's copy of the sum feeds that rank's loss, so the
+    gradient of a rank's input is the sum of every rank's upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+class _AverageGradient(torch.autograd.Function):
+    """Identity forward; backward averages the gradient over ranks (for a replicated input
+    whose per-rank gradients are each only a share of the whole)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad / dist.get_world_size(ctx.group), None
+
+
+def all_reduce_sum_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Σ_ranks x on every rank, differentiable (``x`` itself without a process group)."""
+    return _AllReduceSum.apply(x, group) if is_distributed() else x
+
+
+def average_gradient_across_ranks(x: torch.Tensor, group=None) -> torch.Tensor:
+    """``x`` unchanged; its gradient becomes the mean of every rank's (no-op without a group)."""
+    return _AverageGradient.apply(x, group) if is_distributed() and x.requires_grad else x

@@ -26,13 +26,17 @@ import torch.multiprocessing as mp
 import lora_kernels as lk
 from lora_kernels.reference import infonce as ref
 
-from conftest import rel_err
+from lora_kernels.ops.infonce import ROWS_IMPLS
+
+from conftest import backends_for, rel_err
 
 pytestmark = pytest.mark.slow
 
 WORLD = 2
 N_PER_RANK, DIM = 7, 11
 CONFIGS = [(normalize, lambda_) for normalize in (False, True) for lambda_ in (0.5, 0.2)]
+# The workers inherit the environment, so they see the same backends (triton: TRITON_INTERPRET=1).
+BACKENDS = backends_for(ROWS_IMPLS)
 TOL = 1e-10
 JOIN_TIMEOUT_S = 120
 
@@ -48,16 +52,17 @@ def _free_port() -> int:
 def _gather_scenario(rank, world, workdir: Path):
     data = torch.load(workdir / "data.pt")
     results = {}
-    for normalize, lambda_ in CONFIGS:
+    for (normalize, lambda_), backend in ((c, b) for c in CONFIGS for b in BACKENDS):
         image_full, text_full, log_scale_value = data[(normalize, lambda_)]
         rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
         image = image_full[rows].clone().requires_grad_(True)
         text = text_full[rows].clone().requires_grad_(True)
         log_scale = torch.nn.Parameter(torch.tensor(log_scale_value, dtype=torch.float64))
         loss_fn = lk.InfoNCELoss(lambda_=lambda_, normalize=normalize, gather_distributed=True)
-        loss = loss_fn(image, text, log_scale.exp())
-        loss.backward()
-        results[(normalize, lambda_)] = {
+        with lk.use_backend(backend):
+            loss = loss_fn(image, text, log_scale.exp())
+            loss.backward()
+        results[(normalize, lambda_, backend)] = {
             "loss": loss.detach(), "d_image": image.grad, "d_text": text.grad, "d_log_scale": log_scale.grad,
         }
     return results
@@ -153,11 +158,12 @@ def _local(full, rank):
     return full[rank * N_PER_RANK:(rank + 1) * N_PER_RANK]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("normalize,lambda_", CONFIGS, ids=[f"normalize={a}-lambda={b}" for a, b in CONFIGS])
 @pytest.mark.parametrize("rank", range(WORLD))
-def test_gathered_infonce_matches_single_process(launched, normalize, lambda_, rank):
+def test_gathered_infonce_matches_single_process(launched, normalize, lambda_, rank, backend):
     _, expected, results = launched
-    exp, got = expected[(normalize, lambda_)], results[rank]["gather"][(normalize, lambda_)]
+    exp, got = expected[(normalize, lambda_)], results[rank]["gather"][(normalize, lambda_, backend)]
 
     err = rel_err(got["loss"], exp["loss"])
     assert err <= TOL, f"rank {rank}: loss {float(got['loss'])} vs single-process {float(exp['loss'])}"

@@ -196,3 +196,73 @@ def test_opcheck_on_backend(backend):
         _, lse_row, lse_col = ref.forward(image, text, scale, 0.5, True)
         torch.library.opcheck(op.infonce_bwd, (torch.tensor(1.0, dtype=torch.float64, device=DEVICE), image, text,
                                                scale, lse_row, lse_col, 0.5, True, True, True, True))
+
+
+# ---- one direction on a rectangular block with a diagonal offset (the distributed loss) ----
+
+ROWS_BACKENDS = backends_for(op.ROWS_IMPLS)
+
+
+def rows_spec(queries, keys, logit_scale, offset, normalize):
+    """Σᵢ CE(row i of S, target i + offset) / n_keys, by autograd."""
+    if normalize:
+        queries, keys = (z / z.norm(dim=-1, keepdim=True) for z in (queries, keys))
+    logits = logit_scale * queries @ keys.T
+    targets = offset + torch.arange(queries.shape[0], device=queries.device)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / keys.shape[0]
+
+
+ROWS_SHAPES = [(1, 1, 0, 8), (1, 9, 8, 8), (37, 100, 63, 24), (70, 140, 0, 24), (140, 140, 0, 8)]
+
+
+@pytest.mark.parametrize("backend", ROWS_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,offset,d", ROWS_SHAPES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_rows_part_and_grads(backend, dtype, m, n, offset, d, normalize):
+    args = [randn(m, d, requires_grad=True), randn(n, d, requires_grad=True),
+            torch.tensor(10.0 if normalize else 10.0 / math.sqrt(d), dtype=torch.float64, device=DEVICE,
+                         requires_grad=True)]
+    with lk.use_backend(backend):
+        check_against_reference(lambda q, k, c: op.infonce_rows(q, k, c, offset, normalize),
+                                lambda q, k, c: rows_spec(q, k, c, offset, normalize), args, dtype,
+                                f"{backend} rows m={m} n={n} offset={offset} d={d} normalize={normalize}")
+
+
+@pytest.mark.parametrize("backend", ROWS_BACKENDS)
+def test_rows_blocks_of_every_rank_add_up_to_the_loss(backend):
+    """Split the batch into 3 ranks' rows: λ·Σ rows(I_r, T) + (1−λ)·Σ rows(T_r, I) is the loss."""
+    n, d, lam, world = 36, 16, 0.3, 3
+    image, text, scale = make_args(n, d, scale=2.0)
+    local = n // world
+    with lk.use_backend(backend):
+        whole = lk.infonce(image, text, scale, lambda_=lam, normalize=True)
+        parts = sum(lam * op.infonce_rows(image[r * local:(r + 1) * local], text, scale, r * local, True)
+                    + (1 - lam) * op.infonce_rows(text[r * local:(r + 1) * local], image, scale, r * local, True)
+                    for r in range(world))
+    assert_close(parts, whole, torch.float64, "sum of the ranks' blocks")
+
+
+@pytest.mark.parametrize("backend", ROWS_BACKENDS)
+def test_rows_gradcheck_fp64(backend):
+    q, k = randn(4, 5, requires_grad=True), randn(9, 5, requires_grad=True)
+    c = torch.tensor(2.0, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    with lk.use_backend(backend):
+        for normalize in (False, True):
+            assert torch.autograd.gradcheck(lambda *t: op.infonce_rows(*t, 3, normalize), (q, k, c))
+
+
+@pytest.mark.parametrize("backend", ROWS_BACKENDS)
+def test_rows_opcheck(backend):
+    q, k = randn(3, 4), randn(7, 4)
+    c = torch.tensor(1.5, dtype=torch.float64, device=DEVICE)
+    with lk.use_backend(backend):
+        torch.library.opcheck(op.infonce_rows_fwd, (q, k, c, 2, True))
+        part, lse = op.infonce_rows_fwd(q, k, c, 2, False)
+        torch.library.opcheck(op.infonce_rows_bwd, (torch.ones(()), q, k, c, lse, 2, False, True, True, True))
+
+
+@pytest.mark.parametrize("offset", [-1, 5])
+def test_rows_bad_offset_is_rejected(offset):
+    with pytest.raises(ValueError, match="offset"):
+        op.infonce_rows(randn(3, 4), randn(7, 4), 1.0, offset)

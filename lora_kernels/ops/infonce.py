@@ -9,6 +9,7 @@ from . import _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
 IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.infonce")
+IMPLS["cuda"] = backend.lazy_impl("lora_kernels.cuda.infonce")
 
 
 @torch.library.custom_op("lora_kernels::infonce_fwd", mutates_args=())
@@ -57,6 +58,18 @@ def _backward(ctx, gloss, _glse_row, _glse_col):
 infonce_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+def _scale_tensor(logit_scale, features):
+    """logit_scale as one value on the features' device (a float becomes a tensor)."""
+    if not isinstance(logit_scale, torch.Tensor):
+        logit_scale = torch.tensor(check.finite_float("logit_scale", logit_scale), device=features.device)
+    check.tensor("logit_scale", logit_scale)
+    if logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale must hold one value, got shape {list(logit_scale.shape)}")
+    if logit_scale.device != features.device:
+        raise ValueError(f"logit_scale is on {logit_scale.device} but the features are on {features.device}")
+    return logit_scale
+
+
 def infonce(image, text, logit_scale, lambda_=0.5, normalize=False):
     """Symmetric InfoNCE: λ·CE(S, diag) + (1−λ)·CE(Sᵀ, diag) with S = logit_scale·image·textᵀ.
 
@@ -70,13 +83,78 @@ def infonce(image, text, logit_scale, lambda_=0.5, normalize=False):
         raise ValueError(f"image and text must both be [N, d] with the same N and d; "
                          f"got image {list(image.shape)} and text {list(text.shape)}")
     check.same_device_and_dtype(image=image, text=text)
-    if not isinstance(logit_scale, torch.Tensor):
-        logit_scale = torch.tensor(check.finite_float("logit_scale", logit_scale), device=image.device)
-    check.tensor("logit_scale", logit_scale)
-    if logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must hold one value, got shape {list(logit_scale.shape)}")
-    if logit_scale.device != image.device:
-        raise ValueError(f"logit_scale is on {logit_scale.device} but image is on {image.device}")
+    logit_scale = _scale_tensor(logit_scale, image)
     lambda_ = check.probability("lambda_", lambda_, allow_one=True)
     loss, _, _ = infonce_fwd(image, text, logit_scale, lambda_, bool(normalize))
     return loss
+
+
+# ---- One direction on a rectangular block (the distributed loss: local rows, gathered keys) ----
+
+ROWS_IMPLS = {"torch": backend.Impl(ref.rows_forward, ref.rows_backward)}
+ROWS_IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.infonce", prefix="rows_")
+
+
+@torch.library.custom_op("lora_kernels::infonce_rows_fwd", mutates_args=())
+def infonce_rows_fwd(queries: Tensor, keys: Tensor, logit_scale: Tensor, offset: int,
+                     normalize: bool) -> tuple[Tensor, Tensor]:
+    impl = backend.select("infonce", ROWS_IMPLS, queries)
+    return impl.forward(queries, keys, logit_scale, offset, normalize)
+
+
+@infonce_rows_fwd.register_fake
+def _(queries, keys, logit_scale, offset, normalize):
+    ct = compute_dtype(queries.dtype)
+    return queries.new_empty((), dtype=ct), queries.new_empty(queries.shape[0], dtype=ct)
+
+
+@torch.library.custom_op("lora_kernels::infonce_rows_bwd", mutates_args=())
+def infonce_rows_bwd(gpart: Tensor, queries: Tensor, keys: Tensor, logit_scale: Tensor, lse: Tensor,
+                     offset: int, normalize: bool, need_dqueries: bool, need_dkeys: bool,
+                     need_dscale: bool) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backend.select("infonce", ROWS_IMPLS, queries)
+    return impl.backward(gpart, queries, keys, logit_scale, lse, offset, normalize,
+                         need_dqueries, need_dkeys, need_dscale)
+
+
+@infonce_rows_bwd.register_fake
+def _(gpart, queries, keys, logit_scale, lse, offset, normalize, need_dq, need_dk, need_dc):
+    empty = lambda: queries.new_empty(0)  # noqa: E731  (fresh each: outputs must not alias)
+    return (queries.new_empty(queries.shape) if need_dq else empty(), keys.new_empty(keys.shape) if need_dk else empty(),
+            logit_scale.new_empty(logit_scale.shape) if need_dc else logit_scale.new_empty(0))
+
+
+def _rows_setup(ctx, inputs, output):
+    queries, keys, logit_scale, offset, normalize = inputs
+    ctx.save_for_backward(queries, keys, logit_scale, output[1])
+    ctx.offset, ctx.normalize = offset, normalize
+
+
+def _rows_backward(ctx, gpart, _glse):
+    queries, keys, logit_scale, lse = ctx.saved_tensors
+    need = [check.needs(ctx, i) for i in (0, 1, 2)]
+    grads = infonce_rows_bwd(gpart, queries, keys, logit_scale, lse, ctx.offset, ctx.normalize, *need)
+    return (*(check.grad_or_none(gr, n) for gr, n in zip(grads, need)), None, None)
+
+
+infonce_rows_fwd.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
+def infonce_rows(queries, keys, logit_scale, offset, normalize=False):
+    """One direction of the loss on a rectangular block: Σᵢ (LSE_j S_ij − S_i,i+offset) / n_keys
+    with S = logit_scale·queries·keysᵀ, queries [m, d], keys [n, d], 0 <= offset <= n − m.
+    Summed over the blocks of all ranks (both directions, weighted by λ and 1−λ), it is the
+    whole-batch loss. Returns a 0-d tensor (float32 for half inputs)."""
+    check.tensor("queries", queries, ndim=2)
+    check.tensor("keys", keys, ndim=2)
+    check.same_device_and_dtype(queries=queries, keys=keys)
+    if queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries [m, d] and keys [n, d] must share d; got {list(queries.shape)} "
+                         f"and {list(keys.shape)}")
+    offset = int(offset)
+    if not 0 <= offset <= keys.shape[0] - queries.shape[0]:
+        raise ValueError(f"offset must be in [0, n − m] = [0, {keys.shape[0] - queries.shape[0]}] so that "
+                         f"every query row has its positive key, got {offset}")
+    logit_scale = _scale_tensor(logit_scale, queries)
+    part, _ = infonce_rows_fwd(queries, keys, logit_scale, offset, bool(normalize))
+    return part

@@ -29,6 +29,14 @@ def _prepare(image, text, logit_scale, normalize):
     return i, t, logit_scale.to(ct).reshape(())
 
 
+def _through_norm(z_raw, z_unit, dz_unit, normalize):
+    """Chain rule through z_unit = z_raw/‖z_raw‖ (identity without normalisation)."""
+    if not normalize:
+        return dz_unit
+    norm = z_raw.to(dz_unit.dtype).norm(dim=-1, keepdim=True)
+    return (dz_unit - z_unit * (z_unit * dz_unit).sum(-1, keepdim=True)) / norm
+
+
 def forward(image, text, logit_scale, lambda_, normalize):
     """-> (loss: 0-d, lse_row:[N], lse_col:[N]), all in the compute dtype."""
     i, t, c = _prepare(image, text, logit_scale, normalize)
@@ -52,15 +60,40 @@ def backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normali
     p_col = torch.exp(s - lse_col[None, :])
     G = gloss.to(s.dtype) / max(n, 1) * (lambda_ * (p_row - eye) + (1.0 - lambda_) * (p_col - eye))
 
-    def through_norm(z_raw, z_unit, dz_unit):
-        if not normalize:
-            return dz_unit
-        norm = z_raw.to(dz_unit.dtype).norm(dim=-1, keepdim=True)
-        return (dz_unit - z_unit * (z_unit * dz_unit).sum(-1, keepdim=True)) / norm
-
-    di = through_norm(image, i, c * (G @ t)).to(image.dtype) if need_dimage else empty_grad(image)
-    dt = through_norm(text, t, c * (G.T @ i)).to(text.dtype) if need_dtext else empty_grad(text)
+    di = _through_norm(image, i, c * (G @ t), normalize).to(image.dtype) if need_dimage else empty_grad(image)
+    dt = _through_norm(text, t, c * (G.T @ i), normalize).to(text.dtype) if need_dtext else empty_grad(text)
     dc = empty_grad(logit_scale)
     if need_dscale:
         dc = (G * s_unscaled).sum().to(logit_scale.dtype).reshape(logit_scale.shape)
     return di, dt, dc
+
+
+# One direction on a rectangular block, for the distributed loss: local query rows against
+# the gathered keys of every rank; query row i is paired with key row i + offset.
+
+def rows_forward(queries, keys, logit_scale, offset, normalize):
+    """-> (part = Σᵢ (LSE_j S_ij − S_i,i+offset) / n_keys : 0-d, lse:[m]) in the compute dtype."""
+    q, k, c = _prepare(queries, keys, logit_scale, normalize)
+    s = c * (q @ k.T)
+    lse = s.logsumexp(1)
+    m = q.shape[0]
+    diag = s[torch.arange(m, device=s.device), offset + torch.arange(m, device=s.device)]
+    return (lse - diag).sum() / max(keys.shape[0], 1), lse
+
+
+def rows_backward(gpart, queries, keys, logit_scale, lse, offset, normalize,
+                  need_dqueries: bool, need_dkeys: bool, need_dscale: bool):
+    """Gradients (d queries, d keys, d logit_scale) of ``rows_forward``'s part."""
+    q, k, c = _prepare(queries, keys, logit_scale, normalize)
+    m, n = q.shape[0], k.shape[0]
+    s_unscaled = q @ k.T
+    s = c * s_unscaled
+    target = torch.zeros_like(s)
+    target[torch.arange(m, device=s.device), offset + torch.arange(m, device=s.device)] = 1.0
+    G = gpart.to(s.dtype) / max(n, 1) * (torch.exp(s - lse[:, None]) - target)
+    dq = _through_norm(queries, q, c * (G @ k), normalize).to(queries.dtype) if need_dqueries else empty_grad(queries)
+    dk = _through_norm(keys, k, c * (G.T @ q), normalize).to(keys.dtype) if need_dkeys else empty_grad(keys)
+    dc = empty_grad(logit_scale)
+    if need_dscale:
+        dc = (G * s_unscaled).sum().to(logit_scale.dtype).reshape(logit_scale.shape)
+    return dq, dk, dc

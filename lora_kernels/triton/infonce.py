@@ -61,7 +61,7 @@ def _infonce_rows_kernel(
         Y,       # [M + y_offset, D] rows (text); row i pairs with row i + y_offset
         C,       # [1] logit_scale
         RINV_X,  # [M] out: 1/‖X_i‖ (NORMALIZE)
-        RINV_Y,  # [M] out: 1/‖Y_{i+y_offset}‖ (NORMALIZE), indexed from y_offset
+        RINV_Y,  # [M] out: 1/‖Y_{i+y_offset}‖ at index i (NORMALIZE)
         DIAG,    # [M] out: S_i,i+y_offset (WITH_DIAG)
         M, D, y_offset, s_x0, s_x1, s_y0, s_y1,
         NORMALIZE: tl.constexpr, WITH_DIAG: tl.constexpr, ACC: tl.constexpr,
@@ -87,7 +87,7 @@ def _infonce_rows_kernel(
         rx = 1.0 / tl.sqrt(tl.where(rmask, tl.sum(xx, 1), 1.0))
         ry = 1.0 / tl.sqrt(tl.where(rmask, tl.sum(yy, 1), 1.0))
         tl.store(RINV_X + rows, rx, mask=rmask)
-        tl.store(RINV_Y + rows + y_offset, ry, mask=rmask)
+        tl.store(RINV_Y + rows, ry, mask=rmask)
         s = s * rx * ry
     if WITH_DIAG:
         tl.store(DIAG + rows, s, mask=rmask)
@@ -105,8 +105,10 @@ def _infonce_fwd_kernel(
         COL_M,   # [R_SPLIT, NC] out: per row split, column max of S·log2(e)
         COL_L,   # [R_SPLIT, NC] out: per row split, column Σ 2^(z − max)
         M, NC, D, s_i0, s_i1, s_t0, s_t1,
-        NORMALIZE: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        NORMALIZE: tl.constexpr, COLS: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # COLS: also the column statistics (the symmetric loss); off for one direction of a
+    # rectangular block (the distributed loss).
     # Program (pr, pc) takes row blocks pr, pr + R_SPLIT, ... against a contiguous run of
     # column blocks. Strided rows keep all programs sweeping the same column block at about
     # the same time, so each T tile is read from HBM once and served to the others from L2.
@@ -137,18 +139,19 @@ def _infonce_fwd_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_r = l_r * tl.exp2(m_r - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), 1)
             m_r = m_new
-            # The same along columns, into this program's own partial row. The first row
-            # block of the program starts it afresh, so the buffer needs no initialisation.
-            # (A bound, not `cmask & (rb > pr)`: the interpreter mistypes a mask ANDed with a
-            # scalar condition.)
-            again = cols < NC * tl.minimum(rb - pr, 1)
-            cm = tl.load(col_m + cols, mask=again, other=float("-inf"))
-            cl = tl.load(col_l + cols, mask=again, other=0.0)
-            cm_new = tl.maximum(cm, tl.max(z, 0))
-            cm_safe = tl.where(cm_new == float("-inf"), 0.0, cm_new)
-            cl = cl * tl.exp2(cm - cm_safe) + tl.sum(tl.exp2(z - cm_safe[None, :]), 0)
-            tl.store(col_m + cols, cm_new, mask=cmask)
-            tl.store(col_l + cols, cl, mask=cmask)
+            if COLS:
+                # The same along columns, into this program's own partial row. The first row
+                # block of the program starts it afresh, so the buffer needs no initialisation.
+                # (A bound, not `cmask & (rb > pr)`: the interpreter mistypes a mask ANDed with
+                # a scalar condition.)
+                again = cols < NC * tl.minimum(rb - pr, 1)
+                cm = tl.load(col_m + cols, mask=again, other=float("-inf"))
+                cl = tl.load(col_l + cols, mask=again, other=0.0)
+                cm_new = tl.maximum(cm, tl.max(z, 0))
+                cm_safe = tl.where(cm_new == float("-inf"), 0.0, cm_new)
+                cl = cl * tl.exp2(cm - cm_safe) + tl.sum(tl.exp2(z - cm_safe[None, :]), 0)
+                tl.store(col_m + cols, cm_new, mask=cmask)
+                tl.store(col_l + cols, cl, mask=cmask)
         tl.store(ROW_M + pc.to(tl.int64) * M + rows, m_r, mask=rmask)
         tl.store(ROW_L + pc.to(tl.int64) * M + rows, l_r, mask=rmask)
 
@@ -178,17 +181,20 @@ def _infonce_lse_kernel(
         LSE_COL,        # [N] out
         PART,           # [cdiv(N, BLOCK)] out: this block's Σ λ(lse_row − S_ii) + (1−λ)(lse_col − S_ii)
         N, c_split, r_split, lam_hi, lam_lo,
-        ACC: tl.constexpr, BLOCK: tl.constexpr):
+        COLS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # N: rows of S (= columns when COLS); without COLS the term is lse_row − S_i,i+offset.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     lse_row = _merge_lse(ROW_M, ROW_L, c_split, N, offs, mask, ACC, BLOCK)
-    lse_col = _merge_lse(COL_M, COL_L, r_split, N, offs, mask, ACC, BLOCK)
     tl.store(LSE_ROW + offs, lse_row, mask=mask)
-    tl.store(LSE_COL + offs, lse_col, mask=mask)
-    # λ arrives as two fp32 halves: kernel float arguments are fp32, the fp64 path needs more.
-    lam = tl.cast(lam_hi, ACC) + tl.cast(lam_lo, ACC)
     diag = tl.load(DIAG + offs, mask=mask, other=0.0)
-    term = lam * (lse_row - diag) + (1.0 - lam) * (lse_col - diag)
+    term = lse_row - diag
+    if COLS:
+        lse_col = _merge_lse(COL_M, COL_L, r_split, N, offs, mask, ACC, BLOCK)
+        tl.store(LSE_COL + offs, lse_col, mask=mask)
+        # λ arrives as two fp32 halves: kernel float arguments are fp32, the fp64 path needs more.
+        lam = tl.cast(lam_hi, ACC) + tl.cast(lam_lo, ACC)
+        term = lam * term + (1.0 - lam) * (lse_col - diag)
     tl.store(PART + tl.program_id(0), tl.sum(tl.where(mask, term, 0.0), 0))
 
 
@@ -225,8 +231,9 @@ def _infonce_bwd_tile_kernel(
         row0, M_s, NC, D, diag_offset, s_i0, s_i1, s_t0, s_t1, s_h0, s_rho,
         lam_hi, lam_lo, gamma, accumulate,
         NORMALIZE: tl.constexpr, STORE_H: tl.constexpr, ROWSUM: tl.constexpr, COLSUM: tl.constexpr,
-        ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+        COLS: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # Ĝ = λ(P_row − Id) + (1−λ)(P_col − Id) with COLS, else P_row − Id (Id shifted by diag_offset).
     cb = tl.program_id(0)
     slot = tl.program_id(1)
     local = slot * BM + tl.arange(0, BM)
@@ -239,9 +246,11 @@ def _infonce_bwd_tile_kernel(
                 NORMALIZE, ACC, UPCAST, PREC, BM, BN, BK)
     z = s * LOG2E
     lr = tl.load(LSE_ROW + rows, mask=rmask, other=0.0) * LOG2E
-    lc = tl.load(LSE_COL + cols, mask=cmask, other=0.0) * LOG2E
-    lam = tl.cast(lam_hi, ACC) + tl.cast(lam_lo, ACC)
-    g = lam * tl.exp2(z - lr[:, None]) + (1.0 - lam) * tl.exp2(z - lc[None, :])
+    g = tl.exp2(z - lr[:, None])
+    if COLS:
+        lc = tl.load(LSE_COL + cols, mask=cmask, other=0.0) * LOG2E
+        lam = tl.cast(lam_hi, ACC) + tl.cast(lam_lo, ACC)
+        g = lam * g + (1.0 - lam) * tl.exp2(z - lc[None, :])
     g = g - tl.where(rows[:, None] + diag_offset == cols[None, :], 1.0, 0.0)
     g = tl.where(mask, g, 0.0)
     if STORE_H:
@@ -409,8 +418,9 @@ def _tile_args(dtype):
     return dict(UPCAST=_common.upcast_bf16_dot(dtype), PREC=_common.input_precision(dtype))
 
 
-def _rows(image, text, logit_scale, normalize, with_diag, ct):
-    """Inverse row norms (when normalising) and the diagonal S_ii (when asked)."""
+def _rows(image, text, logit_scale, normalize, with_diag, ct, offset=0):
+    """Inverse row norms of image and of text rows offset .. offset + m (when normalising),
+    and the diagonal S_i,i+offset (when asked)."""
     n, d = image.shape
     dev = image.device
     rinv_i = _common.empty((n,), ct, dev) if normalize else None
@@ -420,10 +430,20 @@ def _rows(image, text, logit_scale, normalize, with_diag, ct):
     br, bd = _ROW_BLOCK, max(16, min(128, triton.next_power_of_2(d)))
     _infonce_rows_kernel[(triton.cdiv(n, br),)](
         image, text, logit_scale, rinv_i if normalize else dummy, rinv_t if normalize else dummy,
-        diag if with_diag else dummy, n, d, 0, image.stride(0), image.stride(1),
+        diag if with_diag else dummy, n, d, offset, image.stride(0), image.stride(1),
         text.stride(0), text.stride(1), NORMALIZE=normalize, WITH_DIAG=with_diag, ACC=_acc_tl(ct),
         BR=br, BD=bd, num_warps=4)
     return rinv_i, rinv_t, diag
+
+
+def _inverse_norms(image, text, logit_scale, normalize, ct):
+    """1/‖I_i‖ [M] and 1/‖T_j‖ [NC] for normalize (else None): one pass when M = NC."""
+    if not normalize:
+        return None, None
+    if image.shape[0] == text.shape[0]:
+        return _rows(image, text, logit_scale, True, False, ct)[:2]
+    return (_rows(image, image, logit_scale, True, False, ct)[0],
+            _rows(text, text, logit_scale, True, False, ct)[0])
 
 
 def _sum(part, out, logit_scale, gloss, n, dscale, ct):
@@ -431,49 +451,68 @@ def _sum(part, out, logit_scale, gloss, n, dscale, ct):
                               part.numel(), n, DSCALE=dscale, ACC=_acc_tl(ct), BLOCK=128 if _INTERP else 1024)
 
 
-def _splits(n, d, itemsize, csize, bm, device):
+def _splits(m, nc, d, itemsize, csize, bm, device):
     """Row × column splits of the forward tile grid: enough programs to fill the GPU, and no
     more partial rows of (max, sum) than about one input's worth of memory."""
-    n_blocks = triton.cdiv(n, bm)
+    row_blocks, col_blocks = triton.cdiv(m, bm), triton.cdiv(nc, bm)
     if _INTERP:
-        return min(n_blocks, 3), min(n_blocks, 2)
+        return min(row_blocks, 3), min(col_blocks, 2)
     budget = max(8, d * itemsize // (2 * csize))
-    r_split = max(1, min(n_blocks, _num_sms(device), budget))
-    c_split = max(1, min(n_blocks, budget, _num_sms(device) // r_split))
+    r_split = max(1, min(row_blocks, _num_sms(device), budget))
+    c_split = max(1, min(col_blocks, budget, _num_sms(device) // r_split))
     return r_split, c_split
 
 
 def forward(image, text, logit_scale, lambda_, normalize):
     """-> (loss: 0-d, lse_row: [N], lse_col: [N]) in the compute dtype (as the reference)."""
     _check(image, text, logit_scale)
-    n, d = image.shape
+    return _forward(image, text, logit_scale, lambda_, normalize, 0, True)
+
+
+def rows_forward(queries, keys, logit_scale, offset, normalize):
+    """One direction on a rectangular block (reference.infonce.rows_forward): -> (part, lse [m])."""
+    _check(queries, keys, logit_scale, square=False)
+    part, lse, _ = _forward(queries, keys, logit_scale, 1.0, normalize, offset, False)
+    return part, lse
+
+
+def _forward(image, text, logit_scale, lambda_, normalize, offset, cols):
+    """S = c·I Tᵀ with I [M, d], T [NC, d]; cols: the symmetric loss (M = NC, offset 0), else
+    one direction, Σᵢ (lse_row_i − S_i,i+offset) / NC. Returns (loss, lse_row, lse_col or None)."""
+    m, d = image.shape
+    nc = text.shape[0]
     ct = compute_dtype(image.dtype)
     dev = image.device
-    if n == 0:
+    if m == 0:
         return torch.zeros((), dtype=ct, device=dev), image.new_empty(0, dtype=ct), image.new_empty(0, dtype=ct)
     acc = _acc_tl(ct)
-    rinv_i, rinv_t, diag = _rows(image, text, logit_scale, normalize, True, ct)
+    if m == nc:  # offset is 0: one pass gives the norms and the diagonal
+        rinv_i, rinv_t, diag = _rows(image, text, logit_scale, normalize, True, ct)
+    else:
+        diag = _rows(image, text, logit_scale, normalize, True, ct, offset)[2]
+        rinv_i, rinv_t = _inverse_norms(image, text, logit_scale, normalize, ct)
     rinv_i = rinv_i if normalize else diag
     rinv_t = rinv_t if normalize else diag
 
     bm = _tile_block(image.dtype)
-    r_split, c_split = _splits(n, d, image.element_size(), torch.finfo(ct).bits // 8, bm, dev)
-    row_m, row_l = (_common.empty((c_split, n), ct, dev) for _ in range(2))
-    col_m, col_l = (_common.empty((r_split, n), ct, dev) for _ in range(2))
+    r_split, c_split = _splits(m, nc, d, image.element_size(), torch.finfo(ct).bits // 8, bm, dev)
+    row_m, row_l = (_common.empty((c_split, m), ct, dev) for _ in range(2))
+    col_m, col_l = (_common.empty((r_split, nc), ct, dev) if cols else row_m for _ in range(2))
     extra = dict(_INTERP_TILE) if _INTERP else {}
     _fwd[(r_split, c_split)](
-        image, text, logit_scale, rinv_i, rinv_t, row_m, row_l, col_m, col_l, n, n, d,
+        image, text, logit_scale, rinv_i, rinv_t, row_m, row_l, col_m, col_l, m, nc, d,
         image.stride(0), image.stride(1), text.stride(0), text.stride(1),
-        NORMALIZE=normalize, ACC=acc, BM=bm, BN=bm, **_tile_args(image.dtype), **extra)
+        NORMALIZE=normalize, COLS=cols, ACC=acc, BM=bm, BN=bm, **_tile_args(image.dtype), **extra)
 
     block = 128 if _INTERP else 1024
-    lse_row, lse_col = _common.empty((n,), ct, dev), _common.empty((n,), ct, dev)
-    part = _common.empty((triton.cdiv(n, block),), ct, dev)
-    _infonce_lse_kernel[(triton.cdiv(n, block),)](
-        row_m, row_l, col_m, col_l, diag, lse_row, lse_col, part, n, c_split, r_split,
-        *_split_float(lambda_), ACC=acc, BLOCK=block, num_warps=4)
+    lse_row = _common.empty((m,), ct, dev)
+    lse_col = _common.empty((nc,), ct, dev) if cols else None
+    part = _common.empty((triton.cdiv(m, block),), ct, dev)
+    _infonce_lse_kernel[(triton.cdiv(m, block),)](
+        row_m, row_l, col_m, col_l, diag, lse_row, lse_col if cols else lse_row, part, m, c_split, r_split,
+        *_split_float(lambda_), COLS=cols, ACC=acc, BLOCK=block, num_warps=4)
     loss = _common.empty((), ct, dev)
-    _sum(part, loss, logit_scale, None, n, False, ct)
+    _sum(part, loss, logit_scale, None, nc, False, ct)
     return loss, lse_row, lse_col
 
 
@@ -511,26 +550,44 @@ def backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normali
              need_dimage: bool, need_dtext: bool, need_dscale: bool):
     """-> (d image, d text, d logit_scale); empty placeholders for those not needed."""
     _check(image, text, logit_scale)
-    n, d = image.shape
+    return _backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normalize, 0, True,
+                     need_dimage, need_dtext, need_dscale)
+
+
+def rows_backward(gpart, queries, keys, logit_scale, lse, offset, normalize,
+                  need_dqueries: bool, need_dkeys: bool, need_dscale: bool):
+    """Gradients of ``rows_forward``'s part: (d queries, d keys, d logit_scale)."""
+    _check(queries, keys, logit_scale, square=False)
+    return _backward(gpart, queries, keys, logit_scale, lse, None, 1.0, normalize, offset, False,
+                     need_dqueries, need_dkeys, need_dscale)
+
+
+def _backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normalize, offset, cols,
+              need_dimage, need_dtext, need_dscale):
+    """I [m, d] against T [n, d]: stripes of rows of Ĝ (n columns each) feed the dI and dT GEMMs."""
+    m, d = image.shape
+    n = text.shape[0]
     ct = compute_dtype(image.dtype)
     dev = image.device
     acc = _acc_tl(ct)
     di = _common.empty(image.shape, image.dtype, dev) if need_dimage else image.new_empty(0)
     dt = _common.empty(text.shape, text.dtype, dev) if need_dtext else text.new_empty(0)
     dc = _common.empty(logit_scale.shape, logit_scale.dtype, dev) if need_dscale else logit_scale.new_empty(0)
-    if n == 0 or not (need_dimage or need_dtext or need_dscale):
-        if need_dscale:
-            dc.zero_()
+    if m == 0 or not (need_dimage or need_dtext or need_dscale):
+        for grad, needed in ((di, need_dimage), (dt, need_dtext), (dc, need_dscale)):
+            if needed:
+                grad.zero_()
         return di, dt, dc
     gloss = gloss.reshape(1)
-    lse_row, lse_col = lse_row.to(ct).contiguous(), lse_col.to(ct).contiguous()
+    lse_row = lse_row.to(ct).contiguous()
+    lse_col = lse_col.to(ct).contiguous() if cols else lse_row  # never read without cols
     if normalize:
-        rinv_i, rinv_t, _ = _rows(image, text, logit_scale, True, False, ct)
+        rinv_i, rinv_t = _inverse_norms(image, text, logit_scale, True, ct)
     else:
         rinv_i = rinv_t = lse_row   # never read
 
     bm = _tile_block(image.dtype)
-    stripe = _stripe_rows(n, bm)
+    stripe = _stripe_rows(m, bm)
     n_cb = triton.cdiv(n, bm)
     n_slots = stripe // bm
     gamma = float(2.0 ** min(14, int(math.log2(n))))
@@ -552,13 +609,13 @@ def backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normali
 
     lam = _split_float(lambda_)
     extra = dict(_INTERP_TILE) if _INTERP else {}
-    for row0 in range(0, n, stripe):
-        m_s = min(stripe, n - row0)
+    for row0 in range(0, m, stripe):
+        m_s = min(stripe, m - row0)
         _bwd_tile[(n_cb, triton.cdiv(m_s, bm))](
             image, text, logit_scale, rinv_i, rinv_t, lse_row, lse_col, h, rho_part, sig_part,
-            row0, m_s, n, d, 0, image.stride(0), image.stride(1), text.stride(0), text.stride(1),
+            row0, m_s, n, d, offset, image.stride(0), image.stride(1), text.stride(0), text.stride(1),
             n, stripe, *lam, gamma, int(row0 > 0),
-            NORMALIZE=normalize, STORE_H=store_h, ROWSUM=rowsum, COLSUM=colsum, ACC=acc,
+            NORMALIZE=normalize, STORE_H=store_h, ROWSUM=rowsum, COLSUM=colsum, COLS=cols, ACC=acc,
             BM=bm, BN=bm, **_tile_args(image.dtype), **extra)
         if need_dimage:
             # V = (γĜ) @ (b ⊙ T): complete rows of dI for this stripe.
@@ -599,9 +656,11 @@ def _finish(out, v, n_split, x, rinv, part, n_part, s_part, total, logit_scale, 
         BR=br, BD=bd, BP=16 if _INTERP else 64, num_warps=4)
 
 
-def _check(image, text, logit_scale):
-    if image.ndim != 2 or text.shape != image.shape:
-        raise ValueError(f"image and text must both be [N, d]; got {list(image.shape)} and {list(text.shape)}")
+def _check(image, text, logit_scale, square=True):
+    if image.ndim != 2 or text.ndim != 2 or image.shape[1] != text.shape[1] or (
+            square and text.shape != image.shape) or text.shape[0] < image.shape[0]:
+        raise ValueError(f"image and text must be [N, d] ([m, d] and [n >= m, d] for one direction); "
+                         f"got {list(image.shape)} and {list(text.shape)}")
     if text.dtype != image.dtype or text.device != image.device:
         raise ValueError("image and text must share dtype and device")
     if logit_scale.numel() != 1 or logit_scale.device != image.device:
@@ -615,3 +674,6 @@ def supports(*tensors) -> Optional[str]:
     if image.ndim == 2 and image.shape[0] >= 2 ** 31 // 2:
         return f"the Triton InfoNCE kernels index rows with int32 and take N < 2^30, got N = {image.shape[0]}"
     return None
+
+
+rows_supports = supports
