@@ -11,7 +11,7 @@
 # Environment:
 #   OUT                  results folder (default benchmarks/results/<gpu-slug>-<date>); it gets at
 #                        most 8 files: logs.txt (every stage's log), summary.md, micro.json,
-#                        micro.md, micro.png (with matplotlib), latency-<device>-<date>.{json,md}
+#                        micro.md, micro.png (with matplotlib), latency-<device>-<date>.{json,md,png}
 #   PYTHON               interpreter (default python3)
 #   GPU_CHECK_QUICK=1    tiny configuration (CPU smoke test): a few tests, latency --quick,
 #                        micro-benchmarks BENCH_SHAPES=quick without torch.compile
@@ -188,7 +188,7 @@ fi
 # at most 8 files in $OUT: pack any extras (none expected) into extras.tar.gz
 n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
 if [ "$n" -gt 7 ]; then
-  keep='^(logs\.txt|summary\.md|micro\.json|micro\.md|micro\.png|latency-.*\.(json|md))$'
+  keep='^(logs\.txt|summary\.md|micro\.json|micro\.md|micro\.png|latency-.*\.(json|md|png))$'
   extras=$(cd "$OUT" && find . -maxdepth 1 -type f -printf '%f\n' | grep -vE "$keep")
   if [ -n "$extras" ]; then
     (cd "$OUT" && tar czf extras.tar.gz $extras && rm -f $extras)

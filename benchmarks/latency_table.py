@@ -17,9 +17,13 @@ surgery) on a randomly initialised ``GPT2Model`` (no download, no LM head):
   No adaptation          the base model
   LoRA merged            lk.LoRALinear on every ``attn.c_attn`` (q, k and v together), merged
   LoRA unmerged          the same, not merged: the low-rank path runs at every call
-  Adapter^H (Houlsby)    lk.BottleneckAdapter after ``attn.c_proj`` and after ``mlp.c_proj``
-  Adapter^P (Pfeiffer)   one lk.BottleneckAdapter after ``mlp.c_proj`` (the paper's Adapter^L,
-                         Lin et al., is also one adapter per block, after the MLP)
+  Adapter^H              lk.BottleneckAdapter after ``attn.c_proj`` and after ``mlp.c_proj``
+  Adapter^L              one LayerNorm + lk.BottleneckAdapter after ``mlp.c_proj`` (Lin et al.)
+  LN-tuning              every LayerNorm replaced by lk.FusedLayerNorm (lk.ln_tuning)
+
+"fused" rows run the backend ``auto`` picks (Triton on a GPU; on a CPU that is the PyTorch
+reference, so fused and eager coincide there); "eager" rows run the same model on the
+``torch`` backend: the plain PyTorch sequence of ops that PEFT-style code runs.
 
 LoRA B and the adapters' up-projections get small random values (not their zero init), so
 the extra work is real, merged weights include the update, and a correctness check (merged
@@ -66,9 +70,14 @@ if importlib.util.find_spec("lora_kernels") is None:  # run from a checkout with
 import lora_kernels as lk  # noqa: E402
 from lora_kernels import backend as lk_backend  # noqa: E402
 
-BASE, MERGED, UNMERGED = "No adaptation", "LoRA merged", "LoRA unmerged"
-HOULSBY, PFEIFFER = "Adapter^H (Houlsby)", "Adapter^P (Pfeiffer)"
-VARIANTS = (BASE, MERGED, UNMERGED, HOULSBY, PFEIFFER)
+BASE, MERGED = "No adaptation", "LoRA merged"
+UNMERGED_EAGER, UNMERGED = "LoRA unmerged, eager", "LoRA unmerged, fused"
+HOULSBY_EAGER, HOULSBY = "Adapter^H, eager", "Adapter^H, fused"
+ADAPTER_L_EAGER, ADAPTER_L = "Adapter^L, eager", "Adapter^L, fused"
+LN_TUNING = "LN-tuning, fused"
+VARIANTS = (BASE, MERGED, UNMERGED_EAGER, UNMERGED, HOULSBY_EAGER, HOULSBY, ADAPTER_L_EAGER, ADAPTER_L, LN_TUNING)
+# eager row -> the fused row whose model it runs on the PyTorch reference backend
+EAGER_OF = {UNMERGED_EAGER: UNMERGED, HOULSBY_EAGER: HOULSBY, ADAPTER_L_EAGER: ADAPTER_L}
 
 # GPT-2 medium, as in the paper (huggingface.co/gpt2-medium config.json), embedded: no download.
 GPT2_MEDIUM = dict(vocab_size=50257, n_positions=1024, n_embd=1024, n_layer=24, n_head=16,
@@ -274,14 +283,37 @@ def _adapter(cfg: Config, like: torch.Tensor) -> lk.BottleneckAdapter:
 def _adapter_variant(base: nn.Module, cfg: Config, placement: str) -> nn.Module:
     model = copy.deepcopy(base)
     for block in model.h:
+        like = block.mlp.c_proj.weight
         if placement == "houlsby":
-            block.attn.c_proj = AdaptedOutput(block.attn.c_proj, _adapter(cfg, block.attn.c_proj.weight))
-        block.mlp.c_proj = AdaptedOutput(block.mlp.c_proj, _adapter(cfg, block.mlp.c_proj.weight))
+            block.attn.c_proj = AdaptedOutput(block.attn.c_proj, _adapter(cfg, like))
+            block.mlp.c_proj = AdaptedOutput(block.mlp.c_proj, _adapter(cfg, like))
+        else:  # Lin et al.: one adapter after the MLP, with its own LayerNorm in front
+            norm = lk.FusedLayerNorm(cfg.n_embd, device=like.device, dtype=like.dtype)
+            block.mlp.c_proj = AdaptedOutput(block.mlp.c_proj, nn.Sequential(norm, _adapter(cfg, like)))
+    return model.eval()
+
+
+class OnBackend(nn.Module):
+    """Runs ``model`` with lora_kernels backend ``name`` (the eager rows: same weights)."""
+
+    def __init__(self, model: nn.Module, name: str):
+        super().__init__()
+        self.model, self.name = model, name
+
+    def forward(self, *args, **kwargs):
+        with lk.use_backend(self.name):
+            return self.model(*args, **kwargs)
+
+
+def _ln_tuning_variant(base: nn.Module) -> nn.Module:
+    model = copy.deepcopy(base)
+    lk.ln_tuning(model)
     return model.eval()
 
 
 def build_variants(cfg: Config) -> dict:
-    """The five models of the table, keyed by row name, all with the same base weights.
+    """The models of the table, keyed by row name (in VARIANTS order), all with the same base
+    weights; each eager row shares its fused row's model.
 
     Both LoRA variants draw A and B from the same seed, so they hold the same update.
     """
@@ -292,8 +324,11 @@ def build_variants(cfg: Config) -> dict:
         variants[name] = _lora_variant(base, cfg, merge=merge)
     torch.manual_seed(cfg.seed + 2)
     variants[HOULSBY] = _adapter_variant(base, cfg, "houlsby")
-    variants[PFEIFFER] = _adapter_variant(base, cfg, "pfeiffer")
-    return variants
+    variants[ADAPTER_L] = _adapter_variant(base, cfg, "lin")
+    variants[LN_TUNING] = _ln_tuning_variant(base)
+    for eager, fused in EAGER_OF.items():
+        variants[eager] = OnBackend(variants[fused], "torch")
+    return {name: variants[name] for name in VARIANTS}
 
 
 def adaptation_params(model: nn.Module) -> int:
@@ -302,7 +337,7 @@ def adaptation_params(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, lk.LoRALinear):
             count += module.lora_A.numel() + module.lora_B.numel()
-        elif isinstance(module, lk.BottleneckAdapter):
+        elif isinstance(module, (lk.BottleneckAdapter, lk.FusedLayerNorm)):
             count += sum(p.numel() for p in module.parameters())
     return count
 
@@ -339,12 +374,17 @@ def check_variants(variants: dict, cfg: Config) -> dict:
         assert torch.isfinite(h).all(), f"{name}: non-finite hidden states"
     tol = equivalence_tolerance(cfg.torch_dtype, torch.device(cfg.device))
     diffs = {"tolerance": tol, "merged_vs_unmerged": relative_difference(out[MERGED], out[UNMERGED])}
-    for name in (MERGED, HOULSBY, PFEIFFER):
+    for name in (UNMERGED_EAGER, HOULSBY_EAGER, ADAPTER_L_EAGER, LN_TUNING):
+        reference = EAGER_OF.get(name, BASE)  # LN-tuning (γ=1, β=0 untouched) equals the base
+        diffs[f"{name} vs {reference}"] = relative_difference(out[name], out[reference])
+        assert diffs[f"{name} vs {reference}"] <= tol, (
+            f"{name} differs from {reference}: {diffs[f'{name} vs {reference}']:.2e} > {tol:.0e}")
+    for name in (MERGED, HOULSBY, ADAPTER_L):
         diffs[f"{name} vs base"] = relative_difference(out[name], out[BASE])
     assert diffs["merged_vs_unmerged"] <= tol, (
         f"LoRA merged and unmerged outputs differ: relative difference "
         f"{diffs['merged_vs_unmerged']:.2e} > {tol:.0e}")
-    for name in (MERGED, HOULSBY, PFEIFFER):
+    for name in (MERGED, HOULSBY, ADAPTER_L):
         # an adaptation must change the output by more than the noise allowed between equivalents
         assert diffs[f"{name} vs base"] > tol, f"{name} output equals the base model's: adaptation is a no-op"
     return diffs
@@ -687,9 +727,42 @@ def write_results(report: dict, out_dir: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"latency-{slug(env['device']['name'])}-{env['date']}"
     paths = {"json": str(stem.with_suffix(".json")), "markdown": str(stem.with_suffix(".md"))}
+    png = stem.with_suffix(".png")
+    if plot_overheads(report, png):
+        paths["plot"] = str(png)
     Path(paths["json"]).write_text(json.dumps(report, indent=2) + "\n")
     Path(paths["markdown"]).write_text(markdown_report(report))
     return paths
+
+
+def plot_overheads(report: dict, path: Path) -> bool:
+    """Bar chart of each variant's latency overhead over "No adaptation", per setting (PNG).
+    Returns False, saying why, when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", flush=True)
+        return False
+    settings = report["config"]["settings"]
+    cell = {(r["variant"], r["setting"]): r["overhead_paired_median_pct"] for r in report["results"]}
+    names = [v for v in VARIANTS if v != BASE]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(names), 4.2))
+    width = 0.8 / len(settings)
+    for i, setting in enumerate(settings):
+        xs = [j + (i - (len(settings) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, [cell[(v, setting)] for v in names], width, label=setting.replace("x", "×"))
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(names)), [n.replace(", ", "\n") for n in names], fontsize=8)
+    ax.set_ylabel("latency over no adaptation (%)")
+    env = report["environment"]
+    ax.set_title(f"GPT-2 forward, {report['config']['dtype']}, {env['device']['name']} ({env['date']})", fontsize=9)
+    ax.legend(title="batch × seq", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def rows_for_json(results: dict) -> list:
