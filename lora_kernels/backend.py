@@ -9,6 +9,7 @@ an op raises ``BackendUnavailable`` saying why; it never falls back silently.
 """
 import contextlib
 import contextvars
+import functools
 import importlib
 import importlib.util
 import os
@@ -68,6 +69,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=1)
+def _extension_missing() -> Optional[str]:
+    """Why ``lora_kernels._C`` does not import (None when it does). Cached: select() asks on
+    every op call, and a failed import would search the file system again each time."""
+    try:
+        importlib.import_module("lora_kernels._C")
+    except ImportError as err:
+        return f"the compiled extension lora_kernels._C is not importable ({err}); {_BUILD_HINT}"
+    return None
+
+
 def why_unavailable(name: str) -> Optional[str]:
     """None if backend ``name`` can run on this machine at all, else the reason."""
     if name in ("auto", "torch"):
@@ -78,11 +90,7 @@ def why_unavailable(name: str) -> Optional[str]:
         if not (torch.cuda.is_available() or interpreting()):
             return "Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 to interpret them on CPU)"
         return None
-    try:
-        importlib.import_module("lora_kernels._C")
-        missing = None
-    except ImportError as err:
-        missing = f"the compiled extension lora_kernels._C is not importable ({err}); {_BUILD_HINT}"
+    missing = _extension_missing()
     if not torch.cuda.is_available():
         # Both reasons: without the extension, a GPU alone would not be enough either.
         gpu = "the cuda backend needs a CUDA GPU and a CUDA build of PyTorch"

@@ -11,6 +11,7 @@ from . import _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
 IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.adapter")
+IMPLS["cuda"] = backend.lazy_impl("lora_kernels.cuda.adapter")
 
 
 @torch.library.custom_op("lora_kernels::adapter_fwd", mutates_args=())

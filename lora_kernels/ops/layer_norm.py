@@ -12,6 +12,7 @@ from . import _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
 IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.layer_norm")
+IMPLS["cuda"] = backend.lazy_impl("lora_kernels.cuda.layer_norm")
 
 
 @torch.library.custom_op("lora_kernels::layer_norm_fwd", mutates_args=())

@@ -11,6 +11,7 @@ from . import _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
 IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.lora")
+IMPLS["cuda"] = backend.lazy_impl("lora_kernels.cuda.lora")
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())

@@ -1,0 +1,30 @@
+"""Symmetric InfoNCE on the compiled CUDA kernels (csrc/kernels/infonce.cu). logit_scale
+and the loss gradient stay on the device: bindings.cpp hands them to the kernels as one
+accumulator-dtype value each, so no call synchronises with the host."""
+from typing import Optional
+
+import torch
+
+from ..reference import compute_dtype
+from . import dtype_reason, ops, rows
+
+
+def forward(image, text, logit_scale, lambda_, normalize):
+    """-> (loss: 0-d, lse_row: [N], lse_col: [N]) in the compute dtype (as the reference)."""
+    return ops().infonce_fwd_cuda(rows(image), rows(text), logit_scale, float(lambda_), bool(normalize))
+
+
+def backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normalize,
+             need_dimage: bool, need_dtext: bool, need_dscale: bool):
+    """-> (d image, d text, d logit_scale); empty placeholders for those not needed."""
+    ct = compute_dtype(image.dtype)
+    return ops().infonce_bwd_cuda(gloss, rows(image), rows(text), logit_scale, lse_row.to(ct).contiguous(),
+                                  lse_col.to(ct).contiguous(), float(lambda_), bool(normalize),
+                                  need_dimage, need_dtext, need_dscale)
+
+
+def supports(image: torch.Tensor, *_) -> Optional[str]:
+    reason = dtype_reason("InfoNCE", image.dtype)
+    if reason is None and image.dim() == 2 and image.shape[1] == 0:
+        reason = "the CUDA InfoNCE kernels need at least one feature per row (d >= 1)"
+    return reason

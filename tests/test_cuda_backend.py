@@ -1,0 +1,257 @@
+"""The compiled CUDA backend (lora_kernels._C + lora_kernels/cuda/): how it is wired in, and,
+where a GPU and the built extension exist, its results against the Triton kernels.
+
+The op tests (test_<op>_op.py) already run every op on "cuda" whenever ``backends_for``
+finds it runnable; this file adds what they cannot see: behaviour without the extension, the
+auto-order table, and a direct cuda-vs-triton cross-check.
+"""
+import importlib
+import inspect
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import backend
+from lora_kernels.reference import adapter as ref_adapter
+
+from conftest import DEVICE, randn, rel_err, tolerance
+
+ROOT = Path(__file__).resolve().parents[1]
+OPS = ("layer_norm", "adapter", "lora", "infonce")  # the files in ops/, reference/, triton/, cuda/
+BUILD_HINT_MARK = "LORA_KERNELS_BUILD_CUDA=1"
+
+
+def _extension_error():
+    """Why ``import lora_kernels._C`` fails here, or None when it imports."""
+    try:
+        importlib.import_module("lora_kernels._C")
+    except ImportError as err:
+        return str(err)
+    return None
+
+
+# ---- always: wiring, and the behaviour without a GPU or without the extension ----
+
+def test_importing_lora_kernels_never_needs_the_extension():
+    """A fresh interpreter where ``import lora_kernels._C`` fails (as where setup.py never built it):
+    the package imports, CPU ops run, the glue modules import, and asking for cuda explains the build."""
+    code = f"""
+import sys
+sys.modules["lora_kernels._C"] = None  # any import of it now raises ImportError
+import torch
+import lora_kernels as lk
+from lora_kernels import backend
+import lora_kernels.cuda.layer_norm as glue
+
+reason = backend.why_unavailable("cuda")
+assert reason is not None and {BUILD_HINT_MARK!r} in reason, reason
+try:
+    with lk.use_backend("cuda"):
+        pass
+except lk.BackendUnavailable as err:
+    assert reason in str(err), str(err)
+else:
+    raise AssertionError("use_backend('cuda') accepted a backend without its extension")
+x = torch.randn(3, 8)
+torch.testing.assert_close(lk.layer_norm(x, None, None), torch.nn.functional.layer_norm(x, (8,)))
+assert glue.supports(x) is None
+try:
+    glue.forward(x, None, None, 1e-5)
+except ImportError as err:
+    assert {BUILD_HINT_MARK!r} in str(err), str(err)
+else:
+    raise AssertionError("the cuda glue ran without lora_kernels._C")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_why_unavailable_explains_how_to_build():
+    reason = backend.why_unavailable("cuda")
+    if reason is None:
+        pytest.skip("the cuda backend is available here (GPU and lora_kernels._C)")
+    if _extension_error() is not None:
+        assert BUILD_HINT_MARK in reason and "pip install" in reason, reason
+    if not torch.cuda.is_available():
+        assert "GPU" in reason, reason
+
+
+def test_use_backend_cuda_raises_the_reason():
+    reason = backend.why_unavailable("cuda")
+    if reason is None:
+        pytest.skip("the cuda backend is available here (GPU and lora_kernels._C)")
+    with pytest.raises(lk.BackendUnavailable) as info:
+        with lk.use_backend("cuda"):
+            pass
+    assert reason in str(info.value)
+    assert lk.get_backend() != "cuda"
+
+
+def _selected_op_names():
+    """Every op name that ops/ passes to backend.select."""
+    names = set()
+    for path in (ROOT / "lora_kernels" / "ops").glob("*.py"):
+        names |= set(re.findall(r'backend\.select\(\s*"(\w+)"', path.read_text()))
+    return names
+
+
+def test_auto_order_table_covers_every_op():
+    names = _selected_op_names()
+    assert names >= {"lora_linear", "adapter", "layer_norm", "infonce"}, names
+    assert set(backend.AUTO_ORDER) == names, "AUTO_ORDER must name exactly the ops ops/ dispatches"
+    for op, order in backend.AUTO_ORDER.items():
+        assert sorted(order) == ["cuda", "torch", "triton"] and order[-1] == "torch", (op, order)
+        assert backend._auto_order(op, torch.device("cuda")) == order
+
+
+def test_auto_order_on_cpu_is_unchanged(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert all(backend._auto_order(op, torch.device("cpu")) == ("torch",) for op in backend.AUTO_ORDER)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert all(backend._auto_order(op, torch.device("cpu")) == ("triton", "torch") for op in backend.AUTO_ORDER)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_cuda_glue_matches_the_reference_signatures(name):
+    """ops/<op>.py registers lora_kernels.cuda.<op>, whose forward/backward take exactly the
+    reference's arguments, and whose supports() rejects an unsupported dtype in a sentence."""
+    ops_module = importlib.import_module(f"lora_kernels.ops.{name}")
+    assert ops_module.IMPLS["cuda"].forward.__name__ == f"lora_kernels.cuda.{name}.forward"
+    glue = importlib.import_module(f"lora_kernels.cuda.{name}")
+    ref = importlib.import_module(f"lora_kernels.reference.{name}")
+    for fn in ("forward", "backward"):
+        assert (list(inspect.signature(getattr(glue, fn)).parameters)
+                == list(inspect.signature(getattr(ref, fn)).parameters)), fn
+    assert glue.supports(torch.zeros(2, 3)) is None
+    reason = glue.supports(torch.zeros(2, 3, dtype=torch.int32))
+    assert reason and "int32" in reason and "CUDA" in reason, reason
+    assert glue.supports(torch.zeros(2, 0)), "a zero-width row must be declined, not sent to a kernel"
+
+
+def test_adapter_activation_order_matches_the_kernels():
+    """bindings.cpp maps names to lk::Activation by position: both must follow ACTIVATIONS."""
+    header = (ROOT / "csrc" / "kernels" / "adapter.cuh").read_text()
+    body = re.search(r"enum class Activation[^{]*\{([^}]*)\}", header).group(1)
+    enum = {name: int(value) for name, value in re.findall(r"(\w+)\s*=\s*(\d+)", body)}
+    assert sorted(enum, key=enum.get) == list(ref_adapter.ACTIVATIONS)
+    bindings = (ROOT / "csrc" / "bindings.cpp").read_text()
+    names = re.search(r"names\[\]\s*=\s*\{([^}]*)\}", bindings).group(1)
+    assert re.findall(r'"(\w+)"', names) == list(ref_adapter.ACTIVATIONS)
+
+
+# ---- with a GPU and the built extension: cuda against triton ----
+
+CUDA_REASON = backend.why_unavailable("cuda")
+TRITON_REASON = backend.why_unavailable("triton")
+needs_both = pytest.mark.skipif(
+    CUDA_REASON is not None or TRITON_REASON is not None or DEVICE.type != "cuda",
+    reason=f"cross-checking cuda against triton needs both on a GPU: cuda: {CUDA_REASON or 'ok'}; "
+           f"triton: {TRITON_REASON or 'ok'}; device: {DEVICE}")
+needs_cuda = pytest.mark.skipif(CUDA_REASON is not None, reason=f"the cuda backend is unavailable: {CUDA_REASON}")
+CROSS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _run(name, fn, args, upstream):
+    """Output and gradients of ``fn(*args)`` under backend ``name``, on fresh leaves."""
+    leaves = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    with lk.use_backend(name):
+        out = fn(*leaves)
+        out.backward(upstream(out))
+    return [out] + [a.grad for a in leaves if a.requires_grad]
+
+
+def _cross_check(fn, args, dtype, what):
+    # 0-d tensors (logit_scale) keep their dtype, as open_clip keeps the scale in fp32.
+    low = [a.detach().to(dtype if a.dim() else a.dtype).requires_grad_(a.requires_grad) for a in args]
+    grads = {}
+
+    def upstream(out):  # one upstream gradient, shared by both backends
+        if "g" not in grads:
+            grads["g"] = torch.randn(out.shape, dtype=torch.float64, device=out.device).to(out.dtype)
+        return grads["g"]
+
+    got, want = _run("cuda", fn, low, upstream), _run("triton", fn, low, upstream)
+    # Each backend is within the dtype's tolerance of the float64 reference (the op tests check
+    # that), so the two may differ by twice as much.
+    tol = 2 * tolerance(dtype)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), f"{what} result {i}: cuda {a.dtype}{tuple(a.shape)}, " \
+                                                          f"triton {b.dtype}{tuple(b.shape)}"
+        err = rel_err(a, b)
+        assert err <= tol, f"{what} result {i} (0: output, then grads): cuda vs triton {err:.2e} > {tol:.0e}"
+
+
+@needs_both
+@pytest.mark.parametrize("dtype", CROSS_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,width", [((37,), 129), ((4, 3), 1000)])
+def test_layer_norm_cuda_matches_triton(dtype, lead, width):
+    args = [randn(*lead, width, requires_grad=True, scale=2.0), randn(width, requires_grad=True),
+            randn(width, requires_grad=True)]
+    _cross_check(lambda x, w, b: lk.layer_norm(x, w, b), args, dtype, f"layer_norm {lead}x{width}")
+
+
+@needs_both
+@pytest.mark.parametrize("dtype", CROSS_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,k,r,activation", [((37,), 129, 3, "gelu"), ((4, 8), 64, 16, "silu")])
+def test_adapter_cuda_matches_triton(dtype, lead, k, r, activation):
+    args = [randn(*lead, k, requires_grad=True), randn(r, k, requires_grad=True, scale=k**-0.5),
+            randn(r, requires_grad=True), randn(k, r, requires_grad=True, scale=r**-0.5), randn(k, requires_grad=True)]
+    _cross_check(lambda *a: lk.adapter(*a, activation=activation, scale=0.5), args, dtype,
+                 f"adapter {lead}x{k} r={r} {activation}")
+
+
+@needs_both
+@pytest.mark.parametrize("dtype", CROSS_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,k,n,r", [((37,), 129, 70, 3), ((2, 5), 64, 48, 16)])
+def test_lora_cuda_matches_triton(dtype, lead, k, n, r):
+    # No dropout: each backend draws its own mask (the op tests check each one's consistency).
+    args = [randn(*lead, k, requires_grad=True), randn(n, k, scale=k**-0.5), randn(n),
+            randn(r, k, requires_grad=True, scale=k**-0.5), randn(n, r, requires_grad=True, scale=r**-0.5)]
+    _cross_check(lambda *a: lk.lora_linear(*a, scaling=0.75), args, dtype, f"lora {lead}x{k}->{n} r={r}")
+
+
+@needs_both
+@pytest.mark.parametrize("dtype", CROSS_DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,normalize", [(37, 64, False), (300, 96, True)])
+def test_infonce_cuda_matches_triton(dtype, n, d, normalize):
+    args = [randn(n, d, requires_grad=True), randn(n, d, requires_grad=True),
+            torch.tensor(10.0 if normalize else 10.0 / math.sqrt(d), device=DEVICE, requires_grad=True)]
+    _cross_check(lambda *a: lk.infonce(*a, lambda_=0.3, normalize=normalize), args, dtype,
+                 f"infonce N={n} d={d} normalize={normalize}")
+
+
+@needs_cuda
+def test_compiled_ops_reject_bad_input_by_name():
+    """The *_cuda ops check their own inputs: called directly with a wrong shape, they name the
+    argument and the expected shape instead of launching a kernel."""
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(ValueError, match=r"weight must have shape \[N\] = \[8\], got \[7\]"):
+        torch.ops.lora_kernels.layer_norm_fwd_cuda(x, torch.randn(7, device="cuda"), None, 1e-5)
+    with pytest.raises(ValueError, match="unit stride"):
+        torch.ops.lora_kernels.layer_norm_fwd_cuda(torch.randn(8, 4, device="cuda").T, None, None, 1e-5)
+    with pytest.raises(ValueError, match="activation"):
+        torch.ops.lora_kernels.adapter_fwd_cuda(x, torch.randn(2, 8, device="cuda"), None,
+                                                torch.randn(8, 2, device="cuda"), None, "tanh", 1.0)
+
+
+@needs_cuda
+def test_compiled_ops_schema():
+    """Outputs are fresh tensors: nothing aliases or mutates an input (opcheck's schema test)."""
+    x, w, b = torch.randn(5, 9, device="cuda"), torch.randn(9, device="cuda"), torch.randn(9, device="cuda")
+    lib = torch.ops.lora_kernels
+    torch.library.opcheck(lib.layer_norm_fwd_cuda.default, (x, w, b, 1e-5), test_utils="test_schema")
+    y, mean, rstd = lib.layer_norm_fwd_cuda(x, w, b, 1e-5)
+    torch.library.opcheck(lib.layer_norm_bwd_cuda.default, (torch.randn_like(y), x, w, mean, rstd, False, True, True),
+                          test_utils="test_schema")
+    a, bb = torch.randn(2, 9, device="cuda"), torch.randn(7, 2, device="cuda")
+    torch.library.opcheck(lib.lora_linear_fwd_cuda.default, (x, torch.randn(7, 9, device="cuda"), None, a, bb,
+                                                             0.5, 0.0, 3), test_utils="test_schema")
+    scale = torch.tensor(2.0, device="cuda")
+    torch.library.opcheck(lib.infonce_fwd_cuda.default, (x, torch.randn_like(x), scale, 0.5, True),
+                          test_utils="test_schema")
