@@ -55,6 +55,7 @@ if importlib.util.find_spec("lora_kernels") is None:  # a checkout without `pip 
 sys.path.insert(0, str(HERE))
 
 import floors  # noqa: E402
+import latency_table  # noqa: E402  (shares the device naming of make bench's results)
 import lora_kernels as lk  # noqa: E402
 from lora_kernels import backend as lk_backend  # noqa: E402
 
@@ -88,15 +89,7 @@ MISMATCH_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2, 
 
 
 def device_name() -> str:
-    if ON_GPU:
-        return torch.cuda.get_device_name(DEVICE)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return latency_table.device_name(DEVICE)
 
 
 DEVICE_NAME = device_name()

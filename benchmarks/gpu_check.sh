@@ -133,11 +133,13 @@ else
   LORA_KERNELS_BUILD_CUDA=0 stage install 120 210 '' \
     "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .
 fi
-if [ -f csrc/bindings.cpp ]; then
+if [ ! -f csrc/bindings.cpp ]; then
+  printf 'cuda-ext\tSKIPPED\t0\tno csrc/bindings.cpp yet\n' >> "$STAGES"
+elif ! "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null; then
+  printf 'cuda-ext\tSKIPPED\t0\tthis torch is not a CUDA build\n' >> "$STAGES"
+else
   LORA_KERNELS_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} stage cuda-ext 300 210 '' \
     "$PY" setup.py build_ext --inplace
-else
-  printf 'cuda-ext\tSKIPPED\t0\tno csrc/bindings.cpp yet\n' >> "$STAGES"
 fi
 
 stage backends 60 210 '^(backend|lora_kernels)' "$PY" - <<'EOF'
