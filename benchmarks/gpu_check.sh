@@ -124,7 +124,8 @@ print('python', platform.python_version(), '| torch', torch.__version__, '| CUDA
 EOF"
 
 # ---------------------------------------------------------------- 2. install, CUDA extension
-# (later stages are guaranteed at least: tests 60 s, latency 40 s, micro 90 s, summarize 20 s)
+# (later stages are guaranteed at least: tests 60 s, latency 40 s, micro 90 s, summarize 20 s;
+# the sanitizer stage gets what the budget leaves)
 # The package first (pure Python, seconds); PYTHONPATH covers a failed install. Then the
 # extension, built in place (lora_kernels/_C*.so), which the editable install and PYTHONPATH see.
 if [ "${GPU_CHECK_SKIP_INSTALL:-0}" = 1 ]; then
@@ -160,6 +161,15 @@ else
   TEST_ARGS=(tests -q -x)
 fi
 stage tests 220 150 '' "$PY" -m pytest "${TEST_ARGS[@]}" -p no:cacheprovider --durations=15
+
+# The CUDA kernels once more under compute-sanitizer's memcheck (the cross-checks against
+# Triton exercise every op); skipped in quick runs and without the extension.
+if [ "$QUICK" != 1 ] && command -v compute-sanitizer >/dev/null && "$PY" -c "import lora_kernels._C" 2>/dev/null; then
+  stage sanitizer 100 150 '' compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$PY" -m pytest tests/test_cuda_backend.py -q -x -p no:cacheprovider
+else
+  printf 'sanitizer\tSKIPPED\t0\tquick run, no compute-sanitizer or no lora_kernels._C\n' >> "$STAGES"
+fi
 
 # ---------------------------------------------------------------- 4. latency table (make bench)
 if [ "$QUICK" = 1 ]; then
