@@ -399,6 +399,17 @@ def _progress(info: dict) -> None:
 
 # ----------------------------------------------------------------------------- pytest hooks
 
+def pytest_terminal_summary(terminalreporter):
+    """Say which providers' rows this run left out, and why (e.g. the GPU-only ones on a CPU)."""
+    for name in LK_BACKENDS:
+        reason = lk_backend.why_unavailable(name)
+        if reason is not None:
+            terminalreporter.write_line(f"rows of lk-{name} not run here: {reason}")
+    if not COMPILE:
+        why = "BENCH_COMPILE=0" if _compile_env == "0" else "off on a CPU run (BENCH_COMPILE=1 forces them)"
+        terminalreporter.write_line(f"rows of compile (torch.compile) not run: {why}")
+
+
 def pytest_configure(config):
     _CONFIG[:] = [config]
 
