@@ -582,7 +582,8 @@ def backends_used(cfg: Config) -> dict:
     """The backend choice (lk.get_backend()) and the backend it resolves to for each op here."""
     x = torch.empty(1, cfg.n_embd, device=cfg.device, dtype=cfg.torch_dtype)
     used = {"requested": lk.get_backend()}
-    for op, module in (("lora_linear", "lora_kernels.ops.lora"), ("adapter", "lora_kernels.ops.adapter")):
+    for op, module in (("lora_linear", "lora_kernels.ops.lora"), ("adapter", "lora_kernels.ops.adapter"),
+                       ("layer_norm", "lora_kernels.ops.layer_norm")):
         try:
             used[op] = lk_backend.selected_name(op, importlib.import_module(module).IMPLS, x)
         except Exception as err:  # report, do not hide: the run itself would raise the same error
