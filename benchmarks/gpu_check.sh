@@ -160,12 +160,13 @@ elif [ "$QUICK" = 1 ]; then
 else
   TEST_ARGS=(tests -q -x)
 fi
-stage tests 220 150 '' "$PY" -m pytest "${TEST_ARGS[@]}" -p no:cacheprovider --durations=15
+# Tests need no tuning: one Triton config per key (LORA_KERNELS_AUTOTUNE=0) saves minutes of compiles.
+LORA_KERNELS_AUTOTUNE=0 stage tests 220 150 '' "$PY" -m pytest "${TEST_ARGS[@]}" -p no:cacheprovider --durations=15
 
 # The CUDA kernels once more under compute-sanitizer's memcheck (the cross-checks against
 # Triton exercise every op); skipped in quick runs and without the extension.
 if [ "$QUICK" != 1 ] && command -v compute-sanitizer >/dev/null && "$PY" -c "import lora_kernels._C" 2>/dev/null; then
-  stage sanitizer 100 150 '' compute-sanitizer --tool memcheck --error-exitcode 1 \
+  LORA_KERNELS_AUTOTUNE=0 stage sanitizer 100 150 '' compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$PY" -m pytest tests/test_cuda_backend.py -q -x -p no:cacheprovider
 else
   printf 'sanitizer\tSKIPPED\t0\tquick run, no compute-sanitizer or no lora_kernels._C\n' >> "$STAGES"

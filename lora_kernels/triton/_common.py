@@ -26,10 +26,22 @@ def upcast_bf16_dot(dtype: torch.dtype) -> bool:
 
 @triton.jit
 def dot(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr = "ieee"):
-    """acc + a @ b with fp32 (fp64 for fp64) accumulation; UPCAST routes bf16 through fp32."""
+    """acc + a @ b with fp32 (fp64 for fp64) accumulation; UPCAST routes bf16 through fp32.
+    out_dtype names acc's dtype: Triton 3.6 defaults it to fp32 and rejects an fp64 acc otherwise."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION,
+                      out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+
+
+def prune_by(early_config_prune=None):
+    """``prune_configs_by`` for ``triton.autotune``. LORA_KERNELS_AUTOTUNE=0 keeps one config
+    per key (the first that survives pruning): one compile instead of a dozen, for test runs on
+    a GPU where tuning would cost minutes and correctness does not need it."""
+    rules = {"early_config_prune": early_config_prune} if early_config_prune else {}
+    if os.environ.get("LORA_KERNELS_AUTOTUNE", "1") == "0":
+        rules.update(perf_model=lambda **kwargs: 0.0, top_k=1)
+    return rules or None
 
 
 def input_precision(dtype: torch.dtype) -> str:

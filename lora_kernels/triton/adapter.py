@@ -200,7 +200,7 @@ def _adapter_fwd_kernel(
         if HAS_BU:
             z += tl.load(BU + kk, mask=k_ok, other=0.0).to(ACC)[None, :]
         mask = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask, other=0.0)
+        x = tl.load(x_rows + kk[None, :].to(tl.int64) * stride_xk, mask=mask, other=0.0)
         tl.store(Y + rows[:, None] * K + kk[None, :], (x.to(ACC) + s * z).to(in_dtype), mask=mask)
 
 
@@ -399,12 +399,27 @@ def _weights_configs():
             for bm in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
 
 
+_SMEM_BYTES = 227 << 10  # H100's shared memory per block
+
+
+def _prune_weights_configs(configs, named_args, **kwargs):
+    """Autotuner pre-filter: drops configs whose g, x, act(h) and dh tiles times num_stages
+    exceed shared memory (at or above what sm_90 builds allocate, so the configs that cannot
+    launch go, and a few that could); BLOCK_M = 32 with 2 stages always fits."""
+    esize = named_args["G"].element_size()
+    stage = lambda c: c.kwargs["BLOCK_M"] * 2 * (kwargs["BLOCK_K"] + kwargs["BLOCK_R"]) * esize  # noqa: E731
+    kept = [c for c in configs if stage(c) * c.num_stages <= _SMEM_BYTES]
+    return kept or [min(configs, key=lambda c: stage(c) * c.num_stages)]
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel_name: str, block_r: int, itemsize: int):
     kernel = globals()[kernel_name]
     if kernel_name == "_adapter_bwd_weights_kernel":
-        return triton.autotune(_weights_configs(), key=["K", "R", "BLOCK_K", "M_BUCKET"])(kernel)
-    return triton.autotune(_rows_configs(block_r, itemsize), key=["K", "R", "M_BUCKET"])(kernel)
+        return triton.autotune(_weights_configs(), key=["K", "R", "BLOCK_K", "M_BUCKET"],
+                               prune_configs_by=_common.prune_by(_prune_weights_configs))(kernel)
+    return triton.autotune(_rows_configs(block_r, itemsize), key=["K", "R", "M_BUCKET"],
+                           prune_configs_by=_common.prune_by())(kernel)
 
 
 def _launch(kernel, grid, args, meta, block_r, itemsize):

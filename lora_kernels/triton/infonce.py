@@ -364,7 +364,8 @@ def _autotuned(kernel, configs, key, restore_value=None):
     (the autotuner needs a GPU driver)."""
     if _INTERP:
         return kernel
-    return triton.autotune(configs=configs, key=key, restore_value=restore_value)(kernel)
+    return triton.autotune(configs=configs, key=key, restore_value=restore_value,
+                           prune_configs_by=_common.prune_by())(kernel)
 
 
 def _cfgs(space):

@@ -241,7 +241,7 @@ def _layer_norm_bwd_reduce_kernel(
 # processes.
 _fwd_kernel = _layer_norm_fwd_kernel if interpreting() else triton.autotune(
     configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16)],
-    key=["N", "BLOCK_M", "BLOCK_N", "WHOLE_ROW"],
+    key=["N", "BLOCK_M", "BLOCK_N", "WHOLE_ROW"], prune_configs_by=_common.prune_by(),
 )(_layer_norm_fwd_kernel)
 
 

@@ -157,7 +157,8 @@ def _lora_down_kernel(
     rows = rm.to(tl.int64)
     k_start = pid_s * K_CHUNK  # a multiple of every BLOCK_K, hence of 4 as _keep_mask needs
     k_end = tl.minimum(K, k_start + K_CHUNK)
-    x_ptrs = X + rows[:, None] * stride_xm + (k_start + rk)[None, :] * stride_xk
+    # int64 columns: k·stride_xk passes 2³¹ for a column-major x of 2³¹+ elements
+    x_ptrs = X + rows[:, None] * stride_xm + (k_start + rk).to(tl.int64)[None, :] * stride_xk
     a_ptrs = A + rr[None, :] * stride_ar + (k_start + rk)[:, None] * stride_ak
     u = tl.zeros((BLOCK_M, BLOCK_R), ACC)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -240,7 +241,7 @@ def _lora_bwd_da_kernel(
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < m_end
         rows = rm.to(tl.int64)
-        x = tl.load(X + rows[:, None] * stride_xm + rk[None, :] * stride_xk,
+        x = tl.load(X + rows[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(_keep_mask(seed, threshold, rm, pid_k * BLOCK_K, K4, BLOCK_M, BLOCK_K, WIDE), x,
@@ -366,7 +367,7 @@ def _autotuned(kernel, configs, key, prune):
     # config, so both paths execute the same kernel body.
     if interpreting():
         return kernel
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+    return triton.autotune(configs=configs, key=key, prune_configs_by=_common.prune_by(prune))(kernel)
 
 
 _TUNE_KEY = ["M_BUCKET", "N", "K", "R", "HAS_DROPOUT"]
