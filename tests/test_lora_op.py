@@ -60,13 +60,9 @@ def test_gradcheck_fp64(backend):
         assert torch.autograd.gradcheck(lambda *t: lk.lora_linear(*t, scaling=1.5), args)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dropout_mask_is_shared_by_forward_and_backward(backend):
-    """With A = B = I the LoRA path returns s·drop(x), which reveals the mask the kernel
-    used; the gradients must then equal the reference's with that very mask."""
-    m, k, p, s = 37, 24, 0.3, 0.5
-    x = randn(m, k, requires_grad=True)
-    w, b = randn(k, k, scale=k**-0.5), randn(k)
+def _lora_path_of(x, w, b, s, p, backend):
+    """With A = B = I (r = K) the LoRA path is s·drop(x): returns y, drop(x) and the keep-mask."""
+    k = x.shape[1]
     eye = torch.eye(k, dtype=torch.float64, device=DEVICE)
     a, bb = eye.clone().requires_grad_(), eye.clone().requires_grad_()
     with lk.use_backend(backend):
@@ -74,15 +70,31 @@ def test_dropout_mask_is_shared_by_forward_and_backward(backend):
     dropped = (y - x @ w.T - b).detach() / s
     kept_value = x.detach() / (1 - p)
     mask = (dropped - kept_value).abs() < (dropped.abs() + kept_value.abs()) * 1e-6
-    assert_close(dropped, x.detach() * mask / (1 - p), torch.float64, "dropped x")
-    keep = mask.double().mean().item()
-    assert abs(keep - (1 - p)) < 0.1, f"kept fraction {keep:.3f}, expected about {1 - p}"
-    g = randn(m, k)
+    return y, dropped, mask, a, bb
+
+
+def _check_grads_with_mask(y, x, w, b, a, bb, s, p, mask):
+    """Backpropagate through y; dx, dA, dB must equal the reference's with that very mask."""
+    g = randn(*y.shape)
     y.backward(g)
     xr, ar, br = (t.detach().clone().requires_grad_() for t in (x, a, bb))
     ref.lora_linear(xr, w, b, ar, br, s, mask=mask, dropout_p=p).backward(g)
     for got, want, name in ((x.grad, xr.grad, "dx"), (a.grad, ar.grad, "dA"), (bb.grad, br.grad, "dB")):
         assert_close(got, want, torch.float64, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_mask_is_shared_by_forward_and_backward(backend):
+    """With A = B = I the LoRA path returns s·drop(x), which reveals the mask the kernel
+    used; the gradients must then equal the reference's with that very mask."""
+    m, k, p, s = 37, 24, 0.3, 0.5
+    x = randn(m, k, requires_grad=True)
+    w, b = randn(k, k, scale=k**-0.5), randn(k)
+    y, dropped, mask, a, bb = _lora_path_of(x, w, b, s, p, backend)
+    assert_close(dropped, x.detach() * mask / (1 - p), torch.float64, "dropped x")
+    keep = mask.double().mean().item()
+    assert abs(keep - (1 - p)) < 0.1, f"kept fraction {keep:.3f}, expected about {1 - p}"
+    _check_grads_with_mask(y, x, w, b, a, bb, s, p, mask)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -228,19 +240,6 @@ def test_kernel_paths(backend, kernels, monkeypatch, fused, splits, lead, k, n, 
                                 make_args(lead, k, n, r), dtype, f"fused={fused} splits={splits}")
 
 
-def _lora_path_of(x, w, b, s, p, backend):
-    """With A = B = I (r = K) the LoRA path is s·drop(x): returns y, drop(x) and the keep-mask."""
-    k = x.shape[1]
-    eye = torch.eye(k, dtype=torch.float64, device=DEVICE)
-    a, bb = eye.clone().requires_grad_(), eye.clone().requires_grad_()
-    with lk.use_backend(backend):
-        y = lk.lora_linear(x, w, b, a, bb, s, dropout_p=p)
-    dropped = (y - x @ w.T - b).detach() / s
-    kept_value = x.detach() / (1 - p)
-    mask = (dropped - kept_value).abs() < (dropped.abs() + kept_value.abs()) * 1e-6
-    return y, dropped, mask, a, bb
-
-
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("fused,splits,m,k", [(True, 1, 37, 40), (False, 10**6, 37, 70), (False, 1, 5, 70)])
 def test_kernel_dropout_paths(backend, kernels, monkeypatch, fused, splits, m, k):
@@ -252,12 +251,7 @@ def test_kernel_dropout_paths(backend, kernels, monkeypatch, fused, splits, m, k
     w, b = randn(k, k, scale=k**-0.5), randn(k)
     y, dropped, mask, a, bb = _lora_path_of(x, w, b, s, p, backend)
     assert_close(dropped, x.detach() * mask / (1 - p), torch.float64, "dropped x")
-    g = randn(m, k)
-    y.backward(g)
-    xr, ar, br = (t.detach().clone().requires_grad_() for t in (x, a, bb))
-    ref.lora_linear(xr, w, b, ar, br, s, mask=mask, dropout_p=p).backward(g)
-    for got, want, name in ((x.grad, xr.grad, "dx"), (a.grad, ar.grad, "dA"), (bb.grad, br.grad, "dB")):
-        assert_close(got, want, torch.float64, name)
+    _check_grads_with_mask(y, x, w, b, a, bb, s, p, mask)
 
 
 @pytest.mark.parametrize("backend", TRITON)
