@@ -59,7 +59,14 @@ def backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normali
     p_row = torch.exp(s - lse_row[:, None])
     p_col = torch.exp(s - lse_col[None, :])
     G = gloss.to(s.dtype) / max(n, 1) * (lambda_ * (p_row - eye) + (1.0 - lambda_) * (p_col - eye))
+    return _grads_from(G, s_unscaled, image, i, text, t, logit_scale, c, normalize,
+                       need_dimage, need_dtext, need_dscale)
 
+
+def _grads_from(G, s_unscaled, image, i, text, t, logit_scale, c, normalize,
+                need_dimage, need_dtext, need_dscale):
+    """(d image, d text, d logit_scale) from G = ∂L/∂S, with S = c·i tᵀ on the (unit) rows
+    i, t of the raw features image, text."""
     di = _through_norm(image, i, c * (G @ t), normalize).to(image.dtype) if need_dimage else empty_grad(image)
     dt = _through_norm(text, t, c * (G.T @ i), normalize).to(text.dtype) if need_dtext else empty_grad(text)
     dc = empty_grad(logit_scale)
@@ -91,9 +98,5 @@ def rows_backward(gpart, queries, keys, logit_scale, lse, offset, normalize,
     target = torch.zeros_like(s)
     target[torch.arange(m, device=s.device), offset + torch.arange(m, device=s.device)] = 1.0
     G = gpart.to(s.dtype) / max(n, 1) * (torch.exp(s - lse[:, None]) - target)
-    dq = _through_norm(queries, q, c * (G @ k), normalize).to(queries.dtype) if need_dqueries else empty_grad(queries)
-    dk = _through_norm(keys, k, c * (G.T @ q), normalize).to(keys.dtype) if need_dkeys else empty_grad(keys)
-    dc = empty_grad(logit_scale)
-    if need_dscale:
-        dc = (G * s_unscaled).sum().to(logit_scale.dtype).reshape(logit_scale.shape)
-    return dq, dk, dc
+    return _grads_from(G, s_unscaled, queries, q, keys, k, logit_scale, c, normalize,
+                       need_dqueries, need_dkeys, need_dscale)
