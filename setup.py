@@ -6,8 +6,30 @@ honoured (default "8.0;9.0" when no GPU is visible).
 """
 import glob
 import os
+import shutil
 
 from setuptools import setup
+
+
+def _with_headers(root):
+    return root if root and os.path.exists(os.path.join(root, "include", "cuda_runtime.h")) else None
+
+
+def pin_cuda_home():
+    """Points CUDA_HOME at a toolkit that has headers before torch guesses one.
+
+    torch takes the folder above `which nvcc`; when nvcc on the PATH is a wrapper script (say
+    /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc) that guess is /usr/local and the
+    build dies on a missing cuda_runtime.h.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    guesses = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None,
+               "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    found = next((g for g in map(_with_headers, guesses) if g), None)
+    if found:
+        os.environ["CUDA_HOME"] = found
 
 
 def cuda_build():
@@ -15,6 +37,7 @@ def cuda_build():
     if flag == "0":
         return {}
     sources = sorted(glob.glob("csrc/kernels/*.cu")) + glob.glob("csrc/bindings.cpp")
+    pin_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension

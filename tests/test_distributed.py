@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 import lora_kernels as lk
 from lora_kernels.reference import infonce as ref
 
+from lora_kernels import backend as backends
 from lora_kernels.ops.infonce import ROWS_IMPLS
 
 from conftest import backends_for, rel_err
@@ -49,21 +50,30 @@ def _free_port() -> int:
 
 # ------------------------------------------------------------------ worker side (children)
 
+def _device_for(backend: str) -> torch.device:
+    """Where a backend's shards live: the GPU for the compiled backends (gloo gathers and
+    reduces CUDA tensors too), the CPU for the reference and for Triton's interpreter."""
+    on_gpu = backend != "torch" and torch.cuda.is_available() and not backends.interpreting()
+    return torch.device("cuda" if on_gpu else "cpu")
+
+
 def _gather_scenario(rank, world, workdir: Path):
     data = torch.load(workdir / "data.pt")
     results = {}
     for (normalize, lambda_), backend in ((c, b) for c in CONFIGS for b in BACKENDS):
         image_full, text_full, log_scale_value = data[(normalize, lambda_)]
         rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
-        image = image_full[rows].clone().requires_grad_(True)
-        text = text_full[rows].clone().requires_grad_(True)
-        log_scale = torch.nn.Parameter(torch.tensor(log_scale_value, dtype=torch.float64))
+        device = _device_for(backend)
+        image = image_full[rows].to(device, copy=True).requires_grad_(True)
+        text = text_full[rows].to(device, copy=True).requires_grad_(True)
+        log_scale = torch.nn.Parameter(torch.tensor(log_scale_value, dtype=torch.float64, device=device))
         loss_fn = lk.InfoNCELoss(lambda_=lambda_, normalize=normalize, gather_distributed=True)
         with lk.use_backend(backend):
             loss = loss_fn(image, text, log_scale.exp())
             loss.backward()
         results[(normalize, lambda_, backend)] = {
-            "loss": loss.detach(), "d_image": image.grad, "d_text": text.grad, "d_log_scale": log_scale.grad,
+            "loss": loss.detach().cpu(), "d_image": image.grad.cpu(), "d_text": text.grad.cpu(),
+            "d_log_scale": log_scale.grad.cpu(),
         }
     return results
 
