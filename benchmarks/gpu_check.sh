@@ -17,7 +17,11 @@
 #                        micro-benchmarks BENCH_SHAPES=quick without torch.compile
 #   GPU_CHECK_BUDGET_S   total seconds for all stages (default 570)
 #   GPU_CHECK_SKIP_INSTALL=1   use the package as it is (no pip install)
-#   GPU_CHECK_TESTS      pytest arguments for the test stage (default: tests -q -x)
+#   GPU_CHECK_STAGES     which of the long stages run (default tests,sanitizer,latency,micro);
+#                        e.g. =tests,sanitizer in one 10-minute call and =latency,micro in the next
+#                        give each half the whole budget (set-up stages always run)
+#   GPU_CHECK_TESTS      pytest arguments for the test stage (default: tests -q --maxfail=25,
+#                        spread over GPU_CHECK_TEST_WORKERS=8 processes when pytest-xdist is there)
 #   GPU_CHECK_COMMIT     git commit to tag results with when the tree has no .git
 #   BENCH_FULL=1         every shape of the issues in the micro-benchmarks (longer than 10 min)
 set -u
@@ -37,6 +41,15 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export LORA_KERNELS_POISON=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+
+STAGES_WANTED=",${GPU_CHECK_STAGES:-tests,sanitizer,latency,micro},"
+has() { case $STAGES_WANTED in *",$1,"*) return 0 ;; esac; return 1; }
+# wanted NAME: true when NAME is among GPU_CHECK_STAGES, else records it as skipped
+wanted() {
+  has "$1" && return 0
+  printf '%s\tSKIPPED\t0\tnot in GPU_CHECK_STAGES\n' "$1" >> "$STAGES"
+  return 1
+}
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 say() { printf '[gpu_check %4ds] %s\n' "$(elapsed)" "$*"; }
@@ -158,14 +171,25 @@ if [ -n "${GPU_CHECK_TESTS:-}" ]; then
 elif [ "$QUICK" = 1 ]; then
   TEST_ARGS=(tests/test_layer_norm_op.py -q -x -k "not slow")
 else
-  TEST_ARGS=(tests -q -x)
+  # A first run on new hardware should report many failures, not stop at the first one.
+  TEST_ARGS=(tests -q --maxfail=25)
+  # Most of the stage is Triton compiling kernels on one core: spread it over processes.
+  if "$PY" -c "import xdist" 2>/dev/null; then
+    TEST_ARGS+=(-n "${GPU_CHECK_TEST_WORKERS:-8}")
+  fi
 fi
 # Tests need no tuning: one Triton config per key (LORA_KERNELS_AUTOTUNE=0) saves minutes of compiles.
-LORA_KERNELS_AUTOTUNE=0 stage tests 220 150 '' "$PY" -m pytest "${TEST_ARGS[@]}" -p no:cacheprovider --durations=15
+# Without the benchmark stages after it, the tests may use what they would have kept.
+if has latency || has micro; then tests_t=220 tests_keep=150; else tests_t=440 tests_keep=110; fi
+if wanted tests; then
+  LORA_KERNELS_AUTOTUNE=0 stage tests "$tests_t" "$tests_keep" '' "$PY" -m pytest "${TEST_ARGS[@]}" -p no:cacheprovider --durations=15
+fi
 
 # The CUDA kernels once more under compute-sanitizer's memcheck (the cross-checks against
 # Triton exercise every op); skipped in quick runs and without the extension.
-if [ "$QUICK" != 1 ] && command -v compute-sanitizer >/dev/null && "$PY" -c "import lora_kernels._C" 2>/dev/null; then
+if ! wanted sanitizer; then
+  :
+elif [ "$QUICK" != 1 ] && command -v compute-sanitizer >/dev/null && "$PY" -c "import lora_kernels._C" 2>/dev/null; then
   LORA_KERNELS_AUTOTUNE=0 stage sanitizer 100 150 '' compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$PY" -m pytest tests/test_cuda_backend.py -q -x -p no:cacheprovider
 else
@@ -178,18 +202,21 @@ if [ "$QUICK" = 1 ]; then
 else
   LAT_ARGS=(--time-budget 60)   # GPU defaults otherwise: GPT-2 medium, fp16, 32x512,16x256,1x128
 fi
-stage latency 150 110 '' "$PY" benchmarks/latency_table.py "${LAT_ARGS[@]}" --out-dir "$OUT"
+if wanted latency; then
+  stage latency 150 110 '' "$PY" benchmarks/latency_table.py "${LAT_ARGS[@]}" --out-dir "$OUT"
+fi
 
 # ---------------------------------------------------------------- 5. micro-benchmarks
-left=$(( BUDGET - $(elapsed) - 20 ))
-micro_t=$(( left < 260 ? left : 260 ))
+micro_t=$(( BUDGET - $(elapsed) - 20 ))   # the last long stage: whatever the budget has left
 margin=$(( micro_t / 6 > 45 ? 45 : micro_t / 6 ))
 if [ "$QUICK" = 1 ]; then
   export BENCH_SHAPES=${BENCH_SHAPES:-quick} BENCH_COMPILE=${BENCH_COMPILE:-0}
 fi
-BENCH_BUDGET_S=$(( micro_t - margin > 1 ? micro_t - margin : 1 )) stage micro 260 20 '\[ *[0-9.]+s\] ' \
-  "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json "$OUT/micro.json" \
-  --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+if wanted micro; then
+  BENCH_BUDGET_S=$(( micro_t - margin > 1 ? micro_t - margin : 1 )) stage micro "$micro_t" 20 '\[ *[0-9.]+s\] ' \
+    "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json "$OUT/micro.json" \
+    --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+fi
 
 # ---------------------------------------------------------------- 6. summary
 if [ -s "$OUT/micro.json" ]; then
