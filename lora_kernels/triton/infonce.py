@@ -359,13 +359,49 @@ def _infonce_bwd_finish_kernel(
 _INTERP = interpreting()
 
 
-def _autotuned(kernel, configs, key, restore_value=None):
+_SMEM_BYTES = 227 << 10  # H100: the shared memory one block may use
+
+
+def _pruner(stage_bytes, tunable_tile):
+    """Autotuner pre-filter: the tuner never compiles a config that cannot launch or that
+    spilled registers when every config was compiled for sm_90 offline (Triton 3.6, ptxas
+    resource usage). Kept: pipelined tiles (stage_bytes a stage) within shared memory; 8 warps
+    for 128×128 output tiles; and where the dot runs on CUDA cores with every operand in
+    registers (fp64, fp32 without TF32), 8 warps for tiles of 64×128 and up, BK = 32 in fp32
+    and, when the tile is tunable (the GEMM), no tile above 64×128. The smallest config stays
+    when none survives."""
+    def prune(configs, named_args, **kwargs):
+        esize = named_args["A" if tunable_tile else "I"].element_size()
+        fma = esize >= 4 and kwargs.get("PREC", "ieee") == "ieee"
+
+        def smem(c):
+            return stage_bytes(c.kwargs, named_args, kwargs) * c.num_stages
+
+        def ok(c):
+            meta = {**kwargs, **c.kwargs}
+            area = meta["BM"] * meta["BN"]
+            if smem(c) > _SMEM_BYTES or (c.num_warps < 8 and area >= (64 * 128 if fma else 128 * 128)):
+                return False
+            return not fma or ((esize > 4 or meta["BK"] <= 32) and (not tunable_tile or area <= 64 * 128))
+        return [c for c in configs if ok(c)] or [min(configs, key=smem)]
+    return prune
+
+
+def _tile_stage(cfg, args, kwargs):   # an image and a text tile
+    return (kwargs["BM"] + kwargs["BN"]) * cfg["BK"] * args["I"].element_size()
+
+
+def _gemm_stage(cfg, args, kwargs):   # an A and a B tile
+    return cfg["BK"] * (cfg["BM"] * args["A"].element_size() + cfg["BN"] * args["B"].element_size())
+
+
+def _autotuned(kernel, configs, key, prune, restore_value=None):
     """The same kernel body everywhere: autotuned on a GPU, one fixed config when interpreted
     (the autotuner needs a GPU driver)."""
     if _INTERP:
         return kernel
     return triton.autotune(configs=configs, key=key, restore_value=restore_value,
-                           prune_configs_by=_common.prune_by())(kernel)
+                           prune_configs_by=_common.prune_by(prune))(kernel)
 
 
 def _cfgs(space):
@@ -377,12 +413,13 @@ _GEMM_CONFIGS = _cfgs([({"BM": bm, "BN": bn, "BK": bk}, w, s)
                        for bm, bn in ((128, 128), (64, 128), (128, 64), (64, 64))
                        for bk, w, s in ((32, 4, 4), (64, 4, 3), (64, 8, 3), (32, 8, 4))])
 
-_fwd = _autotuned(_infonce_fwd_kernel, _TILE_CONFIGS, key=["M", "NC", "D"])
+_TILE_PRUNE, _GEMM_PRUNE = _pruner(_tile_stage, tunable_tile=False), _pruner(_gemm_stage, tunable_tile=True)
+_fwd = _autotuned(_infonce_fwd_kernel, _TILE_CONFIGS, ["M", "NC", "D"], _TILE_PRUNE)
 # These two read-modify-write buffers across launches (Σ Ĝ⊙S per column, the dT accumulator):
 # the tuner's trial runs must not apply their update several times.
-_bwd_tile = _autotuned(_infonce_bwd_tile_kernel, _TILE_CONFIGS, key=["M_s", "NC", "D"],
+_bwd_tile = _autotuned(_infonce_bwd_tile_kernel, _TILE_CONFIGS, ["M_s", "NC", "D"], _TILE_PRUNE,
                        restore_value=["SIG_PART"])
-_gemm = _autotuned(_infonce_gemm_kernel, _GEMM_CONFIGS, key=["M", "N", "K"], restore_value=["OUT"])
+_gemm = _autotuned(_infonce_gemm_kernel, _GEMM_CONFIGS, ["M", "N", "K"], _GEMM_PRUNE, restore_value=["OUT"])
 
 # What the interpreter runs instead of a tuned config. Its cost is per operation, not per
 # element, so blocks are as large as still lets the test shapes (N = 300, d = 64) cross tile,
