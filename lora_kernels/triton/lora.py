@@ -287,7 +287,9 @@ def _lora_bwd_dx_kernel(
         acc = _common.dot(g, w, acc, UPCAST, PRECISION)
         g_ptrs += BLOCK_N * stride_gn
         w_ptrs += BLOCK_N * stride_wn
-    low = tl.zeros((BLOCK_M, BLOCK_K), ACC)
+    # (v·A) goes straight into acc unless dropout must mask it first: a second [BLOCK_M, BLOCK_K]
+    # accumulator made the wide tiles spill registers in sm_90 builds.
+    low = tl.zeros((BLOCK_M, BLOCK_K), ACC) if HAS_DROPOUT else acc
     for r0 in range(0, R, BLOCK_R):
         r_ok = (r0 + rr) < R
         a = tl.load(A + (r0 + rr)[:, None] * stride_ar + rk.to(tl.int64)[None, :] * stride_ak,
@@ -297,8 +299,9 @@ def _lora_bwd_dx_kernel(
         low = _common.dot(v.to(a.dtype), a, low, UPCAST, PRECISION)
     if HAS_DROPOUT:
         keep = _keep_mask(seed, threshold, rm, pid_k * BLOCK_K, K4, BLOCK_M, BLOCK_K, WIDE)
-        low = tl.where(keep, low * _scalar(drop_hi, drop_lo, ACC), tl.zeros_like(low))
-    acc += low
+        acc += tl.where(keep, low * _scalar(drop_hi, drop_lo, ACC), tl.zeros_like(low))
+    else:
+        acc = low
     tl.store(DX + rows[:, None] * K + rk[None, :], acc.to(DX.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
@@ -344,11 +347,12 @@ _GB_TILES = [_config(4, 3, BLOCK_M=32), _config(4, 3, BLOCK_M=64), _config(8, 3,
              _config(8, 3, BLOCK_M=128), _config(4, 3, BLOCK_M=16)]
 
 
-def _pruner(first_arg, stage_elems, tall, out=None):
+def _pruner(first_arg, stage_elems, tall, out=None, accumulators=None):
     """Autotuner pre-filter. stage_elems(blocks, kwargs): elements one pipeline stage holds.
     Keeps configs that fit in shared memory, whose row tile suits the row count (``tall``:
     GEMMs, where many rows want tiles of 64+ rows) and, for fp64 (no tensor cores, 8-byte
-    accumulators), a small output tile ``out``."""
+    accumulators), a small output tile ``out``. accumulators(kwargs): how many [BLOCK_M, out]
+    accumulators the kernel holds; above 128 registers a thread for them, sm_90 builds spill."""
     def prune(configs, named_args, **kwargs):
         esize, m = named_args[first_arg].element_size(), named_args["M_BUCKET"]
 
@@ -356,7 +360,9 @@ def _pruner(first_arg, stage_elems, tall, out=None):
             bm = c.kwargs["BLOCK_M"]
             rows = bm >= 64 if (tall and m > 64) else bm <= max(16, m)
             small = esize < 8 or out is None or c.kwargs["BLOCK_M"] * c.kwargs[out] <= 64 * 64
-            return rows and small and stage_elems(c.kwargs, kwargs) * esize * c.num_stages <= _SMEM_BUDGET
+            regs = accumulators is None or (accumulators(kwargs) * bm * c.kwargs[out] * max(1, esize // 4)
+                                            <= 128 * 32 * c.num_warps)
+            return rows and small and regs and stage_elems(c.kwargs, kwargs) * esize * c.num_stages <= _SMEM_BUDGET
         kept = [c for c in configs if ok(c)]
         return kept or [min(configs, key=lambda c: stage_elems(c.kwargs, kwargs) * c.num_stages)]
     return prune
@@ -377,7 +383,8 @@ _fwd = _autotuned(  # stage: x, Wᵀ and (fused) Aᵀ tiles
             tall=True, out="BLOCK_N"))
 _dx = _autotuned(  # stage: g and W tiles
     _lora_bwd_dx_kernel, _gemm_configs("BLOCK_K", "BLOCK_N"), _TUNE_KEY,
-    _pruner("G", lambda b, k: (b["BLOCK_M"] + b["BLOCK_K"]) * b["BLOCK_N"], tall=True, out="BLOCK_K"))
+    _pruner("G", lambda b, k: (b["BLOCK_M"] + b["BLOCK_K"]) * b["BLOCK_N"], tall=True, out="BLOCK_K",
+            accumulators=lambda k: 2 if k["HAS_DROPOUT"] else 1))
 _down = _autotuned(  # stage: x and Aᵀ tiles
     _lora_down_kernel, _stream_configs(_STREAM_TILES), ["M_BUCKET", "K", "R", "HAS_DROPOUT"],
     _pruner("X", lambda b, k: (b["BLOCK_M"] + k["BLOCK_R"]) * b["BLOCK_K"], tall=False))
