@@ -383,14 +383,19 @@ def _m_bucket(m: int) -> int:
 
 
 def _rows_configs(block_r: int, itemsize: int):
-    """Configs of the two rows kernels: the [BLOCK_M, BLOCK_R] accumulators must fit in registers."""
+    """Configs of the two rows kernels: the [BLOCK_M, BLOCK_R] accumulators must fit in registers.
+    Per thread, an accumulator may take 32 registers with 16-bit inputs and 64 otherwise: in
+    offline sm_90 builds (Triton 3.6, bottleneck 512) the 16-bit backward spilled 240 to 3056
+    bytes a thread above that, the fp32 one nothing at 64."""
+    per_thread = 32 if itemsize < 4 else 64
     configs = []
     for bm in (16, 32, 64):
         for bk in (32, 64, 128):
             if bm * block_r * max(itemsize, 4) > 64 * 1024 or bm * bk > 64 * 64:
                 continue
             for warps in (4, 8):
-                configs.append(triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=warps, num_stages=3))
+                if bm * block_r <= per_thread * 32 * warps:
+                    configs.append(triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=warps, num_stages=3))
     return configs
 
 
