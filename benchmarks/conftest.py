@@ -95,6 +95,17 @@ def device_name() -> str:
 DEVICE_NAME = device_name()
 
 
+def liger_unavailable():
+    """Why Liger-Kernel's LayerNorm cannot be a provider here; None when it can."""
+    if not ON_GPU:
+        return "Liger-Kernel's Triton kernels need a GPU"
+    try:
+        import liger_kernel.ops.layer_norm  # noqa: F401
+    except ImportError as err:
+        return f"liger_kernel is not importable ({err}); it is pure Python: carry its wheel"
+    return None
+
+
 def default_dtype() -> torch.dtype:
     """bf16 on a GPU (the issues' shapes); fp32 on a CPU (bf16 matmuls there are slow and odd)."""
     return torch.bfloat16 if ON_GPU else torch.float32
@@ -405,6 +416,8 @@ def pytest_terminal_summary(terminalreporter):
         reason = lk_backend.why_unavailable(name)
         if reason is not None:
             terminalreporter.write_line(f"rows of lk-{name} not run here: {reason}")
+    if liger_unavailable() is not None:
+        terminalreporter.write_line(f"rows of liger (LayerNorm) not run here: {liger_unavailable()}")
     if not COMPILE:
         why = "BENCH_COMPILE=0" if _compile_env == "0" else "off on a CPU run (BENCH_COMPILE=1 forces them)"
         terminalreporter.write_line(f"rows of compile (torch.compile) not run: {why}")

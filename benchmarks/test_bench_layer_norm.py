@@ -3,15 +3,17 @@
 Modes: fwd (no_grad); bwd-params: dγ, dβ only (x.requires_grad False: the first LayerNorm of
 an LN-tuned model, whose input is frozen); bwd: dγ, dβ and dx; fwd+bwd: forward and full
 backward. Providers: lk-<backend> (``lk.layer_norm``), eager (``F.layer_norm``), copy
-(``y.copy_(x)``: the bandwidth floor, forward only) and, on a GPU, compile (torch.compile of
-``F.layer_norm``, which Inductor turns into its own fused kernel).
+(``y.copy_(x)``: the bandwidth floor, forward only), on a GPU compile (torch.compile of
+``F.layer_norm``, which Inductor turns into its own fused kernel) and, when liger_kernel is
+installed, liger (Liger-Kernel's Triton LayerNorm, which always computes dx as well).
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 import floors
-from lk_bench import ON_GPU, SHAPES, Case, compiled, default_dtype, providers, randn, rows, run_row, step
+from lk_bench import (ON_GPU, SHAPES, Case, compiled, default_dtype, liger_unavailable, providers, randn, rows,
+                      run_row, step)
 from lora_kernels.ops.layer_norm import IMPLS
 
 import lora_kernels as lk
@@ -26,7 +28,7 @@ else:  # CPU: tiny, one many-rows and one wide shape
     SHAPE_LIST, DTYPES = [dict(M=256, d=256), dict(M=8, d=4096)], [default_dtype()]
 
 EPS = 1e-5
-PROVIDERS = providers(IMPLS, floors_=("copy",))
+PROVIDERS = providers(IMPLS, floors_=("copy",)) + (["liger"] if liger_unavailable() is None else [])
 ROWS = rows(SHAPE_LIST, DTYPES, floors.LN_MODES, PROVIDERS, fwd_only=("copy",),
             compile_modes=None if SHAPES == "full" else ("fwd", "fwd+bwd"))
 
@@ -51,6 +53,9 @@ def build(shape, dtype, mode, provider):
         forward = eager_layer_norm
     elif provider == "compile":
         forward = compiled(eager_layer_norm)
+    elif provider == "liger":
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+        forward = lambda x, weight, bias: LigerLayerNormFunction.apply(x, weight, bias, EPS)  # noqa: E731
     else:
         forward = lambda x, weight, bias: lk.layer_norm(x, weight, bias, EPS)  # noqa: E731
     return Case(step(mode, forward, inputs, grads, g), floors.layer_norm(m, d, mode, dtype))
