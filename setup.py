@@ -6,6 +6,7 @@ honoured (default "8.0;9.0" when no GPU is visible).
 """
 import glob
 import os
+import re
 import shutil
 
 from setuptools import setup
@@ -25,8 +26,10 @@ def pin_cuda_home():
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     nvcc = shutil.which("nvcc")
+    versioned = sorted(glob.glob("/usr/local/cuda-*"), reverse=True,  # newest first: 13.0 before 9.2
+                       key=lambda d: [int(n) for n in re.findall(r"\d+", os.path.basename(d))])
     guesses = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None,
-               "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+               "/usr/local/cuda", *versioned]
     found = next((g for g in map(_with_headers, guesses) if g), None)
     if found:
         os.environ["CUDA_HOME"] = found
