@@ -7,18 +7,22 @@ from torch import Tensor
 from .. import backend
 from ..reference import adapter as ref
 from ..reference import compute_dtype
-from . import _validate as check
+from . import _direct, _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
 IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.adapter")
 IMPLS["cuda"] = backend.lazy_impl("lora_kernels.cuda.adapter")
 
 
+def _forward(x, w_down, b_down, w_up, b_up, activation, scale):
+    impl = backend.select("adapter", IMPLS, x)
+    return impl.forward(x, w_down, b_down, w_up, b_up, activation, scale)
+
+
 @torch.library.custom_op("lora_kernels::adapter_fwd", mutates_args=())
 def adapter_fwd(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
                 activation: str, scale: float) -> tuple[Tensor, Tensor]:
-    impl = backend.select("adapter", IMPLS, x)
-    return impl.forward(x, w_down, b_down, w_up, b_up, activation, scale)
+    return _forward(x, w_down, b_down, w_up, b_up, activation, scale)
 
 
 @adapter_fwd.register_fake
@@ -79,5 +83,6 @@ def adapter(x, w_down, b_down, w_up, b_up, activation="gelu", scale=1.0):
     if activation not in ref.ACTIVATIONS:
         raise ValueError(f"activation must be one of {ref.ACTIVATIONS}, got {activation!r}")
     scale = check.finite_float("scale", scale)
-    y, _ = adapter_fwd(check.rows(x, k), w_down, b_down, w_up, b_up, activation, scale)
+    args = (check.rows(x, k), w_down, b_down, w_up, b_up, activation, scale)
+    y, _ = (_forward if _direct.allowed(*args[:5]) else adapter_fwd)(*args)
     return y.reshape(x.shape)

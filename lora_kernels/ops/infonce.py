@@ -5,18 +5,21 @@ from torch import Tensor
 from .. import backend
 from ..reference import compute_dtype
 from ..reference import infonce as ref
-from . import _validate as check
+from . import _direct, _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
 IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.infonce")
 IMPLS["cuda"] = backend.lazy_impl("lora_kernels.cuda.infonce")
 
 
+def _forward(image, text, logit_scale, lambda_, normalize):
+    return backend.select("infonce", IMPLS, image).forward(image, text, logit_scale, lambda_, normalize)
+
+
 @torch.library.custom_op("lora_kernels::infonce_fwd", mutates_args=())
 def infonce_fwd(image: Tensor, text: Tensor, logit_scale: Tensor, lambda_: float,
                 normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
-    impl = backend.select("infonce", IMPLS, image)
-    return impl.forward(image, text, logit_scale, lambda_, normalize)
+    return _forward(image, text, logit_scale, lambda_, normalize)
 
 
 @infonce_fwd.register_fake
@@ -85,7 +88,8 @@ def infonce(image, text, logit_scale, lambda_=0.5, normalize=False):
     check.same_device_and_dtype(image=image, text=text)
     logit_scale = _scale_tensor(logit_scale, image)
     lambda_ = check.probability("lambda_", lambda_, allow_one=True)
-    loss, _, _ = infonce_fwd(image, text, logit_scale, lambda_, bool(normalize))
+    args = (image, text, logit_scale, lambda_, bool(normalize))
+    loss, _, _ = (_forward if _direct.allowed(*args[:3]) else infonce_fwd)(*args)
     return loss
 
 

@@ -8,18 +8,21 @@ from torch import Tensor
 from .. import backend
 from ..reference import compute_dtype
 from ..reference import layer_norm as ref
-from . import _validate as check
+from . import _direct, _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
 IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.layer_norm")
 IMPLS["cuda"] = backend.lazy_impl("lora_kernels.cuda.layer_norm")
 
 
+def _forward(x, weight, bias, eps):
+    return backend.select("layer_norm", IMPLS, x).forward(x, weight, bias, eps)
+
+
 @torch.library.custom_op("lora_kernels::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    impl = backend.select("layer_norm", IMPLS, x)
-    return impl.forward(x, weight, bias, eps)
+    return _forward(x, weight, bias, eps)
 
 
 @layer_norm_fwd.register_fake
@@ -74,5 +77,6 @@ def layer_norm(x, weight, bias, eps=1e-5):
         raise ValueError(f"eps must be >= 0, got {eps}")
     width = math.prod(norm_shape)
     flat = lambda t: None if t is None else t.reshape(width)  # noqa: E731
-    y, _, _ = layer_norm_fwd(check.rows(x, width, len(norm_shape)), flat(weight), flat(bias), eps)
+    args = (check.rows(x, width, len(norm_shape)), flat(weight), flat(bias), eps)
+    y, _, _ = (_forward if _direct.allowed(*args[:3]) else layer_norm_fwd)(*args)
     return y.reshape(x.shape)

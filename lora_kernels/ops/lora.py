@@ -7,18 +7,22 @@ from torch import Tensor
 from .. import backend
 from ..reference import compute_dtype
 from ..reference import lora as ref
-from . import _validate as check
+from . import _direct, _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
 IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.lora")
 IMPLS["cuda"] = backend.lazy_impl("lora_kernels.cuda.lora")
 
 
+def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    impl = backend.select("lora_linear", IMPLS, x)
+    return impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+
+
 @torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                     lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
-    impl = backend.select("lora_linear", IMPLS, x)
-    return impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 @lora_linear_fwd.register_fake
@@ -92,5 +96,6 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     scaling = check.finite_float("scaling", scaling)
     p = check.probability("dropout_p", dropout_p)
     p = p if training else 0.0
-    y, _ = lora_linear_fwd(check.rows(x, k), weight, bias, lora_A, lora_B, scaling, p, _seed(p))
+    args = (check.rows(x, k), weight, bias, lora_A, lora_B, scaling, p, _seed(p))
+    y, _ = (_forward if _direct.allowed(*args[:5]) else lora_linear_fwd)(*args)
     return y.reshape(*x.shape[:-1], n)

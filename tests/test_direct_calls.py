@@ -1,0 +1,94 @@
+"""Eager calls that record no graph skip the custom-op dispatcher (ops/_direct.py): they must
+give bitwise what the custom op gives, and every other call must still go through the op."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import lora_kernels as lk
+from lora_kernels.ops import _direct, adapter as adapter_op, infonce as infonce_op
+from lora_kernels.ops import layer_norm as layer_norm_op, lora as lora_op
+
+from conftest import DEVICE, backends_for, randn
+
+
+def _lora():
+    return lk.lora_linear, [randn(2, 5, 24), randn(16, 24), randn(16), randn(4, 24), randn(16, 4)], {"scaling": 0.5}
+
+
+def _adapter():
+    return lk.adapter, [randn(7, 24), randn(6, 24), randn(6), randn(24, 6), randn(24)], {"scale": 0.5}
+
+
+def _layer_norm():
+    return lk.layer_norm, [randn(3, 7, 33), randn(33), randn(33)], {}
+
+
+def _infonce():
+    return lk.infonce, [randn(9, 16), randn(9, 16), torch.tensor(3.0, dtype=torch.float64, device=DEVICE)], {}
+
+
+# op -> (the case, the module, the name of its forward custom op)
+OPS = {"lora_linear": (_lora, lora_op, "lora_linear_fwd"), "adapter": (_adapter, adapter_op, "adapter_fwd"),
+       "layer_norm": (_layer_norm, layer_norm_op, "layer_norm_fwd"), "infonce": (_infonce, infonce_op, "infonce_fwd")}
+PARAMS = [(name, b) for name, (_, module, _) in OPS.items() for b in backends_for(module.IMPLS)]
+
+
+def _forbid_custom_op(monkeypatch, module, name):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{name} went through the custom op")
+    monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.mark.parametrize("op,backend", PARAMS)
+def test_no_grad_calls_skip_the_custom_op_and_match_it(monkeypatch, op, backend):
+    case, module, name = OPS[op]
+    fn, args, kwargs = case()
+    with lk.use_backend(backend), torch.no_grad():
+        through_op = fn(*args, **kwargs)
+        _forbid_custom_op(monkeypatch, module, name)
+        direct = fn(*args, **kwargs)
+        with torch.inference_mode():
+            in_inference = fn(*args, **kwargs)
+    assert torch.equal(direct, through_op) and torch.equal(in_inference, through_op)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_calls_that_record_a_graph_use_the_custom_op(monkeypatch, op):
+    case, module, name = OPS[op]
+    fn, args, kwargs = case()
+    args[0].requires_grad_(True)
+    _forbid_custom_op(monkeypatch, module, name)
+    with pytest.raises(AssertionError, match="went through the custom op"):
+        fn(*args, **kwargs)
+
+
+def test_allowed_only_for_plain_eager_calls():
+    x, w = randn(3, 4), torch.nn.Parameter(randn(4))
+    assert _direct.allowed(x, None)
+    assert not _direct.allowed(x, w)          # w needs a gradient
+    with torch.no_grad():
+        assert _direct.allowed(x, w)          # ... unless grad mode is off
+        with FlopCounterMode(display=False):  # a dispatch mode watches every op
+            assert not _direct.allowed(x)
+        assert not _direct.allowed(x.as_subclass(_Subclass))
+        assert not torch.func.vmap(lambda t: torch.tensor(_direct.allowed(t)))(x).any()
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_torch_compile_traces_the_custom_op_even_without_grad():
+    """Under torch.compile the call must stay one opaque op in the graph, with or without grad."""
+    seen = []
+
+    def record(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    x, w, b = randn(5, 8), randn(8), randn(8)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(lambda *t: lk.layer_norm(*t), backend=record, fullgraph=True)(x, w, b)
+    assert any("lora_kernels.layer_norm_fwd" in t for t in seen), seen
+    assert torch.equal(out, lk.layer_norm(x, w, b))
