@@ -1,5 +1,7 @@
-"""Eager calls that record no graph skip the custom-op dispatcher (ops/_direct.py): they must
-give bitwise what the custom op gives, and every other call must still go through the op."""
+"""Plain eager calls skip the custom-op dispatcher (ops/_direct.py): without a graph they run the
+op's forward, with one a torch.autograd.Function made of the op's own autograd pieces. Both must
+give bitwise what the custom op gives, and anything that traces or intercepts must still get
+the custom op."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -52,26 +54,48 @@ def test_no_grad_calls_skip_the_custom_op_and_match_it(monkeypatch, op, backend)
     assert torch.equal(direct, through_op) and torch.equal(in_inference, through_op)
 
 
+def _outputs_and_grads(fn, args, kwargs):
+    args = [a.detach().clone().requires_grad_(i in (0, 1, 3)) for i, a in enumerate(args)]
+    out = fn(*args, **kwargs)
+    out.backward(torch.ones_like(out))
+    return [out.detach()] + [a.grad for a in args if a.requires_grad]
+
+
+@pytest.mark.parametrize("op,backend", PARAMS)
+def test_calls_that_record_a_graph_skip_the_custom_op_and_match_it(monkeypatch, op, backend):
+    case, module, name = OPS[op]
+    fn, args, kwargs = case()
+    with lk.use_backend(backend):
+        with monkeypatch.context() as patch:
+            patch.setattr(_direct, "plain", lambda *t: False)   # everything through the custom op
+            through_op = _outputs_and_grads(fn, args, kwargs)
+        _forbid_custom_op(monkeypatch, module, name)
+        direct = _outputs_and_grads(fn, args, kwargs)
+    assert len(direct) == len(through_op) >= 3
+    for d, o in zip(direct, through_op):
+        assert torch.equal(d, o)
+
+
 @pytest.mark.parametrize("op", OPS)
-def test_calls_that_record_a_graph_use_the_custom_op(monkeypatch, op):
+def test_intercepted_calls_use_the_custom_op(monkeypatch, op):
     case, module, name = OPS[op]
     fn, args, kwargs = case()
     args[0].requires_grad_(True)
     _forbid_custom_op(monkeypatch, module, name)
-    with pytest.raises(AssertionError, match="went through the custom op"):
+    with FlopCounterMode(display=False), pytest.raises(AssertionError, match="went through the custom op"):
         fn(*args, **kwargs)
 
 
-def test_allowed_only_for_plain_eager_calls():
+def test_plain_only_without_tracing_or_interception():
     x, w = randn(3, 4), torch.nn.Parameter(randn(4))
-    assert _direct.allowed(x, None)
-    assert not _direct.allowed(x, w)          # w needs a gradient
+    assert _direct.plain(x, w, None)
+    with FlopCounterMode(display=False):  # a dispatch mode watches every op
+        assert not _direct.plain(x)
+    assert not _direct.plain(x.as_subclass(_Subclass))
+    assert not torch.func.vmap(lambda t: torch.tensor(_direct.plain(t)))(x).any()
+    assert _direct.records_graph(x, w) and not _direct.records_graph(x, None)
     with torch.no_grad():
-        assert _direct.allowed(x, w)          # ... unless grad mode is off
-        with FlopCounterMode(display=False):  # a dispatch mode watches every op
-            assert not _direct.allowed(x)
-        assert not _direct.allowed(x.as_subclass(_Subclass))
-        assert not torch.func.vmap(lambda t: torch.tensor(_direct.allowed(t)))(x).any()
+        assert not _direct.records_graph(x, w)
 
 
 class _Subclass(torch.Tensor):

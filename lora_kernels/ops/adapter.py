@@ -30,11 +30,15 @@ def _(x, w_down, b_down, w_up, b_up, activation, scale):
     return x.new_empty(x.shape), x.new_empty(x.shape[0], w_down.shape[0], dtype=compute_dtype(x.dtype))
 
 
+def _backward_impl(g, x, w_down, w_up, h, activation, scale, need_dx, need_dbd, need_dbu):
+    impl = backend.select("adapter", IMPLS, x)
+    return impl.backward(g.contiguous(), x, w_down, w_up, h, activation, scale, need_dx, need_dbd, need_dbu)
+
+
 @torch.library.custom_op("lora_kernels::adapter_bwd", mutates_args=())
 def adapter_bwd(g: Tensor, x: Tensor, w_down: Tensor, w_up: Tensor, h: Tensor, activation: str, scale: float,
                 need_dx: bool, need_dbd: bool, need_dbu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = backend.select("adapter", IMPLS, x)
-    return impl.backward(g.contiguous(), x, w_down, w_up, h, activation, scale, need_dx, need_dbd, need_dbu)
+    return _backward_impl(g, x, w_down, w_up, h, activation, scale, need_dx, need_dbd, need_dbu)
 
 
 @adapter_bwd.register_fake
@@ -54,13 +58,14 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, gy, _gh):
     x, w_down, w_up, h = ctx.saved_tensors
     need_dx, need_dbd, need_dbu = (check.needs(ctx, i) for i in (0, 2, 4))
-    dx, dwd, dbd, dwu, dbu = adapter_bwd(gy, x, w_down, w_up, h, ctx.activation, ctx.scale,
-                                         need_dx, need_dbd, need_dbu)
+    bwd = _backward_impl if _direct.plain(gy, x, w_down, w_up, h) else adapter_bwd
+    dx, dwd, dbd, dwu, dbu = bwd(gy, x, w_down, w_up, h, ctx.activation, ctx.scale, need_dx, need_dbd, need_dbu)
     return (check.grad_or_none(dx, need_dx), dwd, check.grad_or_none(dbd, need_dbd), dwu,
             check.grad_or_none(dbu, need_dbu), None, None)
 
 
 adapter_fwd.register_autograd(_backward, setup_context=_setup)
+_FUNCTION = _direct.autograd_function("AdapterFunction", _forward, _setup, _backward)
 
 
 def adapter(x, w_down, b_down, w_up, b_up, activation="gelu", scale=1.0):
@@ -84,5 +89,5 @@ def adapter(x, w_down, b_down, w_up, b_up, activation="gelu", scale=1.0):
         raise ValueError(f"activation must be one of {ref.ACTIVATIONS}, got {activation!r}")
     scale = check.finite_float("scale", scale)
     args = (check.rows(x, k), w_down, b_down, w_up, b_up, activation, scale)
-    y, _ = (_forward if _direct.allowed(*args[:5]) else adapter_fwd)(*args)
+    y, _ = _direct.run(adapter_fwd, _forward, _FUNCTION, args, n_tensors=5)
     return y.reshape(x.shape)

@@ -29,13 +29,19 @@ def _(image, text, logit_scale, lambda_, normalize):
     return image.new_empty((), dtype=ct), lse, lse.new_empty(lse.shape)
 
 
+def _backward_impl(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normalize,
+                   need_dimage, need_dtext, need_dscale):
+    impl = backend.select("infonce", IMPLS, image)
+    return impl.backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normalize,
+                         need_dimage, need_dtext, need_dscale)
+
+
 @torch.library.custom_op("lora_kernels::infonce_bwd", mutates_args=())
 def infonce_bwd(gloss: Tensor, image: Tensor, text: Tensor, logit_scale: Tensor, lse_row: Tensor,
                 lse_col: Tensor, lambda_: float, normalize: bool, need_dimage: bool, need_dtext: bool,
                 need_dscale: bool) -> tuple[Tensor, Tensor, Tensor]:
-    impl = backend.select("infonce", IMPLS, image)
-    return impl.backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normalize,
-                         need_dimage, need_dtext, need_dscale)
+    return _backward_impl(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normalize,
+                          need_dimage, need_dtext, need_dscale)
 
 
 @infonce_bwd.register_fake
@@ -54,11 +60,13 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, gloss, _glse_row, _glse_col):
     image, text, logit_scale, lse_row, lse_col = ctx.saved_tensors
     need = [check.needs(ctx, i) for i in (0, 1, 2)]
-    grads = infonce_bwd(gloss, image, text, logit_scale, lse_row, lse_col, ctx.lambda_, ctx.normalize, *need)
+    bwd = _backward_impl if _direct.plain(gloss, image, text, logit_scale, lse_row, lse_col) else infonce_bwd
+    grads = bwd(gloss, image, text, logit_scale, lse_row, lse_col, ctx.lambda_, ctx.normalize, *need)
     return (*(check.grad_or_none(gr, n) for gr, n in zip(grads, need)), None, None)
 
 
 infonce_fwd.register_autograd(_backward, setup_context=_setup)
+_FUNCTION = _direct.autograd_function("InfoNCEFunction", _forward, _setup, _backward)
 
 
 def _scale_tensor(logit_scale, features):
@@ -89,7 +97,7 @@ def infonce(image, text, logit_scale, lambda_=0.5, normalize=False):
     logit_scale = _scale_tensor(logit_scale, image)
     lambda_ = check.probability("lambda_", lambda_, allow_one=True)
     args = (image, text, logit_scale, lambda_, bool(normalize))
-    loss, _, _ = (_forward if _direct.allowed(*args[:3]) else infonce_fwd)(*args)
+    loss, _, _ = _direct.run(infonce_fwd, _forward, _FUNCTION, args, n_tensors=3)
     return loss
 
 

@@ -31,11 +31,15 @@ def _(x, weight, bias, eps):
     return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
 
 
+def _backward_impl(g, x, weight, mean, rstd, need_dx, need_dw, need_db):
+    impl = backend.select("layer_norm", IMPLS, x)
+    return impl.backward(g.contiguous(), x, weight, mean, rstd, need_dx, need_dw, need_db)
+
+
 @torch.library.custom_op("lora_kernels::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(g: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                    need_dx: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
-    impl = backend.select("layer_norm", IMPLS, x)
-    return impl.backward(g.contiguous(), x, weight, mean, rstd, need_dx, need_dw, need_db)
+    return _backward_impl(g, x, weight, mean, rstd, need_dx, need_dw, need_db)
 
 
 @layer_norm_bwd.register_fake
@@ -53,11 +57,13 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, gy, _gmean, _grstd):
     x, weight, mean, rstd = ctx.saved_tensors
     need = [check.needs(ctx, i) for i in (0, 1, 2)]
-    grads = layer_norm_bwd(gy, x, weight, mean, rstd, *need)
+    bwd = _backward_impl if _direct.plain(gy, x, weight, mean, rstd) else layer_norm_bwd
+    grads = bwd(gy, x, weight, mean, rstd, *need)
     return (*(check.grad_or_none(gr, n) for gr, n in zip(grads, need)), None)
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
+_FUNCTION = _direct.autograd_function("LayerNormFunction", _forward, _setup, _backward)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
@@ -78,5 +84,5 @@ def layer_norm(x, weight, bias, eps=1e-5):
     width = math.prod(norm_shape)
     flat = lambda t: None if t is None else t.reshape(width)  # noqa: E731
     args = (check.rows(x, width, len(norm_shape)), flat(weight), flat(bias), eps)
-    y, _, _ = (_forward if _direct.allowed(*args[:3]) else layer_norm_fwd)(*args)
+    y, _, _ = _direct.run(layer_norm_fwd, _forward, _FUNCTION, args, n_tensors=3)
     return y.reshape(x.shape)

@@ -31,13 +31,17 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=compute_dtype(x.dtype))
 
 
+def _backward_impl(g, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dW, need_db):
+    impl = backend.select("lora_linear", IMPLS, x)
+    return impl.backward(g.contiguous(), x, weight, lora_A, lora_B, u, scaling, dropout_p, int(seed),
+                         need_dx, need_dW, need_db)
+
+
 @torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd(g: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
                     scaling: float, dropout_p: float, seed: Tensor, need_dx: bool, need_dW: bool,
                     need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = backend.select("lora_linear", IMPLS, x)
-    return impl.backward(g.contiguous(), x, weight, lora_A, lora_B, u, scaling, dropout_p, int(seed),
-                         need_dx, need_dW, need_db)
+    return _backward_impl(g, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dW, need_db)
 
 
 @lora_linear_bwd.register_fake
@@ -57,13 +61,15 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, gy, _gu):
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
     need_dx, need_dW, need_db = (check.needs(ctx, i) for i in (0, 1, 2))
-    dx, dA, dB, dW, db = lora_linear_bwd(gy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p,
-                                         seed, need_dx, need_dW, need_db)
+    bwd = _backward_impl if _direct.plain(gy, x, weight, lora_A, lora_B, u) else lora_linear_bwd
+    dx, dA, dB, dW, db = bwd(gy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed,
+                             need_dx, need_dW, need_db)
     return (check.grad_or_none(dx, need_dx), check.grad_or_none(dW, need_dW), check.grad_or_none(db, need_db),
             dA, dB, None, None, None)
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup)
+_FUNCTION = _direct.autograd_function("LoRALinearFunction", _forward, _setup, _backward)
 
 def _seed(dropout_p: float) -> Tensor:
     """A CPU int64 seed drawn from torch's generator, so torch.manual_seed reproduces masks.
@@ -97,5 +103,5 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     p = check.probability("dropout_p", dropout_p)
     p = p if training else 0.0
     args = (check.rows(x, k), weight, bias, lora_A, lora_B, scaling, p, _seed(p))
-    y, _ = (_forward if _direct.allowed(*args[:5]) else lora_linear_fwd)(*args)
+    y, _ = _direct.run(lora_linear_fwd, _forward, _FUNCTION, args, n_tensors=5)
     return y.reshape(*x.shape[:-1], n)
