@@ -55,6 +55,10 @@ def lazy_impl(module: str, prefix: str = "") -> Impl:
     return Impl(attr("forward"), attr("backward"), attr("supports"))
 
 
+# set_backend's choice is process-wide: threads that never saw the caller's context see it too
+# (the autograd engine runs CUDA backwards on its own per-device threads). use_backend's choice
+# is scoped to the calling context; each op saves the choice its forward saw for its backward.
+_default: Optional[str] = None
 _chosen: contextvars.ContextVar = contextvars.ContextVar("lora_kernels_backend", default=None)
 
 
@@ -99,15 +103,17 @@ def why_unavailable(name: str) -> Optional[str]:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for all ops ("auto" | "triton" | "cuda" | "torch")."""
+    """Select the backend for all ops in every thread ("auto" | "triton" | "cuda" | "torch");
+    a ``use_backend`` block still overrides it inside."""
+    global _default
     reason = why_unavailable(_check_name(name))
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
-    _chosen.set(name)
+    _default = name
 
 
 def get_backend() -> str:
-    name = _chosen.get()
+    name = _chosen.get() or _default
     if name is None:
         name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
         if name not in BACKENDS:
@@ -117,10 +123,19 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Context manager: run the ops inside with backend ``name``."""
+    """Context manager: run the ops called inside with backend ``name`` (their backward too,
+    wherever autograd runs it)."""
     reason = why_unavailable(_check_name(name))
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
+    with pinned(name):
+        yield
+
+
+@contextlib.contextmanager
+def pinned(name: str):
+    """``use_backend`` without the availability check: an op's backward runs under the choice
+    its forward saw (saved by the op), whichever thread autograd runs it on."""
     token = _chosen.set(name)
     try:
         yield

@@ -68,9 +68,11 @@ def _seeded(request):
 @pytest.fixture(autouse=True)
 def _fresh_backend_choice():
     """Each test starts from the default backend choice."""
-    token = backend._chosen.set(None)
+    token, default = backend._chosen.set(None), backend._default
+    backend._default = None
     yield
     backend._chosen.reset(token)
+    backend._default = default
 
 
 def _cast(a, dtype):

@@ -2,6 +2,8 @@
 op's forward, with one a torch.autograd.Function made of the op's own autograd pieces. Both must
 give bitwise what the custom op gives, and anything that traces or intercepts must still get
 the custom op."""
+import threading
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -116,3 +118,40 @@ def test_torch_compile_traces_the_custom_op_even_without_grad():
         out = torch.compile(lambda *t: lk.layer_norm(*t), backend=record, fullgraph=True)(x, w, b)
     assert any("lora_kernels.layer_norm_fwd" in t for t in seen), seen
     assert torch.equal(out, lk.layer_norm(x, w, b))
+
+
+def _in_thread(fn):
+    """Run ``fn`` on a fresh thread (as autograd's device threads run CUDA backwards): it sees
+    none of the caller's context variables. Returns the exception it raised, if any."""
+    failure = []
+
+    def target():
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001  handed to the test
+            failure.append(err)
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    return failure[0] if failure else None
+
+
+@pytest.mark.parametrize("through_op", [False, True], ids=["direct", "custom-op"])
+@pytest.mark.parametrize("op", OPS)
+def test_backward_on_another_thread_uses_the_backend_of_its_forward(monkeypatch, op, through_op):
+    if through_op:
+        monkeypatch.setattr(_direct, "plain", lambda *t: False)
+    fn, args, kwargs = OPS[op][0]()
+    args[0].requires_grad_(True)
+    with lk.use_backend("torch"):
+        out = fn(*args, **kwargs)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "bogus")  # what a backward that forgot would read
+    assert _in_thread(lambda: out.sum().backward()) is None
+    assert args[0].grad is not None
+
+
+def test_set_backend_reaches_every_thread():
+    lk.set_backend("torch")
+    seen = []
+    assert _in_thread(lambda: seen.append(lk.get_backend())) is None
+    assert seen == ["torch"]

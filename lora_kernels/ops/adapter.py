@@ -52,14 +52,15 @@ def _(g, x, w_down, w_up, h, activation, scale, need_dx, need_dbd, need_dbu):
 def _setup(ctx, inputs, output):
     x, w_down, _b_down, w_up, _b_up, activation, scale = inputs
     ctx.save_for_backward(x, w_down, w_up, output[1])
-    ctx.activation, ctx.scale = activation, scale
+    ctx.activation, ctx.scale, ctx.backend = activation, scale, backend.get_backend()
 
 
 def _backward(ctx, gy, _gh):
     x, w_down, w_up, h = ctx.saved_tensors
     need_dx, need_dbd, need_dbu = (check.needs(ctx, i) for i in (0, 2, 4))
     bwd = _backward_impl if _direct.plain(gy, x, w_down, w_up, h) else adapter_bwd
-    dx, dwd, dbd, dwu, dbu = bwd(gy, x, w_down, w_up, h, ctx.activation, ctx.scale, need_dx, need_dbd, need_dbu)
+    with backend.pinned(ctx.backend):
+        dx, dwd, dbd, dwu, dbu = bwd(gy, x, w_down, w_up, h, ctx.activation, ctx.scale, need_dx, need_dbd, need_dbu)
     return (check.grad_or_none(dx, need_dx), dwd, check.grad_or_none(dbd, need_dbd), dwu,
             check.grad_or_none(dbu, need_dbu), None, None)
 

@@ -54,14 +54,15 @@ def _(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normalize, nee
 def _setup(ctx, inputs, output):
     image, text, logit_scale, lambda_, normalize = inputs
     ctx.save_for_backward(image, text, logit_scale, output[1], output[2])
-    ctx.lambda_, ctx.normalize = lambda_, normalize
+    ctx.lambda_, ctx.normalize, ctx.backend = lambda_, normalize, backend.get_backend()
 
 
 def _backward(ctx, gloss, _glse_row, _glse_col):
     image, text, logit_scale, lse_row, lse_col = ctx.saved_tensors
     need = [check.needs(ctx, i) for i in (0, 1, 2)]
     bwd = _backward_impl if _direct.plain(gloss, image, text, logit_scale, lse_row, lse_col) else infonce_bwd
-    grads = bwd(gloss, image, text, logit_scale, lse_row, lse_col, ctx.lambda_, ctx.normalize, *need)
+    with backend.pinned(ctx.backend):
+        grads = bwd(gloss, image, text, logit_scale, lse_row, lse_col, ctx.lambda_, ctx.normalize, *need)
     return (*(check.grad_or_none(gr, n) for gr, n in zip(grads, need)), None, None)
 
 
@@ -139,13 +140,14 @@ def _(gpart, queries, keys, logit_scale, lse, offset, normalize, need_dq, need_d
 def _rows_setup(ctx, inputs, output):
     queries, keys, logit_scale, offset, normalize = inputs
     ctx.save_for_backward(queries, keys, logit_scale, output[1])
-    ctx.offset, ctx.normalize = offset, normalize
+    ctx.offset, ctx.normalize, ctx.backend = offset, normalize, backend.get_backend()
 
 
 def _rows_backward(ctx, gpart, _glse):
     queries, keys, logit_scale, lse = ctx.saved_tensors
     need = [check.needs(ctx, i) for i in (0, 1, 2)]
-    grads = infonce_rows_bwd(gpart, queries, keys, logit_scale, lse, ctx.offset, ctx.normalize, *need)
+    with backend.pinned(ctx.backend):
+        grads = infonce_rows_bwd(gpart, queries, keys, logit_scale, lse, ctx.offset, ctx.normalize, *need)
     return (*(check.grad_or_none(gr, n) for gr, n in zip(grads, need)), None, None)
 
 

@@ -52,13 +52,15 @@ def _(g, x, weight, mean, rstd, need_dx, need_dw, need_db):
 def _setup(ctx, inputs, output):
     x, weight, _bias, _eps = inputs
     ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.backend = backend.get_backend()
 
 
 def _backward(ctx, gy, _gmean, _grstd):
     x, weight, mean, rstd = ctx.saved_tensors
     need = [check.needs(ctx, i) for i in (0, 1, 2)]
     bwd = _backward_impl if _direct.plain(gy, x, weight, mean, rstd) else layer_norm_bwd
-    grads = bwd(gy, x, weight, mean, rstd, *need)
+    with backend.pinned(ctx.backend):
+        grads = bwd(gy, x, weight, mean, rstd, *need)
     return (*(check.grad_or_none(gr, n) for gr, n in zip(grads, need)), None)
 
 

@@ -55,15 +55,16 @@ def _(g, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_d
 def _setup(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend.get_backend()
 
 
 def _backward(ctx, gy, _gu):
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
     need_dx, need_dW, need_db = (check.needs(ctx, i) for i in (0, 1, 2))
     bwd = _backward_impl if _direct.plain(gy, x, weight, lora_A, lora_B, u) else lora_linear_bwd
-    dx, dA, dB, dW, db = bwd(gy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed,
-                             need_dx, need_dW, need_db)
+    with backend.pinned(ctx.backend):
+        dx, dA, dB, dW, db = bwd(gy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed,
+                                 need_dx, need_dW, need_db)
     return (check.grad_or_none(dx, need_dx), check.grad_or_none(dW, need_dW), check.grad_or_none(db, need_db),
             dA, dB, None, None, None)
 
