@@ -9,6 +9,8 @@ custom op registers). Anything that traces or intercepts the call gets the custo
 """
 import torch
 
+from .. import backend
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -34,6 +36,15 @@ def autograd_function(name, forward, setup_context, backward):
         setup_context(ctx, inputs, outputs)
         return outputs
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward)})
+
+
+def backward(ctx, custom_op, impl, args, n_tensors):
+    """An op's backward step: ``custom_op(*args)``, or ``impl(*args)`` directly when nothing
+    traces it, under the backend its forward saw (``ctx.backend``: autograd may run it on a
+    thread that never saw the caller's ``use_backend``)."""
+    fn = impl if plain(*args[:n_tensors]) else custom_op
+    with backend.pinned(ctx.backend):
+        return fn(*args)
 
 
 def run(custom_op, forward, function, args, n_tensors):

@@ -58,9 +58,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, gy, _gh):
     x, w_down, w_up, h = ctx.saved_tensors
     need_dx, need_dbd, need_dbu = (check.needs(ctx, i) for i in (0, 2, 4))
-    bwd = _backward_impl if _direct.plain(gy, x, w_down, w_up, h) else adapter_bwd
-    with backend.pinned(ctx.backend):
-        dx, dwd, dbd, dwu, dbu = bwd(gy, x, w_down, w_up, h, ctx.activation, ctx.scale, need_dx, need_dbd, need_dbu)
+    args = (gy, x, w_down, w_up, h, ctx.activation, ctx.scale, need_dx, need_dbd, need_dbu)
+    dx, dwd, dbd, dwu, dbu = _direct.backward(ctx, adapter_bwd, _backward_impl, args, n_tensors=5)
     return (check.grad_or_none(dx, need_dx), dwd, check.grad_or_none(dbd, need_dbd), dwu,
             check.grad_or_none(dbu, need_dbu), None, None)
 

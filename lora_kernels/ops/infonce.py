@@ -60,9 +60,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, gloss, _glse_row, _glse_col):
     image, text, logit_scale, lse_row, lse_col = ctx.saved_tensors
     need = [check.needs(ctx, i) for i in (0, 1, 2)]
-    bwd = _backward_impl if _direct.plain(gloss, image, text, logit_scale, lse_row, lse_col) else infonce_bwd
-    with backend.pinned(ctx.backend):
-        grads = bwd(gloss, image, text, logit_scale, lse_row, lse_col, ctx.lambda_, ctx.normalize, *need)
+    args = (gloss, image, text, logit_scale, lse_row, lse_col, ctx.lambda_, ctx.normalize, *need)
+    grads = _direct.backward(ctx, infonce_bwd, _backward_impl, args, n_tensors=6)
     return (*(check.grad_or_none(gr, n) for gr, n in zip(grads, need)), None, None)
 
 

@@ -58,9 +58,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, gy, _gmean, _grstd):
     x, weight, mean, rstd = ctx.saved_tensors
     need = [check.needs(ctx, i) for i in (0, 1, 2)]
-    bwd = _backward_impl if _direct.plain(gy, x, weight, mean, rstd) else layer_norm_bwd
-    with backend.pinned(ctx.backend):
-        grads = bwd(gy, x, weight, mean, rstd, *need)
+    grads = _direct.backward(ctx, layer_norm_bwd, _backward_impl, (gy, x, weight, mean, rstd, *need), n_tensors=5)
     return (*(check.grad_or_none(gr, n) for gr, n in zip(grads, need)), None)
 
 

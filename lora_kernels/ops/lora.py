@@ -61,10 +61,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, gy, _gu):
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
     need_dx, need_dW, need_db = (check.needs(ctx, i) for i in (0, 1, 2))
-    bwd = _backward_impl if _direct.plain(gy, x, weight, lora_A, lora_B, u) else lora_linear_bwd
-    with backend.pinned(ctx.backend):
-        dx, dA, dB, dW, db = bwd(gy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed,
-                                 need_dx, need_dW, need_db)
+    args = (gy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_dx, need_dW, need_db)
+    dx, dA, dB, dW, db = _direct.backward(ctx, lora_linear_bwd, _backward_impl, args, n_tensors=6)
     return (check.grad_or_none(dx, need_dx), check.grad_or_none(dW, need_dW), check.grad_or_none(db, need_db),
             dA, dB, None, None, None)
 

@@ -34,6 +34,9 @@ def dot(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr = "ieee")
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
 
+SMEM_BYTES = 227 << 10  # H100: the shared memory one block may use
+
+
 def prune_by(early_config_prune=None):
     """``prune_configs_by`` for ``triton.autotune``. LORA_KERNELS_AUTOTUNE=0 keeps one config
     per key (the first that survives pruning): one compile instead of a dozen, for test runs on

@@ -404,16 +404,13 @@ def _weights_configs():
             for bm in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
 
 
-_SMEM_BYTES = 227 << 10  # H100's shared memory per block
-
-
 def _prune_weights_configs(configs, named_args, **kwargs):
     """Autotuner pre-filter: drops configs whose g, x, act(h) and dh tiles times num_stages
     exceed shared memory (at or above what sm_90 builds allocate, so the configs that cannot
     launch go, and a few that could); BLOCK_M = 32 with 2 stages always fits."""
     esize = named_args["G"].element_size()
     stage = lambda c: c.kwargs["BLOCK_M"] * 2 * (kwargs["BLOCK_K"] + kwargs["BLOCK_R"]) * esize  # noqa: E731
-    kept = [c for c in configs if stage(c) * c.num_stages <= _SMEM_BYTES]
+    kept = [c for c in configs if stage(c) * c.num_stages <= _common.SMEM_BYTES]
     return kept or [min(configs, key=lambda c: stage(c) * c.num_stages)]
 
 

@@ -359,9 +359,6 @@ def _infonce_bwd_finish_kernel(
 _INTERP = interpreting()
 
 
-_SMEM_BYTES = 227 << 10  # H100: the shared memory one block may use
-
-
 def _pruner(stage_bytes, tunable_tile):
     """Autotuner pre-filter: the tuner never compiles a config that cannot launch or that
     spilled registers when every config was compiled for sm_90 offline (Triton 3.6, ptxas
@@ -380,7 +377,7 @@ def _pruner(stage_bytes, tunable_tile):
         def ok(c):
             meta = {**kwargs, **c.kwargs}
             area = meta["BM"] * meta["BN"]
-            if smem(c) > _SMEM_BYTES or (c.num_warps < 8 and area >= (64 * 128 if fma else 128 * 128)):
+            if smem(c) > _common.SMEM_BYTES or (c.num_warps < 8 and area >= (64 * 128 if fma else 128 * 128)):
                 return False
             return not fma or ((esize > 4 or meta["BK"] <= 32) and (not tunable_tile or area <= 64 * 128))
         return [c for c in configs if ok(c)] or [min(configs, key=smem)]
