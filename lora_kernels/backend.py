@@ -13,6 +13,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -48,8 +49,8 @@ def lazy_impl(module: str, prefix: str = "") -> Impl:
     def attr(name):
         name = prefix + name
 
-        def call(*args, **kwargs):
-            return getattr(importlib.import_module(module), name)(*args, **kwargs)
+        def call(*args, **kwargs):  # sys.modules first: import_module costs µs on every op call
+            return getattr(sys.modules.get(module) or importlib.import_module(module), name)(*args, **kwargs)
         call.__name__ = f"{module}.{name}"
         return call
     return Impl(attr("forward"), attr("backward"), attr("supports"))
@@ -84,13 +85,21 @@ def _extension_missing() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+_NO_TRITON = "the `triton` package is not installed (pip install triton)"
+
+
 def why_unavailable(name: str) -> Optional[str]:
     """None if backend ``name`` can run on this machine at all, else the reason."""
     if name in ("auto", "torch"):
         return None
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "the `triton` package is not installed (pip install triton)"
+        if not _triton_installed():
+            return _NO_TRITON
         if not (torch.cuda.is_available() or interpreting()):
             return "Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 to interpret them on CPU)"
         return None
@@ -146,10 +155,15 @@ def pinned(name: str):
 def _why_not(name: str, op: str, impls: Mapping[str, Impl], tensors) -> Optional[str]:
     if name not in impls:
         return f"it has no implementation of {op} yet"
-    reason = why_unavailable(name)
+    device = tensors[0].device
+    if device.type == "cuda" and name != "torch":
+        # A CUDA tensor proves the GPU: only the software can be missing. (The general check
+        # below asks the CUDA runtime and the environment, µs on every op call.)
+        reason = _extension_missing() if name == "cuda" else (None if _triton_installed() else _NO_TRITON)
+    else:
+        reason = why_unavailable(name)
     if reason is not None:
         return reason
-    device = tensors[0].device
     if name == "triton" and not (device.type == "cuda" or (device.type == "cpu" and interpreting())):
         return f"Triton kernels run on CUDA tensors (CPU only under TRITON_INTERPRET=1), got {device}"
     if name == "cuda" and device.type != "cuda":

@@ -62,6 +62,8 @@ def probability(name: str, value, allow_one: bool = False) -> float:
 def rows(x: torch.Tensor, width: int, trailing: int = 1) -> torch.Tensor:
     """View ``x`` as [M, width], merging its last ``trailing`` dims into one row
     (a copy only when strides make a view impossible)."""
+    if x.ndim == 2 and trailing == 1:
+        return x  # already rows; reshape would cost µs a call for nothing
     return x.reshape(math.prod(x.shape[: x.ndim - trailing]), width)
 
 

@@ -90,4 +90,4 @@ def adapter(x, w_down, b_down, w_up, b_up, activation="gelu", scale=1.0):
     scale = check.finite_float("scale", scale)
     args = (check.rows(x, k), w_down, b_down, w_up, b_up, activation, scale)
     y, _ = _direct.run(adapter_fwd, _forward, _FUNCTION, args, n_tensors=5)
-    return y.reshape(x.shape)
+    return y if x.ndim == 2 else y.reshape(x.shape)

@@ -82,7 +82,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     width = math.prod(norm_shape)
-    flat = lambda t: None if t is None else t.reshape(width)  # noqa: E731
+    flat = lambda t: t if t is None or t.ndim == 1 else t.reshape(width)  # noqa: E731
     args = (check.rows(x, width, len(norm_shape)), flat(weight), flat(bias), eps)
     y, _, _ = _direct.run(layer_norm_fwd, _forward, _FUNCTION, args, n_tensors=3)
-    return y.reshape(x.shape)
+    return y if y.shape == x.shape else y.reshape(x.shape)

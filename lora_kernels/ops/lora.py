@@ -70,13 +70,18 @@ def _backward(ctx, gy, _gu):
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup)
 _FUNCTION = _direct.autograd_function("LoRALinearFunction", _forward, _setup, _backward)
 
+
 def _seed(dropout_p: float) -> Tensor:
     """A CPU int64 seed drawn from torch's generator, so torch.manual_seed reproduces masks.
-    Made fresh each call: a cached tensor born under inference_mode could not be saved for
-    backward later."""
+    Without dropout, one shared zero made outside inference_mode (a tensor born under
+    inference_mode could not be saved for backward later), sparing a torch.zeros a call."""
     if dropout_p > 0.0:
         return torch.randint(0, 2**62, (), dtype=torch.int64)
-    return torch.zeros((), dtype=torch.int64)
+    return _NO_SEED
+
+
+with torch.inference_mode(False):  # a normal tensor even if lora_kernels is imported under inference_mode
+    _NO_SEED = torch.zeros((), dtype=torch.int64)  # never written: shared by every call without dropout
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True):
@@ -103,4 +108,4 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     p = p if training else 0.0
     args = (check.rows(x, k), weight, bias, lora_A, lora_B, scaling, p, _seed(p))
     y, _ = _direct.run(lora_linear_fwd, _forward, _FUNCTION, args, n_tensors=5)
-    return y.reshape(*x.shape[:-1], n)
+    return y if x.ndim == 2 else y.reshape(*x.shape[:-1], n)

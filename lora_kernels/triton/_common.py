@@ -1,5 +1,14 @@
-"""Pieces every Triton op needs: poisoned allocation, interpreter-safe dot, dtype maps."""
+"""Pieces every Triton op needs: poisoned allocation, interpreter-safe dot, dtype maps, and
+host-side arithmetic that costs no launch time.
+
+Host-side helpers matter at small shapes, where the kernel takes a few µs and everything the
+wrapper does before the launch adds to it: ``triton.cdiv`` and ``triton.next_power_of_2`` are
+constexpr functions (a few µs a call through Triton's wrapper), ``os.environ`` lookups and
+``torch.tensor`` a few µs each. The wrappers use the plain versions below instead.
+"""
+import math
 import os
+import struct
 
 import torch
 import triton
@@ -7,17 +16,46 @@ import triton.language as tl
 
 from ..backend import interpreting
 
+# Triton picks the interpreter when a kernel is decorated, so the Triton modules fix the
+# mode once, at import, like Triton does.
+INTERPRET = interpreting()
 # Under TRITON_INTERPRET=1 a bf16 tl.dot returns garbage: upcast its operands to fp32 there.
-UPCAST_BF16_DOT = interpreting()
+UPCAST_BF16_DOT = INTERPRET
+# Read once, when the Triton backend is first used (the tests set it before that).
+POISON = os.environ.get("LORA_KERNELS_POISON") == "1"
 
 
 def empty(shape, dtype, device) -> torch.Tensor:
     """torch.empty, filled with NaN when LORA_KERNELS_POISON=1 (the tests set it), so an
     element a kernel forgets to write can never pass as a plausible value."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("LORA_KERNELS_POISON") == "1" and out.is_floating_point():
+    if POISON and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def as_fp32(value: float) -> float:
+    """``value`` rounded to the nearest fp32 (±inf beyond its range), as a Python float."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def split_fp32(value: float):
+    """value ≈ hi + lo with both fp32: Triton passes Python floats as fp32, so a kernel that
+    needs more of a scalar's digits (fp64 math) takes both halves and adds them."""
+    hi = as_fp32(value)
+    return hi, as_fp32(value - hi) if math.isfinite(hi) else 0.0
 
 
 def upcast_bf16_dot(dtype: torch.dtype) -> bool:
@@ -49,6 +87,6 @@ def prune_by(early_config_prune=None):
 
 def input_precision(dtype: torch.dtype) -> str:
     """fp32 GEMMs honour torch.backends.cuda.matmul.allow_tf32, like torch.matmul."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
         return "tf32"
     return "ieee"

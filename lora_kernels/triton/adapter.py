@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import interpreting
 from ..reference import compute_dtype, empty_grad
 from . import _common
 from ._common import dot
@@ -370,16 +369,11 @@ _ROWS_ALIGN = 128  # row stripes of the weights kernel are a multiple of every B
 
 
 def _block_r(r: int, dtype: torch.dtype) -> int:
-    return min(max(16, triton.next_power_of_2(r)), _MAX_BLOCK_R[dtype])
-
-
-def _scale_parts(scale: float):
-    hi = float(torch.tensor(scale, dtype=torch.float32))
-    return hi, float(scale - hi)
+    return min(max(16, _common.next_pow2(r)), _MAX_BLOCK_R[dtype])
 
 
 def _m_bucket(m: int) -> int:
-    return min(triton.next_power_of_2(m), 1 << 15)
+    return min(_common.next_pow2(m), 1 << 15)
 
 
 def _rows_configs(block_r: int, itemsize: int):
@@ -426,7 +420,7 @@ def _tuned(kernel_name: str, block_r: int, itemsize: int):
 
 def _launch(kernel, grid, args, meta, block_r, itemsize):
     """One fixed config under the interpreter (autotune needs a GPU driver); autotuned on GPU."""
-    if interpreting():
+    if _common.INTERPRET:
         fixed = {k: v for k, v in _INTERPRET_BLOCKS.items() if k not in meta}
         kernel[grid(fixed)](*args, **meta, **fixed)
     else:
@@ -453,10 +447,10 @@ def forward(x, w_down, b_down, w_up, b_up, activation, scale):
     one_tile = r <= block_r
     ah = h if one_tile else _common.empty((m, r), x.dtype, x.device)
     args = (x, w_down, b_down if b_down is not None else w_down, w_up, b_up if b_up is not None else w_up,
-            y, h, ah, m, k, r, x.stride(0), x.stride(1), *_scale_parts(scale), _m_bucket(m))
+            y, h, ah, m, k, r, x.stride(0), x.stride(1), *_common.split_fp32(scale), _m_bucket(m))
     meta = dict(ACT=ACTIVATIONS[activation], HAS_BD=b_down is not None, HAS_BU=b_up is not None,
                 ONE_R_TILE=one_tile, BLOCK_R=block_r, **_dot_meta(x.dtype))
-    _launch(_adapter_fwd_kernel, lambda c: (triton.cdiv(m, c["BLOCK_M"]),), args, meta,
+    _launch(_adapter_fwd_kernel, lambda c: (_common.cdiv(m, c["BLOCK_M"]),), args, meta,
             block_r, x.element_size())
     return y, h
 
@@ -470,20 +464,20 @@ def _num_sms(device: torch.device) -> int:
 def _weights_blocks(r: int, k: int, dtype: torch.dtype):
     """(BLOCK_R, BLOCK_K) of the weights kernel: two [BLOCK_R, BLOCK_K] accumulators in registers."""
     block_r = _block_r(r, dtype)
-    if interpreting():
+    if _common.INTERPRET:
         return block_r, _INTERPRET_BLOCKS["BLOCK_K"]
     budget = 16384 if dtype != torch.float64 else 8192  # accumulator elements per program
-    block_k = max(16, min(128, budget // (2 * block_r), triton.next_power_of_2(k)))
+    block_k = max(16, min(128, budget // (2 * block_r), _common.next_pow2(k)))
     return block_r, block_k
 
 
 def _row_splits(m: int, r: int, tiles: int, device: torch.device):
     """How many row stripes the weights kernel reduces separately: enough programs to fill the
     GPU, but stripes long enough (>= 16·r rows) that the partials stay small next to g and x."""
-    want = triton.cdiv(2 * _num_sms(device), tiles)
+    want = _common.cdiv(2 * _num_sms(device), tiles)
     splits = max(1, min(want, m // max(16 * r, 512)))
-    rows = triton.cdiv(triton.cdiv(m, splits), _ROWS_ALIGN) * _ROWS_ALIGN
-    return triton.cdiv(m, rows), rows
+    rows = _common.cdiv(_common.cdiv(m, splits), _ROWS_ALIGN) * _ROWS_ALIGN
+    return _common.cdiv(m, rows), rows
 
 
 def backward(g, x, w_down, w_up, h, activation, scale,
@@ -502,7 +496,7 @@ def backward(g, x, w_down, w_up, h, activation, scale,
             t.zero_()
         return dx, dwd, dbd, dwu, dbu
     w_down, w_up, h = w_down.contiguous(), w_up.contiguous(), h.contiguous()
-    scale_parts = _scale_parts(scale)
+    scale_parts = _common.split_fp32(scale)
     bucket = _m_bucket(m)
     dot_meta = _dot_meta(dtype)
 
@@ -513,11 +507,11 @@ def backward(g, x, w_down, w_up, h, activation, scale,
             *scale_parts, bucket)
     meta = dict(ACT=ACTIVATIONS[activation], NEED_DX=need_dx, ONE_R_TILE=r <= block_r, BLOCK_R=block_r,
                 **dot_meta)
-    _launch(_adapter_bwd_rows_kernel, lambda c: (triton.cdiv(m, c["BLOCK_M"]),), args, meta,
+    _launch(_adapter_bwd_rows_kernel, lambda c: (_common.cdiv(m, c["BLOCK_M"]),), args, meta,
             block_r, x.element_size())
 
     block_r, block_k = _weights_blocks(r, k, dtype)
-    r_tiles, k_tiles = triton.cdiv(r, block_r), max(1, triton.cdiv(k, block_k))
+    r_tiles, k_tiles = _common.cdiv(r, block_r), max(1, _common.cdiv(k, block_k))
     splits, rows_per_split = _row_splits(m, r, r_tiles * k_tiles, dev)
     if splits == 1:
         targets = (dwu, dwd, dbu, dbd)
@@ -535,7 +529,7 @@ def backward(g, x, w_down, w_up, h, activation, scale,
     if splits > 1:
         block = 1024
         n = max(k * r, k, r)
-        _adapter_bwd_reduce_kernel[(triton.cdiv(n, block),)](
+        _adapter_bwd_reduce_kernel[(_common.cdiv(n, block),)](
             targets[0], targets[1], bu_t, bd_t, dwu, dwd, dbu if need_dbu else dwu, dbd if need_dbd else dwu,
             splits, k, r, HAS_DBU=need_dbu, HAS_DBD=need_dbd, BLOCK=block)
     return dx, dwd, dbd, dwu, dbu

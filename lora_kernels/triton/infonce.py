@@ -18,12 +18,10 @@ them; the LSE/loss reduction (_infonce_lse_kernel) is the square case's.
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from ..backend import interpreting
 from ..reference import compute_dtype
 from . import _common
 from ._common import dot
@@ -356,7 +354,7 @@ def _infonce_bwd_finish_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-_INTERP = interpreting()
+_INTERP = _common.INTERPRET
 
 
 def _pruner(stage_bytes, tunable_tile):
@@ -444,11 +442,6 @@ def _acc_tl(ct: torch.dtype):
     return tl.float64 if ct == torch.float64 else tl.float32
 
 
-def _split_float(x: float):
-    hi = float(np.float32(x))
-    return hi, float(np.float32(x - hi))
-
-
 def _tile_args(dtype):
     return dict(UPCAST=_common.upcast_bf16_dot(dtype), PREC=_common.input_precision(dtype))
 
@@ -462,8 +455,8 @@ def _rows(image, text, logit_scale, normalize, with_diag, ct, offset=0):
     rinv_t = _common.empty((n,), ct, dev) if normalize else None
     diag = _common.empty((n,), ct, dev) if with_diag else None
     dummy = rinv_i if rinv_i is not None else diag
-    br, bd = _ROW_BLOCK, max(16, min(128, triton.next_power_of_2(d)))
-    _infonce_rows_kernel[(triton.cdiv(n, br),)](
+    br, bd = _ROW_BLOCK, max(16, min(128, _common.next_pow2(d)))
+    _infonce_rows_kernel[(_common.cdiv(n, br),)](
         image, text, logit_scale, rinv_i if normalize else dummy, rinv_t if normalize else dummy,
         diag if with_diag else dummy, n, d, offset, image.stride(0), image.stride(1),
         text.stride(0), text.stride(1), NORMALIZE=normalize, WITH_DIAG=with_diag, ACC=_acc_tl(ct),
@@ -489,7 +482,7 @@ def _sum(part, out, logit_scale, gloss, n, dscale, ct):
 def _splits(m, nc, d, itemsize, csize, bm, device):
     """Row × column splits of the forward tile grid: enough programs to fill the GPU, and no
     more partial rows of (max, sum) than about one input's worth of memory."""
-    row_blocks, col_blocks = triton.cdiv(m, bm), triton.cdiv(nc, bm)
+    row_blocks, col_blocks = _common.cdiv(m, bm), _common.cdiv(nc, bm)
     if _INTERP:
         return min(row_blocks, 3), min(col_blocks, 2)
     budget = max(8, d * itemsize // (2 * csize))
@@ -542,10 +535,10 @@ def _forward(image, text, logit_scale, lambda_, normalize, offset, cols):
     block = 128 if _INTERP else 1024
     lse_row = _common.empty((m,), ct, dev)
     lse_col = _common.empty((nc,), ct, dev) if cols else None
-    part = _common.empty((triton.cdiv(m, block),), ct, dev)
-    _infonce_lse_kernel[(triton.cdiv(m, block),)](
+    part = _common.empty((_common.cdiv(m, block),), ct, dev)
+    _infonce_lse_kernel[(_common.cdiv(m, block),)](
         row_m, row_l, col_m, col_l, diag, lse_row, lse_col if cols else lse_row, part, m, c_split, r_split,
-        *_split_float(lambda_), COLS=cols, ACC=acc, BLOCK=block, num_warps=4)
+        *_common.split_fp32(lambda_), COLS=cols, ACC=acc, BLOCK=block, num_warps=4)
     loss = _common.empty((), ct, dev)
     _sum(part, loss, logit_scale, None, nc, False, ct)
     return loss, lse_row, lse_col
@@ -557,7 +550,7 @@ def _stripe_rows(n, bm):
     FLOP/byte, well above the H100's ~260, while the buffer stays at 2 KiB per column,
     no more than the inputs themselves for d >= 512."""
     r = 2 * bm if _INTERP else 1024
-    return min(r, triton.cdiv(n, bm) * bm)
+    return min(r, _common.cdiv(n, bm) * bm)
 
 
 def _k_splits(k, tiles, device):
@@ -565,16 +558,16 @@ def _k_splits(k, tiles, device):
     if _INTERP:
         want = 2
     else:
-        want = max(1, min(triton.cdiv(2 * _num_sms(device), tiles), triton.cdiv(k, 1024)))
-    per = triton.cdiv(triton.cdiv(k, want), _K_GRANULE) * _K_GRANULE
-    return triton.cdiv(k, per), per
+        want = max(1, min(_common.cdiv(2 * _num_sms(device), tiles), _common.cdiv(k, 1024)))
+    per = _common.cdiv(_common.cdiv(k, want), _K_GRANULE) * _K_GRANULE
+    return _common.cdiv(k, per), per
 
 
 def _gemm_launch(a, a_strides, b, b_strides, scale, out, out_strides, m, n, k, n_split, k_per, accumulate, dtype):
     extra = dict(_INTERP_GEMM) if _INTERP else {}
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]), n_split)
+        return (_common.cdiv(m, meta["BM"]), _common.cdiv(n, meta["BN"]), n_split)
 
     _gemm[grid](a, b, scale if scale is not None else out, out, m, n, k, k_per,
                 *a_strides, *b_strides, *out_strides, int(accumulate),
@@ -623,7 +616,7 @@ def _backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normal
 
     bm = _tile_block(image.dtype)
     stripe = _stripe_rows(m, bm)
-    n_cb = triton.cdiv(n, bm)
+    n_cb = _common.cdiv(n, bm)
     n_slots = stripe // bm
     gamma = float(2.0 ** min(14, int(math.log2(n))))
     store_h = need_dimage or need_dtext
@@ -634,7 +627,7 @@ def _backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normal
     rho_part = _common.empty((n_cb, stripe), ct, dev) if rowsum else lse_row
     sig_part = _common.empty((n_slots, n), ct, dev) if colsum else lse_row
     if need_dimage:
-        tiles = triton.cdiv(stripe, 128) * triton.cdiv(d, 128)
+        tiles = _common.cdiv(stripe, 128) * _common.cdiv(d, 128)
         v_split, k_per = _k_splits(n, tiles, dev)
         v = _common.empty((v_split, stripe, d), ct, dev)
     if need_dtext:
@@ -642,11 +635,11 @@ def _backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normal
         w = dt if text.dtype == ct else _common.empty((n, d), ct, dev)
         w_strides = (w.stride(0), w.stride(1))
 
-    lam = _split_float(lambda_)
+    lam = _common.split_fp32(lambda_)
     extra = dict(_INTERP_TILE) if _INTERP else {}
     for row0 in range(0, m, stripe):
         m_s = min(stripe, m - row0)
-        _bwd_tile[(n_cb, triton.cdiv(m_s, bm))](
+        _bwd_tile[(n_cb, _common.cdiv(m_s, bm))](
             image, text, logit_scale, rinv_i, rinv_t, lse_row, lse_col, h, rho_part, sig_part,
             row0, m_s, n, d, offset, image.stride(0), image.stride(1), text.stride(0), text.stride(1),
             n, stripe, *lam, gamma, int(row0 > 0),
@@ -664,10 +657,10 @@ def _backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normal
             # W += (γĜ)ᵀ @ (a ⊙ I_stripe), in stripe order.
             _gemm_launch(h, (1, n), image[row0:row0 + m_s], (image.stride(0), image.stride(1)),
                          rinv_i[row0:row0 + m_s] if normalize else None, w, (0, w_strides[0]),
-                         n, d, m_s, 1, triton.cdiv(m_s, _K_GRANULE) * _K_GRANULE, row0 > 0, image.dtype)
+                         n, d, m_s, 1, _common.cdiv(m_s, _K_GRANULE) * _K_GRANULE, row0 > 0, image.dtype)
 
     if need_dtext or need_dscale:
-        total = _common.empty((triton.cdiv(n, _ROW_BLOCK),), ct, dev) if need_dscale else lse_row
+        total = _common.empty((_common.cdiv(n, _ROW_BLOCK),), ct, dev) if need_dscale else lse_row
         _finish(dt if need_dtext else lse_row, w if need_dtext else lse_row, 1, text,
                 rinv_t if normalize else None, sig_part, n_slots, n, total if need_dscale else None,
                 logit_scale, gloss, n, d, n, gamma, normalize and need_dtext, need_dtext, ct,
@@ -680,10 +673,10 @@ def _backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normal
 def _finish(out, v, n_split, x, rinv, part, n_part, s_part, total, logit_scale, gloss, m, d, n, gamma,
             normalize, write, ct, v_strides=None):
     br = _ROW_BLOCK
-    bd = max(16, min(128, triton.next_power_of_2(d)))
+    bd = max(16, min(128, _common.next_pow2(d)))
     if v_strides is None:
         v_strides = (v.stride(0), v.stride(1))
-    _infonce_bwd_finish_kernel[(triton.cdiv(m, br),)](
+    _infonce_bwd_finish_kernel[(_common.cdiv(m, br),)](
         out, v, x, rinv if rinv is not None else part, part, total if total is not None else part,
         logit_scale, gloss, m, d, n, n_split, *v_strides, x.stride(0), x.stride(1),
         out.stride(0) if write else 0, out.stride(1) if write else 0, n_part, s_part, gamma,

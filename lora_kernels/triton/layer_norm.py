@@ -7,14 +7,12 @@ normalising pass over the row inside one program (so the second read can come fr
 backward tiles the [M, N] plane by columns, after a row-statistics pass when dx is needed.
 """
 import functools
-import struct
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backend import interpreting
 from ..reference import compute_dtype, empty_grad
 from . import _common
 
@@ -239,7 +237,7 @@ def _layer_norm_bwd_reduce_kernel(
 # kernels, so it runs the same kernel body with the heuristic warp count. The backward is not
 # tuned: a tuned warp count could change the reduction tree, and so dγ/dβ's last bits, between
 # processes.
-_fwd_kernel = _layer_norm_fwd_kernel if interpreting() else triton.autotune(
+_fwd_kernel = _layer_norm_fwd_kernel if _common.INTERPRET else triton.autotune(
     configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16)],
     key=["N", "BLOCK_M", "BLOCK_N", "WHOLE_ROW"], prune_configs_by=_common.prune_by(),
 )(_layer_norm_fwd_kernel)
@@ -254,7 +252,7 @@ def _warps(elements: int) -> int:
 
 
 def _whole_row_tile(width: int):
-    block_n = triton.next_power_of_2(width)
+    block_n = _common.next_pow2(width)
     return max(1, min(64, _TILE // block_n)), block_n
 
 
@@ -271,15 +269,6 @@ def _max_programs(device: torch.device, per_sm: int) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
 
 
-def _as_fp32(v: float) -> float:
-    return struct.unpack("f", struct.pack("f", v))[0]
-
-
-def _split_eps(eps: float):
-    """eps as hi + lo, both fp32-exact: Triton passes Python floats as fp32, and fp64 needs all
-    of eps's digits (the sum carries ~48 bits)."""
-    hi = _as_fp32(eps)
-    return hi, _as_fp32(eps - hi)
 
 
 def forward(x, weight, bias, eps):
@@ -293,15 +282,15 @@ def forward(x, weight, bias, eps):
         return y, mean, rstd
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    whole_row = triton.next_power_of_2(n) <= _FWD_MAX_FUSED
+    whole_row = _common.next_pow2(n) <= _FWD_MAX_FUSED
     block_m, block_n = _whole_row_tile(n) if whole_row else (1, _CHUNK)
-    eps_hi, eps_lo = _split_eps(eps)
+    eps_hi, eps_lo = _common.split_fp32(eps)  # fp64 needs all of eps's digits
     args = (x, y, x if weight is None else weight, x if bias is None else bias, mean, rstd,
             m, n, x.stride(0), x.stride(1), eps_hi, eps_lo)
     meta = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACC=_tl_dtype(ct),
                 BLOCK_M=block_m, BLOCK_N=block_n, WHOLE_ROW=whole_row)
-    grid = (triton.cdiv(m, block_m),)
-    if interpreting():
+    grid = (_common.cdiv(m, block_m),)
+    if _common.INTERPRET:
         _fwd_kernel[grid](*args, **meta, num_warps=_warps(block_m * block_n))
     else:
         _fwd_kernel[grid](*args, **meta)
@@ -328,17 +317,17 @@ def backward(g, x, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: bo
     rstd = rstd.to(ct).contiguous()
     acc = _tl_dtype(ct)
 
-    whole_row = triton.next_power_of_2(n) <= _BWD_MAX_FUSED
+    whole_row = _common.next_pow2(n) <= _BWD_MAX_FUSED
     if whole_row:
         block_m, block_n = _whole_row_tile(n)
     else:
         block_m, block_n = _WIDE_BWD_BLOCK_M, _WIDE_BWD_BLOCK_N
     warps = _warps(block_m * block_n)
-    col_blocks = triton.cdiv(n, block_n)
+    col_blocks = _common.cdiv(n, block_n)
     # Enough row groups to fill the GPU together with the column blocks, never more than there
     # are row tiles; every row group writes one [N] partial per needed gradient.
     target = _max_programs(dev, max(1, 32 // warps))
-    row_groups = max(1, min(triton.cdiv(m, block_m), triton.cdiv(target, col_blocks)))
+    row_groups = max(1, min(_common.cdiv(m, block_m), _common.cdiv(target, col_blocks)))
 
     c1 = c2 = rstd  # placeholders, read only when the row statistics are needed
     if need_dx and not whole_row:
@@ -359,9 +348,9 @@ def backward(g, x, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: bo
         BLOCK_M=block_m, BLOCK_N=block_n, WHOLE_ROW=whole_row, num_warps=warps)
     if reduce:
         # Narrow column blocks so that even a narrow row spreads the reduction over many programs.
-        block_n = max(32, min(256, triton.next_power_of_2(triton.cdiv(n, _max_programs(dev, 1)))))
-        block_p = max(1, min(triton.next_power_of_2(row_groups), _TILE // block_n))
-        _layer_norm_bwd_reduce_kernel[(triton.cdiv(n, block_n),)](
+        block_n = max(32, min(256, _common.next_pow2(_common.cdiv(n, _max_programs(dev, 1)))))
+        block_p = max(1, min(_common.next_pow2(row_groups), _TILE // block_n))
+        _layer_norm_bwd_reduce_kernel[(_common.cdiv(n, block_n),)](
             dw_part if need_dw else rstd, db_part if need_db else rstd,
             dw if need_dw else x, db if need_db else x, row_groups, n,
             NEED_DW=need_dw, NEED_DB=need_db, ACC=acc, BLOCK_P=block_p, BLOCK_N=block_n,

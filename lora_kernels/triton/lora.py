@@ -13,14 +13,12 @@ Reductions over M or N that would need atomics go through fp32 partial buffers s
 fixed order, so results are deterministic and autotuning may rerun any kernel safely.
 """
 import functools
-import struct
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backend import interpreting
 from ..reference import compute_dtype, empty_grad
 from . import _common
 
@@ -371,7 +369,7 @@ def _pruner(first_arg, stage_elems, tall, out=None, accumulators=None):
 def _autotuned(kernel, configs, key, prune):
     # The autotuner needs a GPU driver; under the interpreter the plain kernel runs one fixed
     # config, so both paths execute the same kernel body.
-    if interpreting():
+    if _common.INTERPRET:
         return kernel
     return triton.autotune(configs=configs, key=key, prune_configs_by=_common.prune_by(prune))(kernel)
 
@@ -398,13 +396,13 @@ _gb = _autotuned(  # stage: g and u tiles (u in fp32)
 # Under the interpreter: small blocks, so the small test shapes cross tile boundaries, and
 # granules to match, so they also exercise the split reductions.
 _INTERP_BLOCK = 32
-if interpreting():
+if _common.INTERPRET:
     _M_GRANULE = _K_GRANULE = _INTERP_BLOCK
 
 
 def _launch(kernel, grid, args, consts, interp_blocks):
     """Launch ``kernel`` (autotuned on a GPU) on ``grid(meta)``; interp_blocks: the fixed config."""
-    if interpreting():
+    if _common.INTERPRET:
         meta = {**consts, **interp_blocks}
         kernel[grid(meta)](*args, **meta)
     else:
@@ -417,8 +415,8 @@ def _interp_m(m):
 
 def _fp32_halves(value: float, dtype: torch.dtype):
     """Triton passes Python floats as fp32: an fp64 kernel gets value = hi + lo instead."""
-    hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, (value - hi if dtype == torch.float64 else 0.0)
+    hi, lo = _common.split_fp32(value)
+    return hi, (lo if dtype == torch.float64 else 0.0)
 
 
 def _dropout_args(dropout_p: float, seed: int, dtype: torch.dtype):
@@ -432,11 +430,11 @@ def _dropout_args(dropout_p: float, seed: int, dtype: torch.dtype):
 
 
 def _rank_block(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, _common.next_pow2(r))
 
 
 def _m_bucket(m: int) -> int:
-    return min(triton.next_power_of_2(max(m, 1)), 1 << 16)
+    return min(_common.next_pow2(max(m, 1)), 1 << 16)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -506,7 +504,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         rank_chunks = -(-r // block_r)
         k_chunk, S = _split(K, _K_GRANULE, -(-M // 64) * rank_chunks, _target_programs(x.device))
         parts = _common.empty((S, M, r), ct, x.device)
-        _launch(_down, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), rank_chunks, S),
+        _launch(_down, lambda meta: (_common.cdiv(M, meta["BLOCK_M"]), rank_chunks, S),
                 (x, lora_A, parts, M, K, r, K4, k_chunk, bucket, x.stride(0), x.stride(1),
                  lora_A.stride(0), lora_A.stride(1), parts.stride(0), parts.stride(1),
                  drop_hi, drop_lo, seed, threshold),
@@ -516,7 +514,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     if N == 0:
         return y, (u if S == 1 else parts.sum(0))
 
-    _launch(_fwd, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+    _launch(_fwd, lambda meta: (_common.cdiv(M, meta["BLOCK_M"]) * _common.cdiv(N, meta["BLOCK_N"]),),
             (x, weight, bias if bias is not None else y, lora_A, lora_B, parts, u, y,
              M, N, K, r, K4, S, bucket, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
              bias.stride(0) if bias is not None else 0, lora_A.stride(0), lora_A.stride(1),
@@ -551,11 +549,11 @@ def backward(g, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
     rank_chunks = -(-r // block_r)
 
     # 1. one pass over g: v = s·gB (partial per column tile) and dB = s·gᵀu (partial per row chunk)
-    if interpreting():
+    if _common.INTERPRET:
         block_n = _INTERP_BLOCK
     else:
         block_n = {2: 256 if block_r <= 32 else 128, 4: 64, 8: 32}[g.element_size()]
-    block_n = min(block_n, max(16, triton.next_power_of_2(N)))
+    block_n = min(block_n, max(16, _common.next_pow2(N)))
     col_tiles = -(-N // block_n)
     m_chunk, S = _split(M, _M_GRANULE, col_tiles * rank_chunks, target)
     v_parts = _common.empty((col_tiles, M, r), ct, x.device)
@@ -572,7 +570,7 @@ def backward(g, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
     # 2. dA = vᵀ drop(x), partial per row chunk
     m_chunk, S = _split(M, _M_GRANULE, -(-K // 128) * rank_chunks, target)
     da_parts = _common.empty((S, r, K), ct, x.device)
-    _launch(_da, lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), rank_chunks, S),
+    _launch(_da, lambda meta: (_common.cdiv(K, meta["BLOCK_K"]), rank_chunks, S),
             (x, v, da_parts, M, K, r, K4, m_chunk, bucket, x.stride(0), x.stride(1), v.stride(0), v.stride(1),
              da_parts.stride(0), da_parts.stride(1), drop_hi, drop_lo, seed, threshold),
             dict(HAS_DROPOUT=has_dropout, WIDE=wide, BLOCK_R=block_r, **common),
@@ -583,7 +581,7 @@ def backward(g, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
     dx = empty_grad(x)
     if need_dx:
         dx = _common.empty((M, K), x.dtype, x.device)
-        _launch(_dx, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),),
+        _launch(_dx, lambda meta: (_common.cdiv(M, meta["BLOCK_M"]) * _common.cdiv(K, meta["BLOCK_K"]),),
                 (g, weight, v, lora_A, dx, M, N, K, r, K4, bucket, g.stride(0), g.stride(1),
                  weight.stride(0), weight.stride(1), v.stride(0), v.stride(1), lora_A.stride(0), lora_A.stride(1),
                  drop_hi, drop_lo, seed, threshold),
