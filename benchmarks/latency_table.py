@@ -34,7 +34,10 @@ overhead "+x.x%" against "No adaptation" measured in the same run. Variants are 
 interleaved (one pass of each variant per round, rotating order) after warm-up, so slow
 drifts of the machine hit every variant alike: trust the ratios more than absolute times.
 
-On a GPU the defaults are the paper's sizes in fp16 (timed with CUDA events). On a CPU they
+On a GPU the defaults are the paper's sizes in fp16 (timed with CUDA events), and every variant
+is timed a second time replayed as a captured CUDA graph (``--no-cuda-graphs``: not): at small
+batch the eager forward is bound by the CPU (Python, dispatch, launches), the graph replay
+is the GPU time alone. On a CPU they
 are shrunk so the run takes a few minutes: GPT-2 medium width (d=1024, 16 heads) but 4 of
 the 24 layers, settings 4×128, 2×64, 1×32, fp32; the output says what was shrunk.
 
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import datetime as _dt
 import importlib
 import importlib.util
@@ -120,6 +124,7 @@ class Config:
     time_budget: float
     out_dir: str
     quick: bool = False
+    cuda_graphs: bool = False
     shrunk: list = field(default_factory=list)
 
     @property
@@ -165,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
     p.add_argument("--quick", action="store_true", help="tiny model and settings (smoke test, seconds)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time each variant replayed as a captured CUDA graph: its GPU time without "
+                        "Python and launch costs (default: on for CUDA devices; CUDA only)")
     return p
 
 
@@ -190,7 +198,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
                  bottleneck=pick("bottleneck"), rank=rank,
                  alpha=float(args.alpha if args.alpha is not None else 2 * rank),
                  seed=args.seed, time_budget=float(pick("time_budget")), out_dir=args.out_dir,
-                 quick=args.quick)
+                 quick=args.quick,
+                 cuda_graphs=(torch.device(device).type == "cuda") if args.cuda_graphs is None else args.cuda_graphs)
     validate_config(cfg)
     cfg.shrunk = differences_from_paper(cfg)
     return cfg
@@ -204,6 +213,8 @@ def validate_config(cfg: Config) -> None:
         raise SystemExit(f"--time-budget must be >= 0 (0 = none), got {cfg.time_budget}")
     if cfg.warmup < 0:
         raise SystemExit(f"--warmup must be >= 0, got {cfg.warmup}")
+    if cfg.cuda_graphs and torch.device(cfg.device).type != "cuda":
+        raise SystemExit(f"--cuda-graphs needs a CUDA device, got --device {cfg.device}")
     if cfg.n_embd % cfg.n_head:
         raise SystemExit(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
     longest = max(seq for _, seq in cfg.settings)
@@ -397,42 +408,76 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward(model: nn.Module, input_ids: torch.Tensor) -> float:
-    """Milliseconds of one forward pass (CUDA events on GPU, perf_counter on CPU)."""
-    device = input_ids.device
+def time_forward(forward, device: torch.device) -> float:
+    """Milliseconds of one call of ``forward()`` (CUDA events on GPU, perf_counter on CPU)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        model(input_ids, use_cache=False)
+        forward()
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end)
     t0 = time.perf_counter()
-    model(input_ids, use_cache=False)
+    forward()
     return (time.perf_counter() - t0) * 1e3
 
 
-def run_rounds(variants: dict, input_ids: torch.Tensor, rounds: int, samples: dict | None,
+def eager_forwards(variants: dict, input_ids: torch.Tensor) -> dict:
+    """name -> a zero-argument call of that variant's forward on ``input_ids``."""
+    return {name: functools.partial(model, input_ids, use_cache=False) for name, model in variants.items()}
+
+
+def run_rounds(forwards: dict, device: torch.device, rounds: int, samples: dict | None,
                deadline: float = math.inf, min_rounds: int = 0) -> int:
-    """``rounds`` rounds of one forward per variant, rotating the order each round.
+    """``rounds`` rounds of one call of each of ``forwards`` (name -> zero-argument callable),
+    rotating the order each round.
 
     With ``samples`` (name -> list), the times are appended to it; without, it is warm-up.
     Past ``deadline`` (a perf_counter value) it stops early, after at least ``min_rounds``.
     Returns the number of rounds run.
     """
-    names = list(variants)
+    names = list(forwards)
     with torch.inference_mode():
-        _synchronize(input_ids.device)
+        _synchronize(device)
         done = 0
         for i in range(rounds):
             if i >= min_rounds and time.perf_counter() > deadline:
                 break
             for name in names[i % len(names):] + names[:i % len(names)]:
-                ms = time_forward(variants[name], input_ids)
+                ms = time_forward(forwards[name], device)
                 if samples is not None:
                     samples[name].append(ms)
             done += 1
     return done
+
+
+def capture_forward(model: nn.Module, input_ids: torch.Tensor):
+    """``model(input_ids)`` captured as a CUDA graph. A replay reruns the same kernels on the
+    same buffers with no Python, dispatch or launch cost: its time is the forward's GPU time.
+    Autotuning must be done before (the warm-up rounds do it): a capture cannot benchmark."""
+    device = input_ids.device
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # lazy set-up (cuBLAS handles, workspaces) outside the capture
+        model(input_ids, use_cache=False)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(input_ids, use_cache=False)
+    return graph
+
+
+def capture_all(variants: dict, input_ids: torch.Tensor) -> tuple:
+    """(name -> graph replay, name -> why its capture failed): a variant that cannot be
+    captured is reported, never timed some other way under the graphs heading."""
+    replays, failed = {}, {}
+    with torch.inference_mode():
+        for name, model in variants.items():
+            try:
+                replays[name] = capture_forward(model, input_ids).replay
+            except Exception as err:  # noqa: BLE001  (any failure: report it and go on)
+                failed[name] = (f"{type(err).__name__}: {err}".splitlines() or ["?"])[0][:300]
+    return replays, failed
 
 
 def paired_overhead_pct(times: list, base_times: list) -> float:
@@ -451,29 +496,41 @@ def summarize(times: list) -> dict:
             "samples_ms": [round(t, 4) for t in times]}
 
 
-def measure_setting(variants: dict, cfg: Config, setting, progress=None, seconds: float = math.inf) -> dict:
+def measure_setting(variants: dict, cfg: Config, setting, progress=None, seconds: float = math.inf,
+                    graphs: bool = False) -> dict:
     """Warm up, then time all variants interleaved at one (batch, seq); returns name -> stats.
 
     ``seconds`` bounds the whole setting: warm-up gets its pro-rata part of it (at least one
-    round), timed rounds stop when it is spent and MIN_ROUNDS are done.
+    round), timed rounds stop when it is spent and MIN_ROUNDS are done. With ``graphs``, the
+    warm-up runs eagerly, then each variant is captured as a CUDA graph and the replays are
+    timed; variants whose capture failed get {"capture_failed": reason} instead of times.
     """
     batch, seq = setting
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * batch + seq)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen).to(cfg.device)
+    device = ids.device
+    forwards = eager_forwards(variants, ids)
     t0 = time.perf_counter()
     warm_seconds = seconds * cfg.warmup / (cfg.warmup + cfg.repeats) if cfg.warmup else 0.0
-    warm = run_rounds(variants, ids, cfg.warmup, None, t0 + warm_seconds, min_rounds=min(1, cfg.warmup))
+    warm = run_rounds(forwards, device, cfg.warmup, None, t0 + warm_seconds, min_rounds=min(1, cfg.warmup))
     if progress is not None:
         progress.warmed_up(time.perf_counter() - t0, warm, cfg)
-    samples = {name: [] for name in variants}
-    run_rounds(variants, ids, cfg.repeats, samples, t0 + seconds, min_rounds=MIN_ROUNDS)
+    failed = {}
+    if graphs:
+        forwards, failed = capture_all(variants, ids)
+        if BASE in failed:
+            raise RuntimeError(f"CUDA graph capture of {BASE!r} failed: {failed[BASE]}")
+    samples = {name: [] for name in forwards}
+    run_rounds(forwards, device, cfg.repeats, samples, t0 + seconds, min_rounds=MIN_ROUNDS)
+    del forwards  # the graphs, and the memory pools they hold
     stats = {name: summarize(times) for name, times in samples.items()}
     base = stats[BASE]["mean_ms"]
     for name, s in stats.items():
         s["overhead_pct"] = 0.0 if name == BASE else (s["mean_ms"] / base - 1.0) * 100.0
         s["overhead_paired_median_pct"] = (0.0 if name == BASE else
                                            paired_overhead_pct(samples[name], samples[BASE]))
-    return stats
+    stats.update({name: {"capture_failed": reason} for name, reason in failed.items()})
+    return {name: stats[name] for name in variants}
 
 
 class Progress:
@@ -483,15 +540,15 @@ class Progress:
     dominates at tiny batches, then linear in tokens), scaled by the time measured so far.
     """
 
-    def __init__(self, cfg: Config):
-        self.start = time.perf_counter()
+    def __init__(self, cfg: Config, phase: str = "eager"):
+        self.start, self.phase = time.perf_counter(), phase
         self.total_cells = len(cfg.settings) * len(VARIANTS)
         self.done_cells = 0
         self.work = [64.0 + b * s for b, s in cfg.settings]
         self.done_work = 0.0
 
     def setting_started(self, index: int, setting, cfg: Config) -> None:
-        print(f"[{self._elapsed()}] setting {index + 1}/{len(cfg.settings)} {setting_label(setting)}: "
+        print(f"[{self._elapsed()}] {self.phase}: setting {index + 1}/{len(cfg.settings)} {setting_label(setting)}: "
               f"{cfg.warmup} warm-up + {cfg.repeats} timed rounds of {len(VARIANTS)} variants", flush=True)
 
     def warmed_up(self, seconds: float, rounds: int, cfg: Config) -> None:
@@ -507,8 +564,9 @@ class Progress:
                   f"{n} of {cfg.repeats} timed rounds", flush=True)
         for name, s in stats.items():
             self.done_cells += 1
+            cell = f"{format_cell(s)}  (N={s['n']})" if "n" in s else f"capture failed: {s['capture_failed']}"
             print(f"[{self._elapsed()}] cell {self.done_cells:2d}/{self.total_cells} {setting_label(setting):>8} "
-                  f"{name:<21} {format_cell(s)}  (N={s['n']})", flush=True)
+                  f"{name:<21} {cell}", flush=True)
         print(f"[{self._elapsed()}] {setting_label(setting)} done{self._eta_text()}", flush=True)
 
     def _elapsed(self) -> str:
@@ -522,29 +580,46 @@ class Progress:
         return f", ETA {rate * remaining_work:.0f}s"
 
 
-def setting_seconds(cfg: Config, progress: "Progress", index: int, start: float) -> float:
-    """Seconds setting ``index`` may take so the whole run keeps to --time-budget.
+def setting_seconds(budget: float, progress: "Progress", index: int, start: float) -> float:
+    """Seconds setting ``index`` may take so the whole phase keeps to ``budget`` (0: none).
 
     What is left of the budget is shared among the remaining settings in proportion to
     their estimated work.
     """
-    if not cfg.time_budget:
+    if not budget:
         return math.inf
-    left = cfg.time_budget - (time.perf_counter() - start)
+    left = budget - (time.perf_counter() - start)
     return max(left, 0.0) * progress.work[index] / sum(progress.work[index:])
 
 
-def measure_all(variants: dict, cfg: Config) -> dict:
-    """label -> variant name -> stats, for every (batch, seq) setting, with progress lines."""
-    progress = Progress(cfg)
+# Share of --time-budget the eager phase gets when CUDA graphs are timed too (a replay costs at
+# most what the eager forward does, far less at batch 1).
+EAGER_SHARE = 0.6
+
+
+def measure_all(variants: dict, cfg: Config, graphs: bool = False, budget: float | None = None) -> dict:
+    """label -> variant name -> stats, for every (batch, seq) setting, with progress lines;
+    ``graphs``: the CUDA-graph replays instead of eager forwards."""
+    progress = Progress(cfg, "CUDA graphs" if graphs else "eager")
+    budget = cfg.time_budget if budget is None else budget
     start = time.perf_counter()
     results = {}
     for index, setting in enumerate(cfg.settings):
         progress.setting_started(index, setting, cfg)
-        seconds = setting_seconds(cfg, progress, index, start)
-        results[setting_label(setting)] = measure_setting(variants, cfg, setting, progress, seconds)
+        seconds = setting_seconds(budget, progress, index, start)
+        results[setting_label(setting)] = measure_setting(variants, cfg, setting, progress, seconds, graphs)
         progress.setting_done(index, setting, results[setting_label(setting)], cfg)
     return results
+
+
+def measure_graphs(variants: dict, cfg: Config, budget: float) -> tuple:
+    """(results, None) of the CUDA-graph phase, or (None, why) when it could not run: a failure
+    there must not cost the eager table already measured."""
+    try:
+        return measure_all(variants, cfg, graphs=True, budget=budget), None
+    except Exception as err:  # noqa: BLE001
+        print(f"CUDA graphs phase failed, eager results kept: {type(err).__name__}: {err}", flush=True)
+        return None, f"{type(err).__name__}: {err}"
 
 
 # ----------------------------------------------------------------------------- environment
@@ -631,6 +706,8 @@ def environment(cfg: Config) -> dict:
 # ----------------------------------------------------------------------------- reporting
 
 def format_cell(stats: dict) -> str:
+    if "capture_failed" in stats:
+        return "capture failed"
     return f"{stats['mean_ms']:.1f} ± {stats['std_ms']:.1f} ms ({stats['overhead_pct']:+.1f}%)"
 
 
@@ -659,9 +736,35 @@ def paired_overhead_table(results: dict) -> str:
     lines = ["| Variant | " + " | ".join(label.replace("x", "×") for label in labels) + " |",
              "|---|" + "---:|" * len(labels)]
     for name in VARIANTS[1:]:
-        cells = [f"{results[label][name]['overhead_paired_median_pct']:+.1f}%" for label in labels]
+        cells = [f"{results[label][name]['overhead_paired_median_pct']:+.1f}%"
+                 if "n" in results[label][name] else "capture failed" for label in labels]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def graphs_report(cfg: Config, graphs: dict | None, error: str | None, params: dict) -> dict:
+    """The CUDA-graph part of the report: its rows, tables and any failure, or why it was not run."""
+    if not cfg.cuda_graphs:
+        return {"timed": False, "why": "not requested" if torch.device(cfg.device).type == "cuda" else "CPU run"}
+    if graphs is None:
+        return {"timed": False, "error": error}
+    failed = {name: s["capture_failed"] for per in graphs.values() for name, s in per.items() if "capture_failed" in s}
+    return {"timed": True, "results": rows_for_json(graphs), "table": markdown_table(graphs, params),
+            "paired_table": paired_overhead_table(graphs), "capture_failed": failed}
+
+
+def graphs_section(part: dict) -> list:
+    """Markdown lines for the CUDA-graph tables (or why there are none)."""
+    if not part.get("timed"):
+        reason = part.get("error") or part.get("why")
+        return [f"CUDA graphs: not timed ({reason}).", ""]
+    failed = [f"- {name}: capture failed: {why}" for name, why in part["capture_failed"].items()]
+    return ["## Replayed as CUDA graphs", "",
+            "Each variant's forward captured once per setting, after the eager warm-up, then replayed "
+            "and timed the same way: the GPU time alone, without Python, dispatch and launch costs "
+            "(what a server replaying graphs, or torch.compile(mode=\"reduce-overhead\"), would see).",
+            "", part["table"], "", "Overhead, median of per-round ratios:", "", part["paired_table"], "",
+            *failed, *([""] if failed else [])]
 
 
 def paper_table() -> str:
@@ -714,6 +817,7 @@ def markdown_report(report: dict) -> str:
         "",
         report["paired_table"],
         "",
+        *graphs_section(report["cuda_graphs"]),
         "Paper (Hu et al. 2021, Table 1; GPT-2 medium, Quadro RTX8000, 100 trials; Adapter^L = Lin et al., "
         "one adapter per block):",
         "",
@@ -747,19 +851,24 @@ def plot_overheads(report: dict, path: Path) -> bool:
         print("matplotlib is not installed: no plot (pip install matplotlib)", flush=True)
         return False
     settings = report["config"]["settings"]
-    cell = {(r["variant"], r["setting"]): r["overhead_paired_median_pct"] for r in report["results"]}
+    panels = [("eager", report["results"])]
+    if report.get("cuda_graphs", {}).get("timed"):
+        panels.append(("CUDA graphs", report["cuda_graphs"]["results"]))
     names = [v for v in VARIANTS if v != BASE]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(names), 4.2))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(1.6 + 1.1 * len(names), 4.2 * len(panels)), squeeze=False)
     width = 0.8 / len(settings)
-    for i, setting in enumerate(settings):
-        xs = [j + (i - (len(settings) - 1) / 2) * width for j in range(len(names))]
-        ax.bar(xs, [cell[(v, setting)] for v in names], width, label=setting.replace("x", "×"))
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(names)), [n.replace(", ", "\n") for n in names], fontsize=8)
-    ax.set_ylabel("latency over no adaptation (%)")
     env = report["environment"]
-    ax.set_title(f"GPT-2 forward, {report['config']['dtype']}, {env['device']['name']} ({env['date']})", fontsize=9)
-    ax.legend(title="batch × seq", fontsize=8)
+    for ax, (mode, rows) in zip(axes[:, 0], panels):
+        cell = {(r["variant"], r["setting"]): r.get("overhead_paired_median_pct", math.nan) for r in rows}
+        for i, setting in enumerate(settings):
+            xs = [j + (i - (len(settings) - 1) / 2) * width for j in range(len(names))]
+            ax.bar(xs, [cell[(v, setting)] for v in names], width, label=setting.replace("x", "×"))
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(names)), [n.replace(", ", "\n") for n in names], fontsize=8)
+        ax.set_ylabel("latency over no adaptation (%)")
+        ax.set_title(f"GPT-2 forward ({mode}), {report['config']['dtype']}, {env['device']['name']} "
+                     f"({env['date']})", fontsize=9)
+        ax.legend(title="batch × seq", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -793,17 +902,27 @@ def main(argv=None) -> dict:
     correctness = check_variants(variants, cfg)
     print(f"correctness: merged vs unmerged LoRA relative difference {correctness['merged_vs_unmerged']:.2e} "
           f"(<= {correctness['tolerance']:.0e}); adapted variants differ from the base", flush=True)
-    results = measure_all(variants, cfg)
+    t_measure = time.perf_counter()
+    results = measure_all(variants, cfg, budget=cfg.time_budget * (EAGER_SHARE if cfg.cuda_graphs else 1.0))
+    graphs = graph_error = None
+    if cfg.cuda_graphs:
+        left = max(cfg.time_budget - (time.perf_counter() - t_measure), 1.0) if cfg.time_budget else 0.0
+        graphs, graph_error = measure_graphs(variants, cfg, left)
     table = markdown_table(results, params)
     report = {"benchmark": "LoRA paper Table 1: GPT-2 forward latency with adapters / LoRA",
               "config": {**asdict(cfg), "settings": [setting_label(s) for s in cfg.settings]},
               "model": model_description(cfg), "environment": {**environment(cfg), "load_average_start": load_start},
               "params": params, "correctness": correctness, "results": rows_for_json(results),
               "table": table, "paired_table": paired_overhead_table(results), "paper_table1_ms": PAPER_TABLE1,
+              "cuda_graphs": graphs_report(cfg, graphs, graph_error, params),
               "total_seconds": time.perf_counter() - t0}
     report["paths"] = write_results(report, cfg.out_dir)
     print("\n" + table + "\n", flush=True)
     print("overhead, median of per-round ratios:\n" + report["paired_table"] + "\n", flush=True)
+    if report["cuda_graphs"].get("table"):
+        print("replayed as CUDA graphs (GPU time only):\n" + report["cuda_graphs"]["table"] + "\n", flush=True)
+    elif report["cuda_graphs"].get("error"):
+        print(f"CUDA graphs: {report['cuda_graphs']['error']}\n", flush=True)
     print(f"wrote {report['paths']['markdown']} and {report['paths']['json']} "
           f"({report['total_seconds']:.1f} s)", flush=True)
     return report

@@ -97,3 +97,40 @@ def test_lora_merged_equals_unmerged_and_adaptations_are_not_noops():
     assert not torch.equal(base_w, merged.weight)
     diffs = lt.check_variants(variants, cfg)
     assert diffs["merged_vs_unmerged"] <= diffs["tolerance"]
+
+
+def test_cuda_graphs_part_of_a_cpu_run(quick_run):
+    report, _ = quick_run
+    assert report["config"]["cuda_graphs"] is False
+    assert report["cuda_graphs"] == {"timed": False, "why": "CPU run"}
+    assert "CUDA graphs: not timed (CPU run)." in Path(report["paths"]["markdown"]).read_text()
+
+
+def test_cuda_graphs_on_cpu_is_refused():
+    with pytest.raises(SystemExit, match="--cuda-graphs needs a CUDA device"):
+        lt.resolve_config(lt.build_parser().parse_args(["--quick", "--device", "cpu", "--cuda-graphs"]))
+
+
+def test_failed_capture_is_reported_not_timed(tmp_path):
+    """A variant whose graph capture fails shows "capture failed" with the reason, in the
+    tables, the markdown and the plot, and is never timed under the graphs heading."""
+    cfg = lt.resolve_config(lt.build_parser().parse_args(["--quick", "--device", "cpu"]))
+    variants = lt.build_variants(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 4))
+    replays, failed = lt.capture_all({lt.HOULSBY: variants[lt.HOULSBY]}, ids)  # no CUDA here: capture fails
+    assert replays == {} and failed[lt.HOULSBY]
+    stats = {name: lt.summarize([1.0, 1.1, 1.2]) for name in lt.VARIANTS}
+    for s in stats.values():
+        s.update(overhead_pct=0.0, overhead_paired_median_pct=0.0)
+    stats[lt.HOULSBY] = {"capture_failed": failed[lt.HOULSBY]}
+    cfg.cuda_graphs = True
+    params = {name: 0 for name in lt.VARIANTS}
+    part = lt.graphs_report(cfg, {"1x4": stats}, None, params)
+    assert part["capture_failed"] == {lt.HOULSBY: failed[lt.HOULSBY]}
+    row = next(line for line in part["table"].splitlines() if line.startswith(f"| {lt.HOULSBY} |"))
+    assert row.endswith("| capture failed |")
+    assert f"- {lt.HOULSBY}: capture failed: {failed[lt.HOULSBY]}" in lt.graphs_section(part)
+    report = {"config": {"settings": ["1x4"], "dtype": "float32"}, "results": part["results"], "cuda_graphs": part,
+              "environment": {"device": {"name": "cpu"}, "date": "today"}}
+    if lt.plot_overheads(report, tmp_path / "plot.png"):
+        assert (tmp_path / "plot.png").stat().st_size > 0
