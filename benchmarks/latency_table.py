@@ -22,8 +22,9 @@ surgery) on a randomly initialised ``GPT2Model`` (no download, no LM head):
   LN-tuning              every LayerNorm replaced by lk.FusedLayerNorm (lk.ln_tuning)
 
 "fused" rows run the backend ``auto`` picks (Triton on a GPU; on a CPU that is the PyTorch
-reference, so fused and eager coincide there); "eager" rows run the same model on the
-``torch`` backend: the plain PyTorch sequence of ops that PEFT-style code runs.
+reference, in fp32 like the model there); "eager" rows run the same parameters through the
+plain PyTorch ops PEFT-style code runs, in the model's dtype: F.linear for LoRA's A and B,
+F.linear + F.gelu for adapters, F.layer_norm.
 
 LoRA B and the adapters' up-projections get small random values (not their zero init), so
 the extra work is real, merged weights include the update, and a correctness check (merged
@@ -66,6 +67,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("lora_kernels") is None:  # run from a checkout without `pip install -e .`
@@ -80,7 +82,7 @@ HOULSBY_EAGER, HOULSBY = "Adapter^H, eager", "Adapter^H, fused"
 ADAPTER_L_EAGER, ADAPTER_L = "Adapter^L, eager", "Adapter^L, fused"
 LN_TUNING = "LN-tuning, fused"
 VARIANTS = (BASE, MERGED, UNMERGED_EAGER, UNMERGED, HOULSBY_EAGER, HOULSBY, ADAPTER_L_EAGER, ADAPTER_L, LN_TUNING)
-# eager row -> the fused row whose model it runs on the PyTorch reference backend
+# eager row -> the fused row whose weights it runs through plain PyTorch (eager_twin)
 EAGER_OF = {UNMERGED_EAGER: UNMERGED, HOULSBY_EAGER: HOULSBY, ADAPTER_L_EAGER: ADAPTER_L}
 
 # GPT-2 medium, as in the paper (huggingface.co/gpt2-medium config.json), embedded: no download.
@@ -304,16 +306,62 @@ def _adapter_variant(base: nn.Module, cfg: Config, placement: str) -> nn.Module:
     return model.eval()
 
 
-class OnBackend(nn.Module):
-    """Runs ``model`` with lora_kernels backend ``name`` (the eager rows: same weights)."""
+# The eager rows: the same parameters through the plain PyTorch ops that PEFT-style code runs,
+# in the model's dtype. (Not lora_kernels' torch backend: that is the correctness reference,
+# which computes in fp32 and spells GELU out, so it would flatter the fused rows on a GPU.)
 
-    def __init__(self, model: nn.Module, name: str):
+class EagerLoRA(nn.Module):
+    """PEFT's LoRA forward: base(x) + B(A(x))·scaling (dropout is off in eval)."""
+
+    def __init__(self, lora: lk.LoRALinear):
         super().__init__()
-        self.model, self.name = model, name
+        self.lora = lora
 
-    def forward(self, *args, **kwargs):
-        with lk.use_backend(self.name):
-            return self.model(*args, **kwargs)
+    def forward(self, x):
+        m = self.lora
+        return F.linear(x, m.base_weight(), m.bias) + F.linear(F.linear(x, m.lora_A), m.lora_B) * m.scaling
+
+
+class EagerAdapter(nn.Module):
+    """x + up(act(down(x))), times the adapter's scale when it is not 1."""
+
+    ACT = {"gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu, "silu": F.silu}
+
+    def __init__(self, adapter: lk.BottleneckAdapter):
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, x):
+        a = self.adapter
+        z = F.linear(self.ACT[a.activation](F.linear(x, a.down.weight, a.down.bias)), a.up.weight, a.up.bias)
+        return x + z if a.scale == 1.0 else x + a.scale * z
+
+
+class EagerLayerNorm(nn.Module):
+    def __init__(self, norm: lk.FusedLayerNorm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        n = self.norm
+        return F.layer_norm(x, n.normalized_shape, n.weight, n.bias, n.eps)
+
+
+EAGER_MODULES = {lk.LoRALinear: EagerLoRA, lk.BottleneckAdapter: EagerAdapter, lk.FusedLayerNorm: EagerLayerNorm}
+
+
+def eager_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` sharing its parameters, with every lora_kernels module run eagerly."""
+    twin = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+
+    def swap(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if type(child) in EAGER_MODULES:
+                setattr(parent, name, EAGER_MODULES[type(child)](child))
+            else:
+                swap(child)
+    swap(twin)
+    return twin.eval()
 
 
 def _ln_tuning_variant(base: nn.Module) -> nn.Module:
@@ -338,7 +386,7 @@ def build_variants(cfg: Config) -> dict:
     variants[ADAPTER_L] = _adapter_variant(base, cfg, "lin")
     variants[LN_TUNING] = _ln_tuning_variant(base)
     for eager, fused in EAGER_OF.items():
-        variants[eager] = OnBackend(variants[fused], "torch")
+        variants[eager] = eager_twin(variants[fused])
     return {name: variants[name] for name in VARIANTS}
 
 

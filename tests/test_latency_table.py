@@ -134,3 +134,24 @@ def test_failed_capture_is_reported_not_timed(tmp_path):
               "environment": {"device": {"name": "cpu"}, "date": "today"}}
     if lt.plot_overheads(report, tmp_path / "plot.png"):
         assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_eager_rows_share_the_fused_weights_and_run_plain_pytorch():
+    """Each eager row holds its fused row's very parameters, and every lora_kernels module in it
+    sits inside an eager wrapper (so the plain ops run, not a lora_kernels op)."""
+    cfg = lt.resolve_config(lt.build_parser().parse_args(["--quick", "--device", "cpu"]))
+    variants = lt.build_variants(cfg)
+    for eager, fused in lt.EAGER_OF.items():
+        fused_params = {id(p) for p in variants[fused].parameters()}
+        assert {id(p) for p in variants[eager].parameters()} == fused_params, eager
+        wrapped, lk_modules = set(), set()
+        for module in variants[eager].modules():
+            if isinstance(module, tuple(lt.EAGER_MODULES.values())):
+                wrapped.update(id(m) for m in module.children())
+            if type(module) in lt.EAGER_MODULES:
+                lk_modules.add(id(module))
+        assert lk_modules and lk_modules <= wrapped, eager
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    out = lt.last_hidden_states(variants, ids)
+    for eager, fused in lt.EAGER_OF.items():
+        torch.testing.assert_close(out[eager], out[fused], rtol=1e-4, atol=1e-5)
