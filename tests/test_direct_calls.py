@@ -31,10 +31,17 @@ def _infonce():
     return lk.infonce, [randn(9, 16), randn(9, 16), torch.tensor(3.0, dtype=torch.float64, device=DEVICE)], {}
 
 
+def _infonce_rows():  # one rank's block of the distributed loss
+    scale = torch.tensor(3.0, dtype=torch.float64, device=DEVICE)
+    return infonce_op.infonce_rows, [randn(4, 16), randn(9, 16), scale], {"offset": 3}
+
+
 # op -> (the case, the module, the name of its forward custom op)
 OPS = {"lora_linear": (_lora, lora_op, "lora_linear_fwd"), "adapter": (_adapter, adapter_op, "adapter_fwd"),
-       "layer_norm": (_layer_norm, layer_norm_op, "layer_norm_fwd"), "infonce": (_infonce, infonce_op, "infonce_fwd")}
-PARAMS = [(name, b) for name, (_, module, _) in OPS.items() for b in backends_for(module.IMPLS)]
+       "layer_norm": (_layer_norm, layer_norm_op, "layer_norm_fwd"), "infonce": (_infonce, infonce_op, "infonce_fwd"),
+       "infonce_rows": (_infonce_rows, infonce_op, "infonce_rows_fwd")}
+IMPLS_OF = {"infonce_rows": infonce_op.ROWS_IMPLS}
+PARAMS = [(name, b) for name, (_, module, _) in OPS.items() for b in backends_for(IMPLS_OF.get(name, module.IMPLS))]
 
 
 def _forbid_custom_op(monkeypatch, module, name):

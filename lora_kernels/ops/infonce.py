@@ -107,11 +107,14 @@ ROWS_IMPLS = {"torch": backend.Impl(ref.rows_forward, ref.rows_backward)}
 ROWS_IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.infonce", prefix="rows_")
 
 
+def _rows_forward(queries, keys, logit_scale, offset, normalize):
+    return backend.select("infonce", ROWS_IMPLS, queries).forward(queries, keys, logit_scale, offset, normalize)
+
+
 @torch.library.custom_op("lora_kernels::infonce_rows_fwd", mutates_args=())
 def infonce_rows_fwd(queries: Tensor, keys: Tensor, logit_scale: Tensor, offset: int,
                      normalize: bool) -> tuple[Tensor, Tensor]:
-    impl = backend.select("infonce", ROWS_IMPLS, queries)
-    return impl.forward(queries, keys, logit_scale, offset, normalize)
+    return _rows_forward(queries, keys, logit_scale, offset, normalize)
 
 
 @infonce_rows_fwd.register_fake
@@ -120,13 +123,17 @@ def _(queries, keys, logit_scale, offset, normalize):
     return queries.new_empty((), dtype=ct), queries.new_empty(queries.shape[0], dtype=ct)
 
 
+def _rows_backward_impl(gpart, queries, keys, logit_scale, lse, offset, normalize, need_dq, need_dk, need_dc):
+    impl = backend.select("infonce", ROWS_IMPLS, queries)
+    return impl.backward(gpart, queries, keys, logit_scale, lse, offset, normalize, need_dq, need_dk, need_dc)
+
+
 @torch.library.custom_op("lora_kernels::infonce_rows_bwd", mutates_args=())
 def infonce_rows_bwd(gpart: Tensor, queries: Tensor, keys: Tensor, logit_scale: Tensor, lse: Tensor,
                      offset: int, normalize: bool, need_dqueries: bool, need_dkeys: bool,
                      need_dscale: bool) -> tuple[Tensor, Tensor, Tensor]:
-    impl = backend.select("infonce", ROWS_IMPLS, queries)
-    return impl.backward(gpart, queries, keys, logit_scale, lse, offset, normalize,
-                         need_dqueries, need_dkeys, need_dscale)
+    return _rows_backward_impl(gpart, queries, keys, logit_scale, lse, offset, normalize,
+                               need_dqueries, need_dkeys, need_dscale)
 
 
 @infonce_rows_bwd.register_fake
@@ -145,12 +152,13 @@ def _rows_setup(ctx, inputs, output):
 def _rows_backward(ctx, gpart, _glse):
     queries, keys, logit_scale, lse = ctx.saved_tensors
     need = [check.needs(ctx, i) for i in (0, 1, 2)]
-    with backend.pinned(ctx.backend):
-        grads = infonce_rows_bwd(gpart, queries, keys, logit_scale, lse, ctx.offset, ctx.normalize, *need)
+    args = (gpart, queries, keys, logit_scale, lse, ctx.offset, ctx.normalize, *need)
+    grads = _direct.backward(ctx, infonce_rows_bwd, _rows_backward_impl, args, n_tensors=5)
     return (*(check.grad_or_none(gr, n) for gr, n in zip(grads, need)), None, None)
 
 
 infonce_rows_fwd.register_autograd(_rows_backward, setup_context=_rows_setup)
+_ROWS_FUNCTION = _direct.autograd_function("InfoNCERowsFunction", _rows_forward, _rows_setup, _rows_backward)
 
 
 def infonce_rows(queries, keys, logit_scale, offset, normalize=False):
@@ -169,5 +177,6 @@ def infonce_rows(queries, keys, logit_scale, offset, normalize=False):
         raise ValueError(f"offset must be in [0, n − m] = [0, {keys.shape[0] - queries.shape[0]}] so that "
                          f"every query row has its positive key, got {offset}")
     logit_scale = _scale_tensor(logit_scale, queries)
-    part, _ = infonce_rows_fwd(queries, keys, logit_scale, offset, bool(normalize))
+    args = (queries, keys, logit_scale, offset, bool(normalize))
+    part, _ = _direct.run(infonce_rows_fwd, _rows_forward, _ROWS_FUNCTION, args, n_tensors=3)
     return part
