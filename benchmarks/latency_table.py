@@ -810,7 +810,10 @@ def graphs_section(part: dict) -> list:
     return ["## Replayed as CUDA graphs", "",
             "Each variant's forward captured once per setting, after the eager warm-up, then replayed "
             "and timed the same way: the GPU time alone, without Python, dispatch and launch costs "
-            "(what a server replaying graphs, or torch.compile(mode=\"reduce-overhead\"), would see).",
+            "(what a server replaying graphs, or torch.compile(mode=\"reduce-overhead\"), would see). "
+            "transformers 5.x builds an explicit causal mask while a graph is captured (it skips the mask "
+            "only when not tracing), so attention may run another SDPA kernel than in the eager table: "
+            "compare rows within a table, not across the two.",
             "", part["table"], "", "Overhead, median of per-round ratios:", "", part["paired_table"], "",
             *failed, *([""] if failed else [])]
 
