@@ -90,20 +90,22 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-_NO_TRITON = "the `triton` package is not installed (pip install triton)"
+def _software_missing(name: str) -> Optional[str]:
+    """What the triton or cuda backend lacks besides a GPU: its package or compiled extension."""
+    if name == "triton":
+        return None if _triton_installed() else "the `triton` package is not installed (pip install triton)"
+    return _extension_missing()
 
 
 def why_unavailable(name: str) -> Optional[str]:
     """None if backend ``name`` can run on this machine at all, else the reason."""
     if name in ("auto", "torch"):
         return None
+    missing = _software_missing(name)
     if name == "triton":
-        if not _triton_installed():
-            return _NO_TRITON
-        if not (torch.cuda.is_available() or interpreting()):
+        if missing is None and not (torch.cuda.is_available() or interpreting()):
             return "Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 to interpret them on CPU)"
-        return None
-    missing = _extension_missing()
+        return missing
     if not torch.cuda.is_available():
         # Both reasons: without the extension, a GPU alone would not be enough either.
         gpu = "the cuda backend needs a CUDA GPU and a CUDA build of PyTorch"
@@ -156,12 +158,9 @@ def _why_not(name: str, op: str, impls: Mapping[str, Impl], tensors) -> Optional
     if name not in impls:
         return f"it has no implementation of {op} yet"
     device = tensors[0].device
-    if device.type == "cuda" and name != "torch":
-        # A CUDA tensor proves the GPU: only the software can be missing. (The general check
-        # below asks the CUDA runtime and the environment, µs on every op call.)
-        reason = _extension_missing() if name == "cuda" else (None if _triton_installed() else _NO_TRITON)
-    else:
-        reason = why_unavailable(name)
+    # A CUDA tensor proves the GPU: only the software can be missing (why_unavailable would
+    # also ask the CUDA runtime and the environment, µs on every op call).
+    reason = _software_missing(name) if device.type == "cuda" and name != "torch" else why_unavailable(name)
     if reason is not None:
         return reason
     if name == "triton" and not (device.type == "cuda" or (device.type == "cpu" and interpreting())):
