@@ -46,3 +46,12 @@ def dtype_reason(what: str, dtype: torch.dtype) -> Optional[str]:
     if dtype in DTYPES:
         return None
     return f"the CUDA {what} kernels take float16, bfloat16, float32 or float64, got {dtype}"
+
+
+def rows_reason(what: str, x: torch.Tensor, no_features: str) -> Optional[str]:
+    """Why the CUDA ``what`` kernels cannot take rows ``x``: a dtype they lack, or rows of zero
+    features (``no_features`` says why those fail); None when they can."""
+    reason = dtype_reason(what, x.dtype)
+    if reason is None and x.dim() == 2 and x.shape[1] == 0:
+        reason = no_features
+    return reason

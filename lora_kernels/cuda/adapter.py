@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..reference import compute_dtype
-from . import dense, dtype_reason, ops, rows
+from . import dense, ops, rows, rows_reason
 
 
 def forward(x, w_down, b_down, w_up, b_up, activation, scale):
@@ -23,7 +23,4 @@ def backward(g, x, w_down, w_up, h, activation, scale, need_dx: bool, need_dbd: 
 
 
 def supports(x: torch.Tensor, *_) -> Optional[str]:
-    reason = dtype_reason("adapter", x.dtype)
-    if reason is None and x.dim() == 2 and x.shape[1] == 0:
-        reason = "the CUDA adapter kernels need at least one feature per row (K >= 1)"
-    return reason
+    return rows_reason("adapter", x, "the CUDA adapter kernels need at least one feature per row (K >= 1)")

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..reference import compute_dtype
-from . import dtype_reason, ops, rows
+from . import ops, rows, rows_reason
 
 
 def forward(image, text, logit_scale, lambda_, normalize):
@@ -24,7 +24,4 @@ def backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normali
 
 
 def supports(image: torch.Tensor, *_) -> Optional[str]:
-    reason = dtype_reason("InfoNCE", image.dtype)
-    if reason is None and image.dim() == 2 and image.shape[1] == 0:
-        reason = "the CUDA InfoNCE kernels need at least one feature per row (d >= 1)"
-    return reason
+    return rows_reason("InfoNCE", image, "the CUDA InfoNCE kernels need at least one feature per row (d >= 1)")

@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 
 from ..reference import compute_dtype
-from . import dense, dtype_reason, ops, rows
+from . import dense, ops, rows, rows_reason
 
 
 def forward(x, weight, bias, eps):
@@ -20,7 +20,4 @@ def backward(g, x, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: bo
 
 
 def supports(x: torch.Tensor, *_) -> Optional[str]:
-    reason = dtype_reason("LayerNorm", x.dtype)
-    if reason is None and x.dim() == 2 and x.shape[1] == 0:
-        reason = "a row of zero features has no mean or variance to normalise by"
-    return reason
+    return rows_reason("LayerNorm", x, "a row of zero features has no mean or variance to normalise by")

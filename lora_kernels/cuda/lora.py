@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..reference import compute_dtype
-from . import dense, dtype_reason, ops, rows
+from . import dense, ops, rows, rows_reason
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -24,7 +24,4 @@ def backward(g, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
 
 
 def supports(x: torch.Tensor, *_) -> Optional[str]:
-    reason = dtype_reason("LoRA", x.dtype)
-    if reason is None and x.dim() == 2 and x.shape[1] == 0:
-        reason = "the CUDA LoRA kernels need at least one input feature (K >= 1)"
-    return reason
+    return rows_reason("LoRA", x, "the CUDA LoRA kernels need at least one input feature (K >= 1)")
