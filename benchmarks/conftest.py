@@ -416,8 +416,9 @@ def pytest_terminal_summary(terminalreporter):
         reason = lk_backend.why_unavailable(name)
         if reason is not None:
             terminalreporter.write_line(f"rows of lk-{name} not run here: {reason}")
-    if liger_unavailable() is not None:
-        terminalreporter.write_line(f"rows of liger (LayerNorm) not run here: {liger_unavailable()}")
+    liger = liger_unavailable()
+    if liger is not None:
+        terminalreporter.write_line(f"rows of liger (LayerNorm) not run here: {liger}")
     if not COMPILE:
         why = "BENCH_COMPILE=0" if _compile_env == "0" else "off on a CPU run (BENCH_COMPILE=1 forces them)"
         terminalreporter.write_line(f"rows of compile (torch.compile) not run: {why}")

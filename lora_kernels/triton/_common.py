@@ -6,6 +6,7 @@ wrapper does before the launch adds to it: ``triton.cdiv`` and ``triton.next_pow
 constexpr functions (a few µs a call through Triton's wrapper), ``os.environ`` lookups and
 ``torch.tensor`` a few µs each. The wrappers use the plain versions below instead.
 """
+import functools
 import math
 import os
 import struct
@@ -56,6 +57,16 @@ def split_fp32(value: float):
     needs more of a scalar's digits (fp64 math) takes both halves and adds them."""
     hi = as_fp32(value)
     return hi, as_fp32(value - hi) if math.isfinite(hi) else 0.0
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of CUDA ``device`` (cached: launchers size grids by it on every call)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def upcast_bf16_dot(dtype: torch.dtype) -> bool:

@@ -458,7 +458,7 @@ def forward(x, w_down, b_down, w_up, b_up, activation, scale):
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return _INTERPRET_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _common.sm_count(device)
 
 
 def _weights_blocks(r: int, k: int, dtype: torch.dtype):

@@ -435,7 +435,7 @@ def _tile_block(dtype: torch.dtype) -> int:
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _common.sm_count(device)
 
 
 def _acc_tl(ct: torch.dtype):

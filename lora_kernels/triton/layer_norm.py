@@ -6,7 +6,6 @@ Rows that fit in registers are read once by a "fused" program that owns whole ro
 normalising pass over the row inside one program (so the second read can come from L2); the
 backward tiles the [M, N] plane by columns, after a row-statistics pass when dx is needed.
 """
-import functools
 from typing import Optional
 
 import torch
@@ -256,17 +255,12 @@ def _whole_row_tile(width: int):
     return max(1, min(64, _TILE // block_n)), block_n
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _max_programs(device: torch.device, per_sm: int) -> int:
     """Programs that keep the GPU busy; a few under the interpreter, where each program runs
     serially and only has to show that partials from several programs are combined."""
     if device.type != "cuda":
         return _INTERPRETER_PROGRAMS
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
+    return _common.sm_count(device) * per_sm
 
 
 

@@ -12,7 +12,6 @@ needs them; nothing mask-sized is stored, and dropout_p = 0 compiles the mask aw
 Reductions over M or N that would need atomics go through fp32 partial buffers summed in a
 fixed order, so results are deterministic and autotuning may rerun any kernel safely.
 """
-import functools
 from typing import Optional
 
 import torch
@@ -441,12 +440,7 @@ def _target_programs(device: torch.device) -> int:
     """Programs a memory-bound launch should have to keep the device's bandwidth busy."""
     if device.type != "cuda":
         return 4
-    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return 2 * _common.sm_count(device)
 
 
 def _split(extent: int, granule: int, programs: int, target: int):
