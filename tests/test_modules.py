@@ -261,18 +261,19 @@ def test_lora_gradcheck_with_dropout():
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"r": 0}, {"r": -2}, {"r": 2.5}, {"dropout": 1.0}, {"dropout": -0.1}, {"dropout": 1.5},
+    {"r": 0}, {"r": -2}, {"r": 2.5}, {"r": True}, {"dropout": 1.0}, {"dropout": -0.1}, {"dropout": 1.5},
+    {"alpha": "x"}, {"alpha": None}, {"alpha": float("nan")}, {"alpha": True},
 ], ids=str)
 def test_lora_bad_constructor_args(kwargs):
-    with pytest.raises(ValueError):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
         lk.LoRALinear(16, 8, **kwargs)
 
 
-def test_lora_bad_features():
-    with pytest.raises(ValueError):
-        lk.LoRALinear(0, 8)
-    with pytest.raises(ValueError):
-        lk.LoRALinear(8, -1)
+@pytest.mark.parametrize("features", [(0, 8), (8, -1), (16.0, 8), ("16", 8), (8, True)], ids=str)
+def test_lora_bad_features(features):
+    with pytest.raises(ValueError, match="in_features" if features[0] != 8 else "out_features"):
+        lk.LoRALinear(*features)
 
 
 # ----------------------------------------------------------------------- BottleneckAdapter
@@ -314,8 +315,14 @@ def test_adapter_matches_reference(activation, lead, d, r):
 def test_adapter_bad_args():
     with pytest.raises(ValueError):
         lk.BottleneckAdapter(16, bottleneck=4, activation="tanh")
-    with pytest.raises(ValueError):
-        lk.BottleneckAdapter(16, bottleneck=0)
+    for bottleneck in (0, -3, True, 4.0):
+        with pytest.raises(ValueError, match="bottleneck"):
+            lk.BottleneckAdapter(16, bottleneck=bottleneck)
+    for d_model in (0, -1, 16.0):
+        with pytest.raises(ValueError, match="d_model"):
+            lk.BottleneckAdapter(d_model, bottleneck=4)
+    with pytest.raises(TypeError, match="scale"):
+        lk.BottleneckAdapter(16, bottleneck=4, scale="big")
 
 
 # -------------------------------------------------------------------------- FusedLayerNorm

@@ -2,6 +2,7 @@
 import torch
 from torch import nn
 
+from ..ops import _validate as check
 from ..ops.adapter import adapter
 from ..reference.adapter import ACTIVATIONS
 
@@ -14,12 +15,12 @@ class BottleneckAdapter(nn.Module):
 
     def __init__(self, d_model, bottleneck=64, activation="gelu", scale=1.0, *, device=None, dtype=None):
         super().__init__()
-        if not isinstance(bottleneck, int) or bottleneck < 1:
-            raise ValueError(f"bottleneck must be a positive int, got {bottleneck!r}")
+        d_model, bottleneck = check.positive_int("d_model", d_model), check.positive_int("bottleneck", bottleneck)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         factory = {"device": device, "dtype": dtype}
-        self.d_model, self.bottleneck, self.activation, self.scale = d_model, bottleneck, activation, float(scale)
+        self.d_model, self.bottleneck, self.activation = d_model, bottleneck, activation
+        self.scale = check.finite_float("scale", scale)
         self.down = nn.Linear(d_model, bottleneck, **factory)
         self.up = nn.Linear(bottleneck, d_model, **factory)
         nn.init.zeros_(self.up.weight)

@@ -4,6 +4,7 @@ import math
 import torch
 from torch import nn
 
+from ..ops import _validate as check
 from ..ops.lora import lora_linear
 
 
@@ -25,12 +26,11 @@ class LoRALinear(nn.Module):
     def __init__(self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True,
                  use_rslora=False, *, fan_in_fan_out=False, device=None, dtype=None):
         super().__init__()
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if not 0.0 <= float(dropout) < 1.0:
+        in_features, out_features = check.positive_int("in_features", in_features), check.positive_int(
+            "out_features", out_features)
+        r, alpha = check.positive_int("r", r), check.finite_number("alpha", alpha)
+        if not 0.0 <= check.finite_float("dropout", dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.dropout = r, alpha, float(dropout)

@@ -1,6 +1,7 @@
 """Input checks shared by the ops: every message names the argument, what was expected
 and what was given, so bad input never reaches a kernel."""
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -56,6 +57,20 @@ def probability(name: str, value, allow_one: bool = False) -> float:
     if value < 0.0 or value > 1.0 or (value == 1.0 and not allow_one):
         bound = "[0, 1]" if allow_one else "[0, 1)"
         raise ValueError(f"{name} must be in {bound}, got {value}")
+    return value
+
+
+def positive_int(name: str, value) -> int:
+    """A module size (features, rank, bottleneck): an int >= 1; bool and float are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def finite_number(name: str, value):
+    """A module hyper-parameter such as alpha: a finite int or float, returned as given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     return value
 
 
