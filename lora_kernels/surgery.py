@@ -235,7 +235,7 @@ def add_adapters(model: nn.Module, placement="houlsby", bottleneck=64, activatio
 def ln_tuning(model: nn.Module) -> nn.Module:
     """Replace every ``nn.LayerNorm`` by a ``FusedLayerNorm`` sharing its parameters and train only those."""
     for name, module in list(model.named_modules()):
-        if name and isinstance(module, nn.LayerNorm):
+        if name and isinstance(module, nn.LayerNorm) and not isinstance(module, FusedLayerNorm):
             fused = FusedLayerNorm.from_layer_norm(module)  # shares the Parameter objects
             fused.train(module.training)
             _set_submodule(model, name, fused)

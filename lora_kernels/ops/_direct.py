@@ -10,6 +10,7 @@ custom op registers). Anything that traces or intercepts the call gets the custo
 import torch
 
 from .. import backend
+from . import _autocast
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -43,14 +44,16 @@ def backward(ctx, custom_op, impl, args, n_tensors):
     traces it, under the backend its forward saw (``ctx.backend``: autograd may run it on a
     thread that never saw the caller's ``use_backend``)."""
     fn = impl if plain(*args[:n_tensors]) else custom_op
-    with backend.pinned(ctx.backend):
+    with backend.pinned(ctx.backend), _autocast.off(args[0]):
         return fn(*args)
 
 
 def run(custom_op, forward, function, args, n_tensors):
     """``custom_op(*args)``, or the same computation without the dispatcher where that is safe;
-    the first ``n_tensors`` args are the tensor inputs."""
+    the first ``n_tensors`` args are the tensor inputs, already cast for autocast by the op
+    (``_autocast``), which is off inside."""
     tensors = args[:n_tensors]
-    if not plain(*tensors):
-        return custom_op(*args)
-    return function.apply(*args) if records_graph(*tensors) else forward(*args)
+    with _autocast.off(tensors[0]):
+        if not plain(*tensors):
+            return custom_op(*args)
+        return function.apply(*args) if records_graph(*tensors) else forward(*args)

@@ -7,7 +7,7 @@ from torch import Tensor
 from .. import backend
 from ..reference import adapter as ref
 from ..reference import compute_dtype
-from . import _direct, _validate as check
+from . import _autocast, _direct, _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
 IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.adapter")
@@ -73,7 +73,10 @@ def adapter(x, w_down, b_down, w_up, b_up, activation="gelu", scale=1.0):
 
     w_down: [r, K], b_down: [r] or None, w_up: [K, r], b_up: [K] or None,
     activation: "gelu" (erf) | "gelu_tanh" | "relu" | "silu".
+    Under autocast the weights are cast to x's dtype (the output keeps x's dtype, as eager's does).
     """
+    if _autocast.dtype(x) is not None and x.is_floating_point():
+        w_down, b_down, w_up, b_up = _autocast.cast(x.dtype, w_down, b_down, w_up, b_up)
     check.tensor("x", x, min_ndim=1)
     check.tensor("w_down", w_down, ndim=2)
     check.tensor("w_up", w_up, ndim=2)

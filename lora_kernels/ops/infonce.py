@@ -5,7 +5,7 @@ from torch import Tensor
 from .. import backend
 from ..reference import compute_dtype
 from ..reference import infonce as ref
-from . import _direct, _validate as check
+from . import _autocast, _direct, _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
 IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.infonce")
@@ -86,8 +86,12 @@ def infonce(image, text, logit_scale, lambda_=0.5, normalize=False):
 
     image, text: [N, d]; logit_scale: a scalar tensor (c = 1/τ, already exponentiated, as
     open_clip passes it) or a float; ``normalize`` L2-normalises the rows first.
-    Returns a 0-d loss (float32 for half inputs).
+    Returns a 0-d loss (float32 for half inputs). Under autocast the features are cast to the
+    autocast dtype, as open_clip's ``image @ text.T`` would be.
     """
+    to = _autocast.dtype(image)
+    if to is not None:
+        image, text = _autocast.cast(to, image, text)
     check.tensor("image", image, ndim=2)
     check.tensor("text", text, ndim=2)
     if image.shape != text.shape:
@@ -165,7 +169,10 @@ def infonce_rows(queries, keys, logit_scale, offset, normalize=False):
     """One direction of the loss on a rectangular block: Σᵢ (LSE_j S_ij − S_i,i+offset) / n_keys
     with S = logit_scale·queries·keysᵀ, queries [m, d], keys [n, d], 0 <= offset <= n − m.
     Summed over the blocks of all ranks (both directions, weighted by λ and 1−λ), it is the
-    whole-batch loss. Returns a 0-d tensor (float32 for half inputs)."""
+    whole-batch loss. Returns a 0-d tensor (float32 for half inputs); autocast as ``infonce``."""
+    to = _autocast.dtype(queries)
+    if to is not None:
+        queries, keys = _autocast.cast(to, queries, keys)
     check.tensor("queries", queries, ndim=2)
     check.tensor("keys", keys, ndim=2)
     check.same_device_and_dtype(queries=queries, keys=keys)

@@ -8,7 +8,7 @@ from torch import Tensor
 from .. import backend
 from ..reference import compute_dtype
 from ..reference import layer_norm as ref
-from . import _direct, _validate as check
+from . import _autocast, _direct, _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
 IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.layer_norm")
@@ -68,7 +68,10 @@ _FUNCTION = _direct.autograd_function("LayerNormFunction", _forward, _setup, _ba
 
 def layer_norm(x, weight, bias, eps=1e-5):
     """y = weight ⊙ (x − mean)·rstd + bias, normalised over the last ``weight.ndim`` dims
-    of x (the last dim when weight is None). weight/bias may be None (no affine)."""
+    of x (the last dim when weight is None). weight/bias may be None (no affine).
+    Under autocast weight and bias are cast to x's dtype, and y keeps x's dtype."""
+    if _autocast.dtype(x) is not None and x.is_floating_point():
+        weight, bias = _autocast.cast(x.dtype, weight, bias)
     check.tensor("x", x, min_ndim=1)
     norm_shape = tuple(weight.shape) if weight is not None else (
         tuple(bias.shape) if bias is not None else tuple(x.shape[-1:]))

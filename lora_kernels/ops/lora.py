@@ -7,7 +7,7 @@ from torch import Tensor
 from .. import backend
 from ..reference import compute_dtype
 from ..reference import lora as ref
-from . import _direct, _validate as check
+from . import _autocast, _direct, _validate as check
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
 IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.lora")
@@ -89,7 +89,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
 
     weight: [N, K] (frozen base), bias: [N] or None, lora_A: [r, K], lora_B: [N, r].
     Dropout (on the LoRA path only) is active when ``training`` and ``dropout_p > 0``.
+    Under autocast every tensor is cast to the autocast dtype first, as ``F.linear`` would be.
     """
+    to = _autocast.dtype(x)
+    if to is not None:
+        x, weight, bias, lora_A, lora_B = _autocast.cast(to, x, weight, bias, lora_A, lora_B)
     check.tensor("x", x, min_ndim=1)
     check.tensor("weight", weight, ndim=2)
     check.tensor("lora_A", lora_A, ndim=2)
