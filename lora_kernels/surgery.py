@@ -15,6 +15,7 @@ Module names follow PEFT's conventions: a list of target names matches a module 
 qualified name equals an entry or ends with ``"." + entry``; a string is a regular expression
 that must match the whole qualified name.
 """
+import functools
 import json
 import math
 import os
@@ -328,6 +329,11 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     Outputs and gradients are those of the PEFT model; the active adapter is converted (layers
     it does not touch are left as they are). Works in place on a ``PeftModel`` and returns it.
+
+    PEFT's own ``save_pretrained`` looks for PEFT layers and, finding none, would write an empty
+    adapter without a word; so the model's ``save_pretrained`` is routed to ``save_adapter``,
+    which writes PEFT's format (``PeftModel.from_pretrained`` loads it). ``merge_and_unload``
+    leaves the converted layers as they are (unmerged ``LoRALinear``s, the same outputs).
     """
     # Without peft there is no PEFT model; say how to install it rather than "no LoRA layer found".
     _import_optional("peft", "from_peft")
@@ -338,7 +344,19 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     for name, lora in replacements:
         if lora is not None:
             _set_submodule(peft_model, name, lora)
+    if any(lora is not None for _, lora in replacements) and callable(getattr(peft_model, "save_pretrained", None)):
+        # An instance attribute over the class's method; a partial pickles and deep-copies
+        # with the model (the copy's partial points at the copy).
+        peft_model.save_pretrained = functools.partial(_save_pretrained, peft_model)
     return peft_model
+
+
+def _save_pretrained(peft_model, save_directory, *_args, is_main_process=True, **_kwargs):
+    """``PeftModel.save_pretrained`` after ``from_peft``: the LoRALinear layers in PEFT's format.
+    Options about PEFT's own layers (selected adapters, embedding layers) have nothing to act on."""
+    if is_main_process:
+        config = next(iter(getattr(peft_model, "peft_config", {}).values()), None)
+        save_adapter(peft_model, save_directory, getattr(config, "base_model_name_or_path", None))
 
 
 # --------------------------------------------------------------------------- PEFT on-disk format

@@ -2,6 +2,7 @@
 
 Everything runs in float64 on CPU so that "same function" can be checked to ~1e-12.
 """
+import copy
 import json
 
 import pytest
@@ -480,6 +481,28 @@ def test_save_after_from_peft_and_load_back(tmp_path):
     keys = safetensors_torch.load_file(str(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in keys
     assert rel_err(run("gpt2", lk.load_adapter(build("gpt2"), tmp_path)), out) <= TIGHT
+
+
+def test_peft_save_pretrained_after_from_peft(tmp_path):
+    """PEFT's own save_pretrained would find no PEFT layer after from_peft and write an empty
+    adapter; it is routed to save_adapter, also in a deep copy (which saves the copy)."""
+    pm = _peft_model("bert", ["query", "value"])
+    out = run("bert", pm)
+    lk.from_peft(pm)
+    pm.save_pretrained(str(tmp_path / "a"))
+    assert len(safetensors_torch.load_file(str(tmp_path / "a" / "adapter_model.safetensors"))) == 8
+    assert rel_err(run("bert", peft.PeftModel.from_pretrained(build("bert"), str(tmp_path / "a"))), out) <= TIGHT
+    pm.save_pretrained(str(tmp_path / "b"), is_main_process=False)
+    assert not (tmp_path / "b").exists()
+
+    twin = copy.deepcopy(pm)
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, lk.LoRALinear):
+                m.lora_B.mul_(2.0)
+    twin.save_pretrained(str(tmp_path / "twin"))
+    reloaded = run("bert", peft.PeftModel.from_pretrained(build("bert"), str(tmp_path / "twin")))
+    assert rel_err(reloaded, run("bert", twin)) <= TIGHT and rel_err(reloaded, out) > 1e-3
 
 
 def test_load_adapter_errors(tmp_path):
