@@ -55,6 +55,18 @@ def test_bf16_at_logit_scale_100_stays_finite(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_zero_logit_scale_has_finite_gradients(backend, dtype, normalize):
+    """At c = 0 the loss is log N and smooth: d logit_scale = Σ G⊙(I Tᵀ) must not be (Σ G⊙S)/c = 0/0."""
+    args = make_args(11, 7, scale=0.0)
+    fn = lambda *a: lk.infonce(*a, lambda_=0.3, normalize=normalize)  # noqa: E731
+    with lk.use_backend(backend):
+        check_against_reference(fn, lambda *a: ref.infonce(*a, 0.3, normalize), args, dtype,
+                                f"{backend} c=0 normalize={normalize}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_logit_scale_with_half_features(backend):
     """open_clip keeps logit_scale in fp32 while features may be bf16/fp16."""
     image, text = (randn(20, 16).to(torch.float16).requires_grad_() for _ in range(2))

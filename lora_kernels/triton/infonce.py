@@ -7,7 +7,7 @@ no two programs ever write the same element and the partials are combined in a f
 
 Backward: the rows are processed in stripes of R rows. For a stripe, one kernel recomputes its
 S tiles once and writes Ĝ = λ(P_row − Id) + (1−λ)(P_col − Id) for the stripe (R × N with
-R ≤ 1024, so O(N) whatever the batch), plus the row/column sums of Ĝ⊙S that give
+R ≤ 1024, so O(N) whatever the batch), plus the row/column sums of Ĝ⊙S/c that give
 d logit_scale and the normalisation's projection; then two GEMMs give dI for the stripe's rows (complete) and add the stripe's
 share to dT (accumulated in fp32, in stripe order). No atomics anywhere.
 
@@ -36,6 +36,16 @@ def _scores(I, T, C, RINV_I, RINV_T, rows, cols, rmask, cmask, D,
             NORMALIZE: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """S[rows, cols] = c·a_i·b_j·(I_i · T_j) as a [BM, BN] tile in ACC (a, b: inverse norms)."""
+    return _cosines(I, T, RINV_I, RINV_T, rows, cols, rmask, cmask, D, s_i0, s_i1, s_t0, s_t1,
+                    NORMALIZE, ACC, UPCAST, PREC, BM, BN, BK) * tl.load(C).to(ACC)
+
+
+@triton.jit
+def _cosines(I, T, RINV_I, RINV_T, rows, cols, rmask, cmask, D,
+             s_i0, s_i1, s_t0, s_t1,
+             NORMALIZE: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """S/c = a_i·b_j·(I_i · T_j) as a [BM, BN] tile in ACC (plain dot products without NORMALIZE)."""
     acc = tl.zeros([BM, BN], dtype=ACC)
     i_rows = I + rows.to(tl.int64)[:, None] * s_i0
     t_cols = T + cols.to(tl.int64)[None, :] * s_t0
@@ -45,12 +55,11 @@ def _scores(I, T, C, RINV_I, RINV_T, rows, cols, rmask, cmask, D,
         a = tl.load(i_rows + ks[None, :] * s_i1, mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(t_cols + ks[:, None] * s_t1, mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = dot(a, b, acc, UPCAST, PREC)
-    s = acc * tl.load(C).to(ACC)
     if NORMALIZE:
         a_inv = tl.load(RINV_I + rows, mask=rmask, other=0.0)
         b_inv = tl.load(RINV_T + cols, mask=cmask, other=0.0)
-        s = s * a_inv[:, None] * b_inv[None, :]
-    return s
+        acc = acc * a_inv[:, None] * b_inv[None, :]
+    return acc
 
 
 @triton.jit
@@ -199,7 +208,7 @@ def _infonce_lse_kernel(
 @triton.jit
 def _infonce_sum_kernel(
         PART,   # [n] partial sums, added in index order
-        OUT,    # [1] out: Σ PART / N (loss), or gloss · Σ PART / (N · c) (d logit_scale)
+        OUT,    # [1] out: Σ PART / N (loss), or gloss · Σ PART / N (d logit_scale)
         C,      # [1] logit_scale
         G,      # [1] gloss
         n, N,
@@ -210,7 +219,7 @@ def _infonce_sum_kernel(
         acc += tl.load(PART + offs, mask=offs < n, other=0.0)
     total = tl.sum(acc, 0)
     if DSCALE:
-        total = total * tl.load(G).to(ACC) / tl.load(C).to(ACC)
+        total = total * tl.load(G).to(ACC)
     tl.store(OUT, (total / N).to(OUT.dtype.element_ty))
 
 
@@ -224,8 +233,8 @@ def _infonce_bwd_tile_kernel(
         LSE_ROW,   # [..] row LSE from the forward
         LSE_COL,   # [NC] column LSE from the forward
         H,         # [M_s, NC] out (STORE_H): γ·Ĝ for the stripe, in the input dtype
-        RHO_PART,  # [n_cb, s_rho] out (ROWSUM): per column block, the stripe rows' Σ_j Ĝ⊙S
-        SIG_PART,  # [n_slots, NC] in/out (COLSUM): per row-block slot, Σ_i Ĝ⊙S over all stripes
+        RHO_PART,  # [n_cb, s_rho] out (ROWSUM): per column block, the stripe rows' Σ_j Ĝ⊙S/c
+        SIG_PART,  # [n_slots, NC] in/out (COLSUM): per row-block slot, Σ_i Ĝ⊙S/c over all stripes
         row0, M_s, NC, D, diag_offset, s_i0, s_i1, s_t0, s_t1, s_h0, s_rho,
         lam_hi, lam_lo, gamma, accumulate,
         NORMALIZE: tl.constexpr, STORE_H: tl.constexpr, ROWSUM: tl.constexpr, COLSUM: tl.constexpr,
@@ -240,9 +249,10 @@ def _infonce_bwd_tile_kernel(
     cols = cb * BN + tl.arange(0, BN)
     cmask = cols < NC
     mask = rmask[:, None] & cmask[None, :]
-    s = _scores(I, T, C, RINV_I, RINV_T, rows, cols, rmask, cmask, D, s_i0, s_i1, s_t0, s_t1,
-                NORMALIZE, ACC, UPCAST, PREC, BM, BN, BK)
-    z = s * LOG2E
+    # The sums take Ĝ⊙(S/c), not (Ĝ⊙S)/c afterwards: d logit_scale stays finite at c = 0.
+    u = _cosines(I, T, RINV_I, RINV_T, rows, cols, rmask, cmask, D, s_i0, s_i1, s_t0, s_t1,
+                 NORMALIZE, ACC, UPCAST, PREC, BM, BN, BK)
+    z = (u * tl.load(C).to(ACC)) * LOG2E  # S as _scores makes it, so P matches the forward's LSE
     lr = tl.load(LSE_ROW + rows, mask=rmask, other=0.0) * LOG2E
     g = tl.exp2(z - lr[:, None])
     if COLS:
@@ -255,7 +265,7 @@ def _infonce_bwd_tile_kernel(
         # γ (a power of two) lifts the O(1/N) probabilities out of fp16's subnormal range.
         h = H + local.to(tl.int64)[:, None] * s_h0 + cols[None, :]
         tl.store(h, (g * gamma).to(H.dtype.element_ty), mask=mask)
-    gs = g * s
+    gs = g * u
     if ROWSUM:
         tl.store(RHO_PART + cb.to(tl.int64) * s_rho + local, tl.sum(gs, 1), mask=rmask)
     if COLSUM:
@@ -305,8 +315,8 @@ def _infonce_bwd_finish_kernel(
         V,       # [n_split, M, D] GEMM partials: (γĜ)·(unit) features, summed in split order
         X,       # [M, D] the raw features whose gradient this is
         RINV,    # [M] 1/‖X_i‖ (NORMALIZE)
-        PART,    # [n_part, s_part] partial Σ Ĝ⊙S per row, summed in order
-        TOTAL,   # [cdiv(M, BR)] out (TOTALS): this block's Σ_i Σ Ĝ⊙S (for d logit_scale)
+        PART,    # [n_part, s_part] partial Σ Ĝ⊙S/c per row, summed in order
+        TOTAL,   # [cdiv(M, BR)] out (TOTALS): this block's Σ_i Σ Ĝ⊙S/c (for d logit_scale)
         C,       # [1] logit_scale
         G,       # [1] gloss
         M, D, N, n_split, s_vs, s_vm, s_x0, s_x1, s_o0, s_o1, n_part, s_part, gamma,
@@ -326,14 +336,14 @@ def _infonce_bwd_finish_kernel(
         tl.store(TOTAL + tl.program_id(0), tl.sum(rho, 0))
     if WRITE:
         # G = (gloss/N)·Ĝ; V carries an extra γ. With normalisation, the chain rule through
-        # z/‖z‖ removes the radial part: dX = a·(coef·V) − (gloss/N)·a²·ρ·X.
+        # z/‖z‖ removes the radial part: dX = a·(coef·V) − (gloss/N)·c·a²·ρ·X (ρ = Σ Ĝ⊙S/c).
         kappa = tl.load(G).to(ACC) / N
         coef = tl.full([BR], 1.0, ACC) * (tl.load(C).to(ACC) * kappa / gamma)
         proj = tl.zeros([BR], dtype=ACC)
         if NORMALIZE:
             a = tl.load(RINV + rows, mask=rmask, other=0.0)
             coef = coef * a
-            proj = kappa * a * a * rho
+            proj = (kappa * tl.load(C).to(ACC)) * a * a * rho
         x_rows = X + rows.to(tl.int64)[:, None] * s_x0
         o_rows = OUT + rows.to(tl.int64)[:, None] * s_o0
         v_rows = V + rows.to(tl.int64)[:, None] * s_vm
@@ -410,7 +420,7 @@ _GEMM_CONFIGS = _cfgs([({"BM": bm, "BN": bn, "BK": bk}, w, s)
 
 _TILE_PRUNE, _GEMM_PRUNE = _pruner(_tile_stage, tunable_tile=False), _pruner(_gemm_stage, tunable_tile=True)
 _fwd = _autotuned(_infonce_fwd_kernel, _TILE_CONFIGS, ["M", "NC", "D"], _TILE_PRUNE)
-# These two read-modify-write buffers across launches (Σ Ĝ⊙S per column, the dT accumulator):
+# These two read-modify-write buffers across launches (Σ Ĝ⊙S/c per column, the dT accumulator):
 # the tuner's trial runs must not apply their update several times.
 _bwd_tile = _autotuned(_infonce_bwd_tile_kernel, _TILE_CONFIGS, ["M_s", "NC", "D"], _TILE_PRUNE,
                        restore_value=["SIG_PART"])
