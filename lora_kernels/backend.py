@@ -64,9 +64,12 @@ _chosen: contextvars.ContextVar = contextvars.ContextVar("lora_kernels_backend",
 
 
 def _check_name(name: str) -> str:
-    if name not in BACKENDS:
+    """The backend name in canonical form: case and surrounding spaces do not matter, as in the
+    environment variable."""
+    canonical = name.strip().lower() if isinstance(name, str) else name
+    if canonical not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return name
+    return canonical
 
 
 def interpreting() -> bool:
@@ -117,7 +120,8 @@ def set_backend(name: str) -> None:
     """Select the backend for all ops in every thread ("auto" | "triton" | "cuda" | "torch");
     a ``use_backend`` block still overrides it inside."""
     global _default
-    reason = why_unavailable(_check_name(name))
+    name = _check_name(name)
+    reason = why_unavailable(name)
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
     _default = name
@@ -136,7 +140,8 @@ def get_backend() -> str:
 def use_backend(name: str):
     """Context manager: run the ops called inside with backend ``name`` (their backward too,
     wherever autograd runs it)."""
-    reason = why_unavailable(_check_name(name))
+    name = _check_name(name)
+    reason = why_unavailable(name)
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
     with pinned(name):

@@ -648,12 +648,24 @@ def test_set_backend_torch():
     assert lk.get_backend() == "auto"
 
 
+def test_backend_names_ignore_case_and_spaces_as_the_environment_variable_does(monkeypatch):
+    lk.set_backend(" TORCH")
+    assert lk.get_backend() == "torch"
+    with lk.use_backend("Auto "):
+        assert lk.get_backend() == "auto"
+    lk.set_backend("auto")
+    monkeypatch.setattr(backend, "_default", None)
+    monkeypatch.setenv(backend.ENV_VAR, " Torch ")
+    assert lk.get_backend() == "torch"
+
+
 def test_set_backend_bogus():
-    with pytest.raises(ValueError, match="bogus"):
-        lk.set_backend("bogus")
-    with pytest.raises(ValueError):
-        with lk.use_backend("bogus"):
-            pass
+    for name in ("bogus", "", None, 3):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            lk.set_backend(name)
+        with pytest.raises(ValueError, match="backend must be one of"):
+            with lk.use_backend(name):
+                pass
 
 
 def test_set_backend_cuda_unavailable_explains():
