@@ -67,6 +67,25 @@ def test_zero_logit_scale_has_finite_gradients(backend, dtype, normalize):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_normalize_keeps_zero_rows_finite_as_f_normalize(backend, dtype):
+    """open_clip normalises with F.normalize, max(‖z‖, 1e-12): a zero feature row (padding) gives
+    zero logits, not a NaN loss; loss and gradients are those of that formula."""
+    image, text, scale = make_args(9, 6, scale=4.0)
+    with torch.no_grad():
+        image[3] = 0.0
+        text[5] = 0.0
+
+    def open_clip_loss(i, t, c):
+        i, t = torch.nn.functional.normalize(i, dim=-1), torch.nn.functional.normalize(t, dim=-1)
+        return ref.infonce(i, t, c, 0.4, False)
+
+    fn = lambda *a: lk.infonce(*a, lambda_=0.4, normalize=True)  # noqa: E731
+    with lk.use_backend(backend):
+        check_against_reference(fn, open_clip_loss, [image, text, scale], dtype, f"{backend} zero rows")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_logit_scale_with_half_features(backend):
     """open_clip keeps logit_scale in fp32 while features may be bf16/fp16."""
     image, text = (randn(20, 16).to(torch.float16).requires_grad_() for _ in range(2))

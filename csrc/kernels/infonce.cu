@@ -399,7 +399,7 @@ __device__ __forceinline__ void dot_tile(acc_t<T> (&dot)[Cfg<T>::TM][Cfg<T>::TM]
 
 // ---------------------------------------------------------------- small kernels
 
-// inv[r] = 1/‖X[r]‖ (warp per row). A zero row gives inf, hence NaN downstream, as z/‖z‖ does.
+// inv[r] = 1/max(‖X[r]‖, 1e-12) (warp per row), as F.normalize: a zero row stays zero.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) inv_norm_kernel(const T* __restrict__ X, int64_t ld,
                                                             int64_t N, int64_t D,
@@ -414,7 +414,8 @@ __global__ void __launch_bounds__(kThreads) inv_norm_kernel(const T* __restrict_
     ss = vfma(v, v, ss);
   }
   ss = group_sum(ss, 32);
-  if (lane == 0) inv[row] = inv_sqrt(ss);
+  constexpr A kNormEps2 = A(1e-24);  // the reference's NORM_EPS squared, normal in fp32
+  if (lane == 0) inv[row] = inv_sqrt(ss > kNormEps2 ? ss : kNormEps2);
 }
 
 // Turns dẑ (gradient w.r.t. the unit rows, fp32/fp64, contiguous [N, D]) into dx:

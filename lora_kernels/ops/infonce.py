@@ -85,7 +85,8 @@ def infonce(image, text, logit_scale, lambda_=0.5, normalize=False):
     """Symmetric InfoNCE: λ·CE(S, diag) + (1−λ)·CE(Sᵀ, diag) with S = logit_scale·image·textᵀ.
 
     image, text: [N, d]; logit_scale: a scalar tensor (c = 1/τ, already exponentiated, as
-    open_clip passes it) or a float; ``normalize`` L2-normalises the rows first.
+    open_clip passes it) or a float; ``normalize`` L2-normalises the rows first, as
+    ``F.normalize`` does (a row is divided by max(‖row‖, 1e-12), so a zero row stays zero).
     Returns a 0-d loss (float32 for half inputs). Under autocast the features are cast to the
     autocast dtype, as open_clip's ``image @ text.T`` would be.
     """

@@ -7,8 +7,13 @@ import torch
 from . import compute_dtype, empty_grad
 
 
+# Rows are divided by max(‖z‖, NORM_EPS), as F.normalize (open_clip) does: a zero row stays zero
+# (its logits 0) instead of making the whole loss NaN.
+NORM_EPS = 1e-12
+
+
 def _normalize(z):
-    return z / z.norm(dim=-1, keepdim=True)
+    return z / z.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
 def infonce(image, text, logit_scale, lambda_=0.5, normalize=False):
@@ -30,10 +35,11 @@ def _prepare(image, text, logit_scale, normalize):
 
 
 def _through_norm(z_raw, z_unit, dz_unit, normalize):
-    """Chain rule through z_unit = z_raw/‖z_raw‖ (identity without normalisation)."""
+    """Chain rule through z_unit = z_raw/max(‖z_raw‖, eps) (identity without normalisation).
+    A zero row gets dz_unit/eps, as through F.normalize (the radial term vanishes with z_unit)."""
     if not normalize:
         return dz_unit
-    norm = z_raw.to(dz_unit.dtype).norm(dim=-1, keepdim=True)
+    norm = z_raw.to(dz_unit.dtype).norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
     return (dz_unit - z_unit * (z_unit * dz_unit).sum(-1, keepdim=True)) / norm
 
 

@@ -28,6 +28,7 @@ from ._common import dot
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+NORM_EPS2 = tl.constexpr(1e-24)  # (the reference's NORM_EPS)², a normal number in fp32
 
 
 @triton.jit
@@ -90,9 +91,9 @@ def _infonce_rows_kernel(
         xy += x * y
     s = tl.sum(xy, 1) * tl.load(C).to(ACC)
     if NORMALIZE:
-        # A zero row gives inf here and NaN downstream, exactly as z / ‖z‖ does in the reference.
-        rx = 1.0 / tl.sqrt(tl.where(rmask, tl.sum(xx, 1), 1.0))
-        ry = 1.0 / tl.sqrt(tl.where(rmask, tl.sum(yy, 1), 1.0))
+        # 1/max(‖x‖, 1e-12) as F.normalize: a zero row stays zero instead of NaN downstream.
+        rx = 1.0 / tl.sqrt(tl.maximum(tl.where(rmask, tl.sum(xx, 1), 1.0), NORM_EPS2))
+        ry = 1.0 / tl.sqrt(tl.maximum(tl.where(rmask, tl.sum(yy, 1), 1.0), NORM_EPS2))
         tl.store(RINV_X + rows, rx, mask=rmask)
         tl.store(RINV_Y + rows, ry, mask=rmask)
         s = s * rx * ry
