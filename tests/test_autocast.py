@@ -145,3 +145,13 @@ def test_compile_fullgraph_under_autocast(module):
     for gc, ge in zip(*grads):
         assert gc.dtype == ge.dtype == F32 and rel_err(gc, ge) == 0.0
     torch._dynamo.reset()
+
+
+def test_float64_is_left_alone_as_autocast_does():
+    """Autocast casts float32 and half tensors, never float64: neither do the ops."""
+    args = [randn(4, 24), randn(16, 24), randn(16), randn(4, 24), randn(16, 4)]
+    with autocast():
+        y = lk.lora_linear(*args, scaling=0.5)
+        loss = lk.infonce(randn(5, 8), randn(5, 8), 2.0)
+    assert y.dtype == loss.dtype == torch.float64
+    assert rel_err(y, ref_lora.lora_linear(*args, 0.5)) <= TOLERANCE[torch.float64]

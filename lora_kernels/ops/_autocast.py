@@ -35,9 +35,11 @@ def dtype(t) -> Optional[torch.dtype]:
 
 
 def cast(to: torch.dtype, *tensors):
-    """``tensors`` with every floating-point tensor converted to ``to`` (autograd flows back
-    through the conversion); anything else is left for the argument checks to reject."""
-    return tuple(t.to(to) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+    """``tensors`` with every floating-point tensor but float64 converted to ``to`` (autocast's own
+    rule: it leaves float64 alone); autograd flows back through the conversion. Anything else is
+    left for the argument checks to reject."""
+    return tuple(t.to(to) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
 
 
 _NOTHING = contextlib.nullcontext()  # reusable: saves building one a call
