@@ -271,3 +271,26 @@ def test_ln_tuning_with_lora_and_adapter_in_one_model(backend):
     assert any(n.endswith("weight") and "2." in n for n, _, _ in trained)  # LayerNorm γ trains
     for name, p, q in trained:
         assert_close(p.grad, q.grad, torch.float32, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("width", [37, 20000])  # whole rows in registers, and the chunked wide rows
+def test_inference_forward_skips_the_statistics_with_the_same_output(monkeypatch, backend, width):
+    """Without a graph nothing reads mean/rstd: the op asks the backend not to make them
+    (stats=False), and y is bitwise the y of a forward that keeps them."""
+    x, w, b = randn(3, width, dtype=torch.float32), randn(width, dtype=torch.float32), randn(width, dtype=torch.float32)
+    impl, seen = op.IMPLS[backend], []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("stats", True))
+        return impl.forward(*args, **kwargs)
+
+    monkeypatch.setitem(op.IMPLS, backend, backend_lib.Impl(spy, impl.backward, impl.supports))
+    with lk.use_backend(backend):
+        with torch.no_grad():
+            y = lk.layer_norm(x, w, b)
+        kept, mean, rstd = impl.forward(x, w, b, 1e-5)
+    assert seen == [False]
+    assert torch.equal(y, kept) and mean.shape == rstd.shape == (3,)
+    if backend == "triton":
+        assert impl.forward(x, w, b, 1e-5, stats=False)[1:] == (None, None)

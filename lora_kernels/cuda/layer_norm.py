@@ -7,8 +7,9 @@ from ..reference import compute_dtype
 from . import dense, ops, rows, rows_reason
 
 
-def forward(x, weight, bias, eps):
-    """x:[M,N] -> (y in x.dtype, mean:[M], rstd:[M] in the compute dtype)."""
+def forward(x, weight, bias, eps, stats: bool = True):
+    """x:[M,N] -> (y in x.dtype, mean:[M], rstd:[M] in the compute dtype). The kernel always
+    writes mean and rstd (``stats=False`` is the Triton kernel's saving only)."""
     return ops().layer_norm_fwd_cuda(rows(x), dense(weight), dense(bias), float(eps))
 
 

@@ -19,6 +19,12 @@ def _forward(x, weight, bias, eps):
     return backend.select("layer_norm", IMPLS, x).forward(x, weight, bias, eps)
 
 
+def _infer(x, weight, bias, eps):
+    """_forward when no graph is recorded: nothing will read mean and rstd, so a backend may skip
+    them (two allocations and stores a call, which count at batch 1)."""
+    return backend.select("layer_norm", IMPLS, x).forward(x, weight, bias, eps, stats=False)
+
+
 @torch.library.custom_op("lora_kernels::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -87,5 +93,5 @@ def layer_norm(x, weight, bias, eps=1e-5):
     width = math.prod(norm_shape)
     flat = lambda t: t if t is None or t.ndim == 1 else t.reshape(width)  # noqa: E731
     args = (check.rows(x, width, len(norm_shape)), flat(weight), flat(bias), eps)
-    y, _, _ = _direct.run(layer_norm_fwd, _forward, _FUNCTION, args, n_tensors=3)
+    y, _, _ = _direct.run(layer_norm_fwd, _infer, _FUNCTION, args, n_tensors=3)
     return y if y.shape == x.shape else y.reshape(x.shape)

@@ -16,8 +16,9 @@ def layer_norm(x, weight, bias, eps=1e-5):
     return y
 
 
-def forward(x, weight, bias, eps):
-    """x:[M,K] -> (y in x.dtype, mean:[M], rstd:[M] in the compute dtype, never half)."""
+def forward(x, weight, bias, eps, stats: bool = True):
+    """x:[M,K] -> (y in x.dtype, mean:[M], rstd:[M] in the compute dtype, never half).
+    ``stats=False`` says no backward will read mean and rstd; y needs them here anyway."""
     ct = compute_dtype(x.dtype)
     xc = x.to(ct)
     # Shift by the row's first element before summing: when |mean| >> std the shifted values

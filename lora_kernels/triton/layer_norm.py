@@ -41,12 +41,12 @@ def _layer_norm_fwd_kernel(
     Y,      # [M, N] output, contiguous, x's dtype
     W,      # [N] γ (unused when not HAS_W)
     B,      # [N] β (unused when not HAS_B)
-    MEAN,   # [M] fp32 (fp64 for fp64 x)
-    RSTD,   # [M] same dtype as MEAN
+    MEAN,   # [M] fp32 (fp64 for fp64 x); unused when not STATS
+    RSTD,   # [M] same dtype as MEAN; unused when not STATS
     M, N, stride_xm, stride_xn,
     eps_hi, eps_lo,  # eps split in two fp32 scalars (Triton passes floats as fp32)
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr, STATS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -83,8 +83,9 @@ def _layer_norm_fwd_kernel(
             seen = total
         var = m2 / N
     rstd = _rsqrt(var + eps_hi + eps_lo)
-    tl.store(MEAN + rows, pivot + shifted_mean, mask=row_ok)
-    tl.store(RSTD + rows, rstd, mask=row_ok)
+    if STATS:
+        tl.store(MEAN + rows, pivot + shifted_mean, mask=row_ok)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
 
     if WHOLE_ROW:
         y = centered * rstd[:, None]
@@ -238,7 +239,7 @@ def _layer_norm_bwd_reduce_kernel(
 # processes.
 _fwd_kernel = _layer_norm_fwd_kernel if _common.INTERPRET else triton.autotune(
     configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16)],
-    key=["N", "BLOCK_M", "BLOCK_N", "WHOLE_ROW"], prune_configs_by=_common.prune_by(),
+    key=["N", "BLOCK_M", "BLOCK_N", "WHOLE_ROW", "STATS"], prune_configs_by=_common.prune_by(),
 )(_layer_norm_fwd_kernel)
 
 
@@ -265,13 +266,14 @@ def _max_programs(device: torch.device, per_sm: int) -> int:
 
 
 
-def forward(x, weight, bias, eps):
-    """x:[M, N] (any strides) -> (y:[M, N] in x.dtype, mean:[M], rstd:[M] in fp32, fp64 for fp64)."""
+def forward(x, weight, bias, eps, stats: bool = True):
+    """x:[M, N] (any strides) -> (y:[M, N] in x.dtype, mean:[M], rstd:[M] in fp32, fp64 for fp64).
+    ``stats=False`` (inference: no backward will read them) skips mean and rstd: None, None."""
     m, n = x.shape
     ct = compute_dtype(x.dtype)
     y = _common.empty((m, n), x.dtype, x.device)
-    mean = _common.empty((m,), ct, x.device)
-    rstd = _common.empty((m,), ct, x.device)
+    mean = _common.empty((m,), ct, x.device) if stats else None
+    rstd = _common.empty((m,), ct, x.device) if stats else None
     if m == 0:
         return y, mean, rstd
     weight = weight.contiguous() if weight is not None else None
@@ -279,10 +281,11 @@ def forward(x, weight, bias, eps):
     whole_row = _common.next_pow2(n) <= _FWD_MAX_FUSED
     block_m, block_n = _whole_row_tile(n) if whole_row else (1, _CHUNK)
     eps_hi, eps_lo = _common.split_fp32(eps)  # fp64 needs all of eps's digits
-    args = (x, y, x if weight is None else weight, x if bias is None else bias, mean, rstd,
+    args = (x, y, x if weight is None else weight, x if bias is None else bias,
+            y if mean is None else mean, y if rstd is None else rstd,
             m, n, x.stride(0), x.stride(1), eps_hi, eps_lo)
     meta = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACC=_tl_dtype(ct),
-                BLOCK_M=block_m, BLOCK_N=block_n, WHOLE_ROW=whole_row)
+                BLOCK_M=block_m, BLOCK_N=block_n, WHOLE_ROW=whole_row, STATS=stats)
     grid = (_common.cdiv(m, block_m),)
     if _common.INTERPRET:
         _fwd_kernel[grid](*args, **meta, num_warps=_warps(block_m * block_n))
