@@ -330,10 +330,12 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     Outputs and gradients are those of the PEFT model; the active adapter is converted (layers
     it does not touch are left as they are). Works in place on a ``PeftModel`` and returns it.
 
-    PEFT's own ``save_pretrained`` looks for PEFT layers and, finding none, would write an empty
-    adapter without a word; so the model's ``save_pretrained`` is routed to ``save_adapter``,
-    which writes PEFT's format (``PeftModel.from_pretrained`` loads it). ``merge_and_unload``
-    leaves the converted layers as they are (unmerged ``LoRALinear``s, the same outputs).
+    PEFT's own ``save_pretrained``, ``merge_and_unload`` and ``unload`` look for PEFT layers and,
+    finding none, would write an empty adapter, or hand back a model still holding (unmerged)
+    ``LoRALinear``s whose update a plain checkpoint loses, without a word. So on the returned
+    model ``save_pretrained`` writes through ``save_adapter`` (PEFT's format), and
+    ``merge_and_unload`` / ``unload`` fold in (or drop) each update and put back plain
+    ``nn.Linear`` / ``Conv1D`` layers holding the same weight and bias.
     """
     # Without peft there is no PEFT model; say how to install it rather than "no LoRA layer found".
     _import_optional("peft", "from_peft")
@@ -344,11 +346,22 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     for name, lora in replacements:
         if lora is not None:
             _set_submodule(peft_model, name, lora)
-    if any(lora is not None for _, lora in replacements) and callable(getattr(peft_model, "save_pretrained", None)):
-        # An instance attribute over the class's method; a partial pickles and deep-copies
-        # with the model (the copy's partial points at the copy).
-        peft_model.save_pretrained = functools.partial(_save_pretrained, peft_model)
+    if any(lora is not None for _, lora in replacements):
+        _route_peft_methods(peft_model)
     return peft_model
+
+
+def _route_peft_methods(peft_model: nn.Module) -> None:
+    """Instance attributes over PEFT's methods (on the PeftModel and on its LoraModel, which
+    PeftModel forwards to); a partial pickles and deep-copies with the model, the copy's
+    partial pointing at the copy."""
+    if callable(getattr(peft_model, "save_pretrained", None)):
+        peft_model.save_pretrained = functools.partial(_save_pretrained, peft_model)
+    lora_model = getattr(peft_model, "base_model", None)
+    if callable(getattr(lora_model, "merge_and_unload", None)) and callable(getattr(lora_model, "unload", None)):
+        for owner in (peft_model, lora_model):
+            owner.merge_and_unload = functools.partial(_unload, peft_model, lora_model, True)
+            owner.unload = functools.partial(_unload, peft_model, lora_model, False)
 
 
 def _save_pretrained(peft_model, save_directory, *_args, is_main_process=True, **_kwargs):
@@ -357,6 +370,30 @@ def _save_pretrained(peft_model, save_directory, *_args, is_main_process=True, *
     if is_main_process:
         config = next(iter(getattr(peft_model, "peft_config", {}).values()), None)
         save_adapter(peft_model, save_directory, getattr(config, "base_model_name_or_path", None))
+
+
+def _unload(peft_model, lora_model, merge: bool, *_args, **_kwargs) -> nn.Module:
+    """PEFT's ``merge_and_unload`` (merge=True) or ``unload`` after ``from_peft``: each LoRALinear
+    becomes its base layer again, merged or not; then PEFT's own method unloads the layers
+    from_peft left alone (no active adapter there) and returns the bare model."""
+    for name, module in list(peft_model.named_modules()):
+        if isinstance(module, LoRALinear):
+            module.merge() if merge else module.unmerge()
+            _set_submodule(peft_model, name, _base_layer(module))
+    method = type(lora_model).merge_and_unload if merge else type(lora_model).unload
+    return method(lora_model, *_args, **_kwargs)
+
+
+def _base_layer(lora: LoRALinear) -> nn.Module:
+    """An nn.Linear (GPT-2 Conv1D for the [in, out] layout) holding ``lora``'s weight and bias."""
+    with torch.device("meta"):  # the Parameters are replaced at once: allocate nothing
+        if lora.fan_in_fan_out:
+            conv1d = _import_optional("transformers.pytorch_utils", "merge_and_unload").Conv1D
+            layer = conv1d(lora.out_features, lora.in_features)
+        else:
+            layer = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None)
+    layer.weight, layer.bias = lora.weight, lora.bias
+    return layer.train(lora.training)
 
 
 # --------------------------------------------------------------------------- PEFT on-disk format

@@ -505,6 +505,27 @@ def test_peft_save_pretrained_after_from_peft(tmp_path):
     assert rel_err(reloaded, run("bert", twin)) <= TIGHT and rel_err(reloaded, out) > 1e-3
 
 
+@pytest.mark.parametrize("name,targets", [("bert", ["query", "value"]), ("gpt2", ["c_attn"])])
+def test_peft_merge_and_unload_and_unload_after_from_peft(name, targets):
+    """PEFT's merge_and_unload/unload would find no PEFT layer after from_peft and hand back
+    LoRALinears (unmerged: a plain checkpoint of that model loses the update); they give plain
+    layers holding the same weight and bias, merged or not."""
+    pm = _peft_model(name, targets)
+    out, base_out = run(name, pm), run(name, build(name))
+    lk.from_peft(pm)
+    weight = next(m.weight for m in pm.modules() if isinstance(m, lk.LoRALinear))
+    merged = pm.merge_and_unload()
+    assert not any(isinstance(m, (lk.LoRALinear, peft.tuners.lora.LoraLayer)) for m in merged.modules())
+    assert not any("lora" in k for k in merged.state_dict())
+    assert any(m.weight is weight for m in merged.modules() if hasattr(m, "weight"))  # the same tensor
+    assert rel_err(run(name, merged), out) <= 1e-10
+
+    pm = lk.from_peft(_peft_model(name, targets))
+    plain = pm.base_model.unload()  # PeftModel forwards to its LoraModel: both are routed
+    assert not any(isinstance(m, (lk.LoRALinear, peft.tuners.lora.LoraLayer)) for m in plain.modules())
+    assert rel_err(run(name, plain), base_out) <= TIGHT
+
+
 def test_load_adapter_errors(tmp_path):
     model = lk.apply_lora(build("bert"), ["query"], r=4)
     lk.save_adapter(model, tmp_path / "a")
