@@ -550,6 +550,19 @@ def test_compile_aot_eager_fullgraph(name):
     torch._dynamo.reset()
 
 
+def test_compile_again_with_a_changed_float_hyper_parameter():
+    """A second compile with another scale/scaling makes the float symbolic (automatic dynamic):
+    the argument checks must trace it, and the result must use the new value."""
+    torch._dynamo.reset()
+    x = randn(3, 24, dtype=F64)
+    for alpha, scale in ((16.0, 1.0), (8.0, 2.0), (4.0, -0.5)):
+        lora = make_lora(k=24, n=24, r=4, alpha=alpha)
+        adapter = randomise(lk.BottleneckAdapter(24, bottleneck=5, scale=scale, **FACTORY))
+        for m in (lora, adapter):
+            close64(torch.compile(m, backend="aot_eager", fullgraph=True)(x), m(x), f"recompiled {type(m).__name__}")
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_compile_inductor_lora():
     torch._dynamo.reset()

@@ -47,7 +47,9 @@ def finite_float(name: str, value) -> float:
         value = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}") from None
-    if not math.isfinite(value):
+    # torch.compile makes a float that changed between compiles symbolic (automatic dynamic), and
+    # math.isfinite cannot trace one: under compile the value is not checked (eager calls are).
+    if not torch.compiler.is_compiling() and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
