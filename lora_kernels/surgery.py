@@ -378,7 +378,10 @@ def _unload(peft_model, lora_model, merge: bool, *_args, **_kwargs) -> nn.Module
     from_peft left alone (no active adapter there) and returns the bare model."""
     for name, module in list(peft_model.named_modules()):
         if isinstance(module, LoRALinear):
-            module.merge() if merge else module.unmerge()
+            if merge:
+                module.merge()
+            else:
+                module.unmerge()
             _set_submodule(peft_model, name, _base_layer(module))
     method = type(lora_model).merge_and_unload if merge else type(lora_model).unload
     return method(lora_model, *_args, **_kwargs)
