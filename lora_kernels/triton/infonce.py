@@ -92,8 +92,10 @@ def _infonce_rows_kernel(
     s = tl.sum(xy, 1) * tl.load(C).to(ACC)
     if NORMALIZE:
         # 1/max(‖x‖, 1e-12) as F.normalize: a zero row stays zero instead of NaN downstream.
-        rx = 1.0 / tl.sqrt(tl.maximum(tl.where(rmask, tl.sum(xx, 1), 1.0), NORM_EPS2))
-        ry = 1.0 / tl.sqrt(tl.maximum(tl.where(rmask, tl.sum(yy, 1), 1.0), NORM_EPS2))
+        # The bound is made in ACC: a bare float literal is fp32 in Triton (off by 1e-8 in fp64).
+        eps2 = tl.full([BR], NORM_EPS2, ACC)
+        rx = 1.0 / tl.sqrt(tl.maximum(tl.where(rmask, tl.sum(xx, 1), 1.0), eps2))
+        ry = 1.0 / tl.sqrt(tl.maximum(tl.where(rmask, tl.sum(yy, 1), 1.0), eps2))
         tl.store(RINV_X + rows, rx, mask=rmask)
         tl.store(RINV_Y + rows, ry, mask=rmask)
         s = s * rx * ry
