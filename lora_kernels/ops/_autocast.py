@@ -42,6 +42,21 @@ def cast(to: torch.dtype, *tensors):
                  else t for t in tensors)
 
 
+def like_matmul(*tensors):
+    """``tensors`` as autocast hands them to a matmul: in the autocast dtype of the first one's
+    device when autocast is on there (float64 aside), else as given."""
+    to = dtype(tensors[0])
+    return tensors if to is None else cast(to, *tensors)
+
+
+def like_input(x, *params):
+    """``params`` in x's dtype when autocast is on for x's device (ops whose output keeps x's
+    dtype), else as given."""
+    if dtype(x) is None or not x.is_floating_point():
+        return params
+    return cast(x.dtype, *params)
+
+
 _NOTHING = contextlib.nullcontext()  # reusable: saves building one a call
 
 

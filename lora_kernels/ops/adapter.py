@@ -75,8 +75,7 @@ def adapter(x, w_down, b_down, w_up, b_up, activation="gelu", scale=1.0):
     activation: "gelu" (erf) | "gelu_tanh" | "relu" | "silu".
     Under autocast the weights are cast to x's dtype (the output keeps x's dtype, as eager's does).
     """
-    if _autocast.dtype(x) is not None and x.is_floating_point():
-        w_down, b_down, w_up, b_up = _autocast.cast(x.dtype, w_down, b_down, w_up, b_up)
+    w_down, b_down, w_up, b_up = _autocast.like_input(x, w_down, b_down, w_up, b_up)
     check.tensor("x", x, min_ndim=1)
     check.tensor("w_down", w_down, ndim=2)
     check.tensor("w_up", w_up, ndim=2)

@@ -90,9 +90,7 @@ def infonce(image, text, logit_scale, lambda_=0.5, normalize=False):
     Returns a 0-d loss (float32 for half inputs). Under autocast the features are cast to the
     autocast dtype, as open_clip's ``image @ text.T`` would be.
     """
-    to = _autocast.dtype(image)
-    if to is not None:
-        image, text = _autocast.cast(to, image, text)
+    image, text = _autocast.like_matmul(image, text)
     check.tensor("image", image, ndim=2)
     check.tensor("text", text, ndim=2)
     if image.shape != text.shape:
@@ -171,9 +169,7 @@ def infonce_rows(queries, keys, logit_scale, offset, normalize=False):
     with S = logit_scale·queries·keysᵀ, queries [m, d], keys [n, d], 0 <= offset <= n − m.
     Summed over the blocks of all ranks (both directions, weighted by λ and 1−λ), it is the
     whole-batch loss. Returns a 0-d tensor (float32 for half inputs); autocast as ``infonce``."""
-    to = _autocast.dtype(queries)
-    if to is not None:
-        queries, keys = _autocast.cast(to, queries, keys)
+    queries, keys = _autocast.like_matmul(queries, keys)
     check.tensor("queries", queries, ndim=2)
     check.tensor("keys", keys, ndim=2)
     check.same_device_and_dtype(queries=queries, keys=keys)

@@ -76,8 +76,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
     """y = weight ⊙ (x − mean)·rstd + bias, normalised over the last ``weight.ndim`` dims
     of x (the last dim when weight is None). weight/bias may be None (no affine).
     Under autocast weight and bias are cast to x's dtype, and y keeps x's dtype."""
-    if _autocast.dtype(x) is not None and x.is_floating_point():
-        weight, bias = _autocast.cast(x.dtype, weight, bias)
+    weight, bias = _autocast.like_input(x, weight, bias)
     check.tensor("x", x, min_ndim=1)
     norm_shape = tuple(weight.shape) if weight is not None else (
         tuple(bias.shape) if bias is not None else tuple(x.shape[-1:]))

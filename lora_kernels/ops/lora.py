@@ -91,9 +91,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     Dropout (on the LoRA path only) is active when ``training`` and ``dropout_p > 0``.
     Under autocast every tensor is cast to the autocast dtype first, as ``F.linear`` would be.
     """
-    to = _autocast.dtype(x)
-    if to is not None:
-        x, weight, bias, lora_A, lora_B = _autocast.cast(to, x, weight, bias, lora_A, lora_B)
+    x, weight, bias, lora_A, lora_B = _autocast.like_matmul(x, weight, bias, lora_A, lora_B)
     check.tensor("x", x, min_ndim=1)
     check.tensor("weight", weight, ndim=2)
     check.tensor("lora_A", lora_A, ndim=2)
