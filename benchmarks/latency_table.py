@@ -310,40 +310,36 @@ def _adapter_variant(base: nn.Module, cfg: Config, placement: str) -> nn.Module:
 # in the model's dtype. (Not lora_kernels' torch backend: that is the correctness reference,
 # which computes in fp32 and spells GELU out, so it would flatter the fused rows on a GPU.)
 
-class EagerLoRA(nn.Module):
+class EagerTwin(nn.Module):
+    """Holds one lora_kernels module; the subclass's forward runs its parameters eagerly."""
+
+    def __init__(self, fused: nn.Module):
+        super().__init__()
+        self.fused = fused
+
+
+class EagerLoRA(EagerTwin):
     """PEFT's LoRA forward: base(x) + B(A(x))·scaling (dropout is off in eval)."""
 
-    def __init__(self, lora: lk.LoRALinear):
-        super().__init__()
-        self.lora = lora
-
     def forward(self, x):
-        m = self.lora
+        m = self.fused
         return F.linear(x, m.base_weight(), m.bias) + F.linear(F.linear(x, m.lora_A), m.lora_B) * m.scaling
 
 
-class EagerAdapter(nn.Module):
+class EagerAdapter(EagerTwin):
     """x + up(act(down(x))), times the adapter's scale when it is not 1."""
 
     ACT = {"gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
-    def __init__(self, adapter: lk.BottleneckAdapter):
-        super().__init__()
-        self.adapter = adapter
-
     def forward(self, x):
-        a = self.adapter
+        a = self.fused
         z = F.linear(self.ACT[a.activation](F.linear(x, a.down.weight, a.down.bias)), a.up.weight, a.up.bias)
         return x + z if a.scale == 1.0 else x + a.scale * z
 
 
-class EagerLayerNorm(nn.Module):
-    def __init__(self, norm: lk.FusedLayerNorm):
-        super().__init__()
-        self.norm = norm
-
+class EagerLayerNorm(EagerTwin):
     def forward(self, x):
-        n = self.norm
+        n = self.fused
         return F.layer_norm(x, n.normalized_shape, n.weight, n.bias, n.eps)
 
 

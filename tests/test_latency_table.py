@@ -146,7 +146,7 @@ def test_eager_rows_share_the_fused_weights_and_run_plain_pytorch():
         assert {id(p) for p in variants[eager].parameters()} == fused_params, eager
         wrapped, lk_modules = set(), set()
         for module in variants[eager].modules():
-            if isinstance(module, tuple(lt.EAGER_MODULES.values())):
+            if isinstance(module, lt.EagerTwin):
                 wrapped.update(id(m) for m in module.children())
             if type(module) in lt.EAGER_MODULES:
                 lk_modules.add(id(module))
