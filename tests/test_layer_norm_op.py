@@ -274,11 +274,12 @@ def test_ln_tuning_with_lora_and_adapter_in_one_model(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("width", [37, 20000])  # whole rows in registers, and the chunked wide rows
-def test_inference_forward_skips_the_statistics_with_the_same_output(monkeypatch, backend, width):
+def test_inference_forward_skips_the_statistics_with_the_same_output(monkeypatch, backend, dtype, width):
     """Without a graph nothing reads mean/rstd: the op asks the backend not to make them
     (stats=False), and y is bitwise the y of a forward that keeps them."""
-    x, w, b = randn(3, width, dtype=torch.float32), randn(width, dtype=torch.float32), randn(width, dtype=torch.float32)
+    x, w, b = randn(3, width, dtype=dtype), randn(width, dtype=dtype), randn(width, dtype=dtype)
     impl, seen = op.IMPLS[backend], []
 
     def spy(*args, **kwargs):
