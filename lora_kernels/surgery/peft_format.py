@@ -1,0 +1,178 @@
+"""save_adapter / load_adapter: LoRA weights in PEFT's on-disk format (checked against peft 0.21
+``save_pretrained``), so adapters move freely between this package and ``peft.PeftModel``."""
+import json
+import os
+import re
+from collections import Counter
+
+import torch
+from torch import nn
+
+from ..nn import LoRALinear
+from ._common import (_check_targets, _freeze_all_but, _import_optional, _in_out_features, _is_linear,
+                      _lora_parameters, _matching_names, _peft_root, _some_names)
+from .lora import _inject_lora
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+KEY_SUFFIXES = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def save_adapter(model: nn.Module, path, base_model_name_or_path=None) -> nn.Module:
+    """Write the model's LoRA weights as PEFT does: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    ``peft.PeftModel.from_pretrained(base_model, path)`` loads the result. Layers whose r or
+    alpha differ from the most common value go to ``rank_pattern`` / ``alpha_pattern``.
+    """
+    st = _import_optional("safetensors.torch", "save_adapter")
+    root = _peft_root(model)
+    layers = {name: m for name, m in root.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        raise ValueError(f"save_adapter: {type(model).__name__} has no LoRALinear layer")
+    if len({m.use_rslora for m in layers.values()}) > 1:
+        raise ValueError("save_adapter: layers mix use_rslora True and False, which PEFT's config cannot express")
+    r = _most_common(m.r for m in layers.values())
+    alpha = _most_common(m.alpha for m in layers.values())
+    first = next(iter(layers.values()))
+    config = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path, "revision": None,
+        "r": r, "lora_alpha": alpha,
+        "target_modules": sorted(layers),  # full names: exactly these layers, nothing else
+        "exclude_modules": None,
+        "rank_pattern": {n: m.r for n, m in layers.items() if m.r != r},
+        "alpha_pattern": {n: m.alpha for n, m in layers.items() if m.alpha != alpha},
+        # PEFT has one dropout for all layers: keep the most common one.
+        "lora_dropout": _most_common(m.dropout for m in layers.values()),
+        # PEFT corrects this per layer (Conv1D needs True, Linear False); record what GPT-2-style layers use.
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
+        "use_rslora": first.use_rslora, "bias": "none", "lora_bias": False, "use_dora": False,
+        "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+    }
+    tensors = {}
+    for name, m in layers.items():
+        for key, param in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
+            tensors[KEY_PREFIX + name + KEY_SUFFIXES[key]] = param.detach().to("cpu").contiguous()
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    st.save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    return model
+
+
+# Config fields whose non-default value means something this loader cannot reproduce.
+UNSUPPORTED_CONFIG = ("use_dora", "lora_bias", "modules_to_save", "layers_to_transform", "target_parameters",
+                      "trainable_token_indices", "layer_replication", "alora_invocation_tokens", "arrow_config",
+                      "use_bdlora", "velora_config", "monteclora_config", "kasa_config", "use_qalora")
+
+
+def _read_config(path) -> dict:
+    file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {path}")
+    with open(file) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"load_adapter: {file} has peft_type {config.get('peft_type')!r}, expected 'LORA'")
+    bad = [k for k in UNSUPPORTED_CONFIG if config.get(k) not in (None, False, [], {})]
+    if config.get("bias", "none") != "none":
+        bad.append("bias")
+    if config.get("init_lora_weights") == "mica":
+        bad.append("init_lora_weights")
+    if bad:
+        raise ValueError(f"load_adapter: {file} uses features this loader does not support: "
+                         + ", ".join(f"{k}={config[k]!r}" for k in bad))
+    return config
+
+
+def _read_weights(path, st) -> dict:
+    """{module name: {"lora_A": tensor, "lora_B": tensor}} from PEFT's key layout."""
+    file = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        hint = " (found adapter_model.bin: save with safe_serialization=True)" if os.path.isfile(
+            os.path.join(path, "adapter_model.bin")) else ""
+        raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {path}{hint}")
+    weights, unknown = {}, []
+    for key, tensor in st.load_file(file).items():
+        kind = next((k for k, suffix in KEY_SUFFIXES.items() if key.endswith(suffix)), None)
+        if kind is None or not key.startswith(KEY_PREFIX):
+            unknown.append(key)
+            continue
+        weights.setdefault(key[len(KEY_PREFIX):-len(KEY_SUFFIXES[kind])], {})[kind] = tensor
+    if unknown:
+        raise ValueError(f"load_adapter: unexpected keys in {file} (expected '{KEY_PREFIX}<module>.lora_A.weight' "
+                         f"/ '.lora_B.weight'): {_some_names(unknown)}")
+    return weights
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches a '.'-suffix of name as a regex."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Load a LoRA adapter saved by ``save_adapter`` or by PEFT's ``save_pretrained``.
+
+    Targeted layers that are not LoRALinear yet get one (r/alpha from the config, with its
+    rank/alpha patterns); existing LoRALinear layers take the config's alpha, dropout and rsLoRA
+    flag. Every name and shape is checked before the model is touched. Only LoRA weights stay
+    trainable.
+    """
+    st = _import_optional("safetensors.torch", "load_adapter")
+    config, root = _read_config(path), _peft_root(model)
+    weights = _read_weights(path, st)
+    targets = config.get("target_modules")
+    _check_targets(targets)
+    names = _matching_names(root, targets, exclude=config.get("exclude_modules"))
+    plan = {n: (_pattern_value(config.get("rank_pattern"), n, config["r"]),
+                _pattern_value(config.get("alpha_pattern"), n, config["lora_alpha"])) for n in names}
+
+    missing, unexpected = sorted(set(plan) - set(weights)), sorted(set(weights) - set(plan))
+    if missing or unexpected:
+        raise ValueError(f"load_adapter: {path} does not fit {type(root).__name__}: "
+                         f"LoRA layers without weights: [{_some_names(missing)}]; "
+                         f"weights for no targeted layer: [{_some_names(unexpected)}]")
+    _check_weight_shapes(root, plan, weights)
+
+    existing = {n for n in plan if isinstance(root.get_submodule(n), LoRALinear)}
+    _inject_lora(root, {n: ra for n, ra in plan.items() if n not in existing}, config.get("lora_dropout", 0.0),
+                 config.get("use_rslora", False))
+    with torch.no_grad():
+        for name, (r, alpha) in plan.items():
+            lora = root.get_submodule(name)
+            lora.alpha, lora.use_rslora = alpha, config.get("use_rslora", False)
+            lora.dropout = float(config.get("lora_dropout", 0.0))
+            lora.lora_A.copy_(weights[name]["lora_A"])
+            lora.lora_B.copy_(weights[name]["lora_B"])
+    _freeze_all_but(model, _lora_parameters(model))
+    return model
+
+
+def _check_weight_shapes(root: nn.Module, plan: dict, weights: dict) -> None:
+    """Each layer needs lora_A [r, in] and lora_B [out, r]; a LoRALinear already there fixes r itself."""
+    problems = []
+    for name, (r, _) in plan.items():
+        module = root.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            if module.merged:
+                raise ValueError(f"load_adapter: '{name}' is merged; unmerge() it before loading weights")
+            r = module.r
+        elif not _is_linear(module):
+            raise TypeError(f"load_adapter: target '{name}' is a {type(module).__name__}, not nn.Linear/Conv1D")
+        in_f, out_f = _in_out_features(module)
+        for kind, shape in (("lora_A", (r, in_f)), ("lora_B", (out_f, r))):
+            tensor = weights[name].get(kind)
+            if tensor is None:
+                problems.append(f"{name}.{kind} missing")
+            elif tuple(tensor.shape) != shape:
+                problems.append(f"{name}.{kind} has shape {list(tensor.shape)}, expected {list(shape)}")
+    if problems:
+        raise ValueError("load_adapter: weights do not fit the model: " + "; ".join(problems))

@@ -1,0 +1,153 @@
+"""from_peft: PEFT's LoRA layers become LoRALinear sharing the same tensors, and the PeftModel's
+own save/merge/unload methods keep working on the result."""
+import functools
+import math
+
+import torch
+from torch import nn
+
+from ..nn import LoRALinear
+from ..nn.lora import _is_conv1d
+from ._common import _import_optional, _in_out_features, _is_linear, _set_submodule
+from .peft_format import save_adapter
+
+
+def _is_peft_lora_layer(module: nn.Module) -> bool:
+    """Duck-typed ``peft.tuners.lora.LoraLayer`` (any of its Linear/Embedding/Conv variants)."""
+    return (hasattr(module, "base_layer") and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+            and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
+            and isinstance(getattr(module, "scaling", None), dict)
+            and isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict))
+
+
+def _alpha_for_scaling(r: int, alpha: float, use_rslora: bool, scaling: float, name: str) -> float:
+    """An alpha whose LoRALinear.scaling equals PEFT's ``scaling`` bit for bit.
+
+    PEFT computes scaling = alpha / r (or / sqrt(r)) like LoRALinear, but ``set_scale`` and
+    friends may change it afterwards; then alpha = scaling·r, nudged by an ulp if rounding bites.
+    """
+    denom = math.sqrt(r) if use_rslora else r
+    candidate = alpha if alpha / denom == scaling else scaling * denom
+    for _ in range(8):
+        got = candidate / denom
+        if got == scaling:
+            return candidate
+        candidate = math.nextafter(candidate, math.inf if got < scaling else -math.inf)
+    raise ValueError(f"{name}: no alpha reproduces PEFT's scaling {scaling!r} with r={r}")
+
+
+def _lora_from_peft_layer(name: str, layer: nn.Module):
+    """A LoRALinear sharing ``layer``'s tensors, or None when its active adapter does not touch it."""
+    active = list(layer.active_adapters)
+    if len(active) != 1:
+        raise ValueError(f"{name}: from_peft converts exactly one active adapter, this layer has {active}")
+    adapter = active[0]
+    base = layer.base_layer
+    if not _is_linear(base):
+        raise TypeError(f"{name}: PEFT LoRA on {type(base).__name__} is not supported by from_peft; "
+                        f"only nn.Linear and transformers Conv1D base layers are")
+    if adapter not in layer.lora_A:
+        return None
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None or getattr(layer, "use_dora", {}).get(adapter, False):
+        kind = type(variant).__name__ if variant is not None else "DoRA"
+        raise ValueError(f"{name}: LoRA variant {kind} is not supported by from_peft (plain LoRA only)")
+    if layer.merged or layer.disable_adapters:
+        raise ValueError(f"{name}: the PEFT adapter is merged or disabled; unmerge/enable it before from_peft")
+    lin_A, lin_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    if not isinstance(lin_A, nn.Linear) or lin_A.bias is not None or lin_B.bias is not None:
+        raise ValueError(f"{name}: only bias-free nn.Linear lora_A/lora_B are supported (lora_bias=False)")
+    drop = layer.lora_dropout[adapter]
+    if not isinstance(drop, (nn.Dropout, nn.Identity)):
+        raise TypeError(f"{name}: unsupported lora_dropout module {type(drop).__name__}")
+    w, A, B = base.weight, lin_A.weight, lin_B.weight
+    if (A.dtype, A.device) != (w.dtype, w.device) or (B.dtype, B.device) != (w.dtype, w.device):
+        raise ValueError(f"{name}: LoRA weights are {A.dtype} on {A.device} but the base weight is {w.dtype} on "
+                         f"{w.device}; the fused layer needs one dtype (create the PEFT model with "
+                         f"autocast_adapter_dtype=False, or cast the model)")
+
+    r, use_rslora = layer.r[adapter], bool(layer.use_rslora.get(adapter, False))
+    in_f, out_f = _in_out_features(base)
+    lora = LoRALinear(in_f, out_f, r=r, alpha=layer.lora_alpha[adapter],
+                      dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0, bias=False,
+                      use_rslora=use_rslora, fan_in_fan_out=_is_conv1d(base), device="meta", dtype=w.dtype)
+    lora.alpha = _alpha_for_scaling(r, lora.alpha, use_rslora, layer.scaling[adapter], name)
+    # The very same Parameter objects: optimizer state and requires_grad flags carry over.
+    lora.weight, lora.bias, lora.lora_A, lora.lora_B = w, base.bias, A, B
+    lora.train(drop.training)  # PEFT's dropout module decides whether its dropout is active
+    return lora
+
+
+def from_peft(peft_model: nn.Module) -> nn.Module:
+    """Swap each PEFT LoRA layer (Linear / Conv1D base) for a ``LoRALinear`` sharing its tensors.
+
+    Outputs and gradients are those of the PEFT model; the active adapter is converted (layers
+    it does not touch are left as they are). Works in place on a ``PeftModel`` and returns it.
+
+    PEFT's own ``save_pretrained``, ``merge_and_unload`` and ``unload`` look for PEFT layers and,
+    finding none, would write an empty adapter, or hand back a model still holding (unmerged)
+    ``LoRALinear``s whose update a plain checkpoint loses, without a word. So on the returned
+    model ``save_pretrained`` writes through ``save_adapter`` (PEFT's format), and
+    ``merge_and_unload`` / ``unload`` fold in (or drop) each update and put back plain
+    ``nn.Linear`` / ``Conv1D`` layers holding the same weight and bias.
+    """
+    # Without peft there is no PEFT model; say how to install it rather than "no LoRA layer found".
+    _import_optional("peft", "from_peft")
+    layers = [(name, m) for name, m in peft_model.named_modules() if _is_peft_lora_layer(m)]
+    if not layers:
+        raise ValueError(f"from_peft: no PEFT LoRA layer found in {type(peft_model).__name__}")
+    replacements = [(name, _lora_from_peft_layer(name, m)) for name, m in layers]  # all checks first
+    for name, lora in replacements:
+        if lora is not None:
+            _set_submodule(peft_model, name, lora)
+    if any(lora is not None for _, lora in replacements):
+        _route_peft_methods(peft_model)
+    return peft_model
+
+
+def _route_peft_methods(peft_model: nn.Module) -> None:
+    """Instance attributes over PEFT's methods (on the PeftModel and on its LoraModel, which
+    PeftModel forwards to); a partial pickles and deep-copies with the model, the copy's
+    partial pointing at the copy."""
+    if callable(getattr(peft_model, "save_pretrained", None)):
+        peft_model.save_pretrained = functools.partial(_save_pretrained, peft_model)
+    lora_model = getattr(peft_model, "base_model", None)
+    if callable(getattr(lora_model, "merge_and_unload", None)) and callable(getattr(lora_model, "unload", None)):
+        for owner in (peft_model, lora_model):
+            owner.merge_and_unload = functools.partial(_unload, peft_model, lora_model, True)
+            owner.unload = functools.partial(_unload, peft_model, lora_model, False)
+
+
+def _save_pretrained(peft_model, save_directory, *_args, is_main_process=True, **_kwargs):
+    """``PeftModel.save_pretrained`` after ``from_peft``: the LoRALinear layers in PEFT's format.
+    Options about PEFT's own layers (selected adapters, embedding layers) have nothing to act on."""
+    if is_main_process:
+        config = next(iter(getattr(peft_model, "peft_config", {}).values()), None)
+        save_adapter(peft_model, save_directory, getattr(config, "base_model_name_or_path", None))
+
+
+def _unload(peft_model, lora_model, merge: bool, *_args, **_kwargs) -> nn.Module:
+    """PEFT's ``merge_and_unload`` (merge=True) or ``unload`` after ``from_peft``: each LoRALinear
+    becomes its base layer again, merged or not; then PEFT's own method unloads the layers
+    from_peft left alone (no active adapter there) and returns the bare model."""
+    for name, module in list(peft_model.named_modules()):
+        if isinstance(module, LoRALinear):
+            if merge:
+                module.merge()
+            else:
+                module.unmerge()
+            _set_submodule(peft_model, name, _base_layer(module))
+    method = type(lora_model).merge_and_unload if merge else type(lora_model).unload
+    return method(lora_model, *_args, **_kwargs)
+
+
+def _base_layer(lora: LoRALinear) -> nn.Module:
+    """An nn.Linear (GPT-2 Conv1D for the [in, out] layout) holding ``lora``'s weight and bias."""
+    with torch.device("meta"):  # the Parameters are replaced at once: allocate nothing
+        if lora.fan_in_fan_out:
+            conv1d = _import_optional("transformers.pytorch_utils", "merge_and_unload").Conv1D
+            layer = conv1d(lora.out_features, lora.in_features)
+        else:
+            layer = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None)
+    layer.weight, layer.bias = lora.weight, lora.bias
+    return layer.train(lora.training)
