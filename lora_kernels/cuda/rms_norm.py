@@ -8,9 +8,10 @@ from . import dense, ops, rows, rows_reason
 
 
 def forward(x, weight, eps, offset, stats: bool = True):
-    """x:[M,N] -> (y in x.dtype, rstd:[M] in the compute dtype). The kernel always writes rstd
-    (``stats=False`` is the Triton kernel's saving only)."""
-    return ops().rms_norm_fwd_cuda(rows(x), dense(weight), float(eps), float(offset))
+    """x:[M,N] -> (y in x.dtype, rstd:[M] in the compute dtype); ``stats=False`` (inference) skips
+    rstd: None."""
+    y, rstd = ops().rms_norm_fwd_cuda(rows(x), dense(weight), float(eps), float(offset), stats)
+    return y, (rstd if stats else None)
 
 
 def backward(g, x, weight, rstd, offset, need_dx: bool, need_dw: bool):
