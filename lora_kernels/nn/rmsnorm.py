@@ -43,8 +43,9 @@ class FusedRMSNorm(nn.Module):
         and offset (``ln_tuning`` reads them from the known norm classes)."""
         weight = getattr(norm, "weight", None)
         shape = tuple(weight.shape) if weight is not None else tuple(norm.normalized_shape)
-        module = cls(shape, eps=eps, offset=offset, elementwise_affine=False)
-        module.elementwise_affine = weight is not None
+        if weight is None:
+            return cls(shape, eps=eps, offset=offset, elementwise_affine=False)
+        module = cls(shape, eps=eps, offset=offset, device="meta")  # its own weight is replaced
         module.weight = weight
         return module
 
