@@ -320,3 +320,80 @@ def test_compiled_ops_schema():
                           test_utils="test_schema")
     with pytest.raises(ValueError, match=r"weight must have shape \[N\] = \[9\], got \[7\]"):
         lib.rms_norm_fwd_cuda(x, torch.randn(7, device="cuda"), 1e-6, 0.0, True)
+
+
+# ------------------------------------------------------------------ FusedRMSNorm
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_module_matches_torch_rms_norm_and_shares_state_dict(backend, offset):
+    """Key ``weight`` both ways with torch.nn.RMSNorm (offset 0) and HF's *RMSNorm; a fresh module
+    is the identity scale whatever the offset."""
+    fused = lk.FusedRMSNorm(24, eps=1e-5, offset=offset, device=DEVICE, dtype=torch.float64)
+    torch_norm = torch.nn.RMSNorm(24, eps=1e-5, device=DEVICE, dtype=torch.float64)
+    x = randn(3, 5, 24)
+    with lk.use_backend(backend):
+        assert_close(fused(x), torch_norm(x), torch.float64, "fresh module")
+        assert list(fused.state_dict()) == ["weight"]
+        torch_norm.weight.data.normal_()
+        fused.load_state_dict({"weight": torch_norm.weight.detach() - offset})
+        assert_close(fused(x), torch_norm(x), torch.float64, "loaded weight")
+        fused(x).sum().backward()
+    assert fused.weight.grad is not None and fused.weight.grad.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=str)
+def test_module_fp32_weight_with_half_input(backend, half):
+    """HF models in mixed precision hold the norm weight in fp32: the output has the input's dtype,
+    the weight's gradient is fp32, both close to float64's."""
+    fused = lk.FusedRMSNorm(37, offset=1.0, device=DEVICE)
+    with torch.no_grad():
+        fused.weight.normal_(0, 0.1)
+    x = randn(6, 37, dtype=half, requires_grad=True)
+    g = randn(6, 37, dtype=half)
+    with lk.use_backend(backend):
+        y = fused(x)
+        y.backward(g)
+    assert y.dtype == half and fused.weight.grad.dtype == torch.float32 and x.grad.dtype == half
+    x64 = x.detach().double().requires_grad_()
+    w64 = fused.weight.detach().double().requires_grad_()
+    expected = ref.rms_norm(x64, w64, 1e-6, 1.0)
+    expected.backward(g.double())
+    assert rel_err(y, expected) <= tolerance(half)
+    assert rel_err(fused.weight.grad, w64.grad) <= tolerance(half)
+    assert rel_err(x.grad, x64.grad) <= tolerance(half)
+
+
+def test_module_options_and_errors():
+    m = lk.FusedRMSNorm((3, 4), eps=None, elementwise_affine=False)
+    x = randn(2, 3, 4).float()
+    assert m.weight is None and list(m.state_dict()) == []
+    assert_close(m(x), torch.nn.functional.rms_norm(x, (3, 4)), torch.float32, "eps=None, no affine")
+    assert lk.FusedRMSNorm(8, eps=1e-5).variance_epsilon == 1e-5
+    with pytest.raises(ValueError, match="hidden_size"):
+        lk.FusedRMSNorm(0)
+    with pytest.raises(ValueError, match="offset"):
+        lk.FusedRMSNorm(8, offset=1.0, elementwise_affine=False)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        lk.FusedRMSNorm(8)(randn(2, 9).float())
+
+
+def test_module_compiles_fullgraph():
+    torch._dynamo.reset()
+    m = lk.FusedRMSNorm(24, offset=1.0, device=DEVICE)
+    with torch.no_grad():
+        m.weight.normal_(0, 0.1)
+    x = randn(3, 24, dtype=torch.bfloat16)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    out_c, out_e = compiled(x), m(x)
+    grads = [torch.autograd.grad(o.float().sum(), [m.weight])[0] for o in (out_c, out_e)]
+    assert torch.equal(out_c, out_e) and torch.equal(*grads)
+    torch._dynamo.reset()
+
+
+def test_public_api():
+    import inspect
+    assert "rms_norm" in lk.__all__ and "FusedRMSNorm" in lk.__all__
+    assert str(inspect.signature(lk.rms_norm)) == "(x, weight, eps=1e-06, offset=0.0)"
+    assert list(inspect.signature(lk.FusedRMSNorm).parameters)[:3] == ["hidden_size", "eps", "offset"]
+    assert callable(lk.surgery.register_rms_norm)
