@@ -11,9 +11,10 @@ from conftest import DEVICE, DTYPES, assert_close, backends_for, check_against_r
 
 BACKENDS = backends_for(op.IMPLS)
 TRITON = [b for b in BACKENDS if b == "triton"]
-# (lead, width): one feature, odd narrow rows, a ragged 2-D batch, whole rows at the register
+# (lead, width): one feature, odd narrow rows (ragged tiles of 64 rows, several per Triton
+# program), a 2-D batch, whole rows at the register
 # limit of the Triton backward (4096 fits, 20000 is chunked in both directions).
-SHAPES = [((1,), 1), ((37,), 7), ((2, 5), 128), ((3,), 4096), ((2,), 20000)]
+SHAPES = [((1,), 1), ((300,), 7), ((2, 5), 128), ((3,), 4096), ((2,), 20000)]
 
 
 def make_args(lead, width, x_grad=True, affine=True):
@@ -273,6 +274,23 @@ def test_strided_rows(backend, path, request):
     w = randn(129, requires_grad=True)
     with lk.use_backend(backend):
         check_against_reference(*call(), [x, w], torch.float32, f"strided {path}")
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("path", ["whole row", "chunked"])
+def test_forward_programs_loop_over_row_tiles(backend, path, monkeypatch, request):
+    """Fewer programs than row tiles: each normalises several tiles (γ loaded once per program)."""
+    if path == "chunked":
+        request.getfixturevalue("small_blocks")
+    from lora_kernels.triton import rms_norm as trms
+    monkeypatch.setattr(trms, "_INTERPRETER_PROGRAMS", 3)
+    x, w = (a.detach() for a in make_args((23,), 100))
+    with lk.use_backend(backend), torch.no_grad():
+        y, rstd = trms.forward(x.float(), w.float(), 1e-6, 1.0)
+        y_infer, none = trms.forward(x.float(), w.float(), 1e-6, 1.0, stats=False)
+    assert_close(y, ref.rms_norm(x, w, 1e-6, 1.0), torch.float32, path)
+    assert_close(rstd, ref.forward(x, w, 1e-6, 1.0)[1], torch.float32, f"{path} rstd")
+    assert torch.equal(y_infer, y) and none is None
 
 
 @pytest.mark.parametrize("backend", TRITON)

@@ -39,40 +39,45 @@ def _rms_norm_fwd_kernel(
     HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WHOLE_ROW: tl.constexpr, STATS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    x_rows = X + rows.to(tl.int64) * stride_xm
-    y_rows = Y + rows.to(tl.int64) * N
+    # Program p normalises the row tiles p, p + P, p + 2P, ...: whole rows load the scale once
+    # per program, not once per row (which would read as many bytes of γ as of x, if from cache).
     cols = tl.arange(0, BLOCK_N)
     if WHOLE_ROW:
-        mask = row_ok[:, None] & (cols[None, :] < N)
-        x = tl.load(x_rows[:, None] + cols[None, :].to(tl.int64) * stride_xn, mask=mask, other=0).to(ACC)
-        ss = tl.sum(x * x, axis=1)
-    else:
-        ss = tl.zeros([BLOCK_M], ACC)
-        for start in range(0, N, BLOCK_N):
-            c = start + cols
-            mask = row_ok[:, None] & (c[None, :] < N)
-            xc = tl.load(x_rows[:, None] + c[None, :].to(tl.int64) * stride_xn, mask=mask, other=0).to(ACC)
-            ss += tl.sum(xc * xc, axis=1)
-    rstd = _rsqrt(ss / N + eps_hi + eps_lo)
-    if STATS:
-        tl.store(RSTD + rows, rstd, mask=row_ok)
-
-    if WHOLE_ROW:
-        y = x * rstd[:, None]
         if HAS_W:
-            y *= ((tl.load(W + cols, mask=cols < N, other=0).to(ACC) + off_hi) + off_lo)[None, :]
-        tl.store(y_rows[:, None] + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    else:
-        for start in range(0, N, BLOCK_N):
-            c = start + cols
-            mask = row_ok[:, None] & (c[None, :] < N)
-            xc = tl.load(x_rows[:, None] + c[None, :].to(tl.int64) * stride_xn, mask=mask, other=0).to(ACC)
-            y = xc * rstd[:, None]
+            s = (tl.load(W + cols, mask=cols < N, other=0).to(ACC) + off_hi) + off_lo
+    for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        x_rows = X + rows.to(tl.int64) * stride_xm
+        y_rows = Y + rows.to(tl.int64) * N
+        if WHOLE_ROW:
+            mask = row_ok[:, None] & (cols[None, :] < N)
+            x = tl.load(x_rows[:, None] + cols[None, :].to(tl.int64) * stride_xn, mask=mask, other=0).to(ACC)
+            rstd = _rsqrt(tl.sum(x * x, axis=1) / N + eps_hi + eps_lo)
+            y = x * rstd[:, None]
             if HAS_W:
-                y *= ((tl.load(W + c, mask=c < N, other=0).to(ACC) + off_hi) + off_lo)[None, :]
-            tl.store(y_rows[:, None] + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+                y *= s[None, :]
+            tl.store(y_rows[:, None] + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        else:
+            # A sum-of-squares pass, then a normalising pass over the row (its second read can come
+            # from L2; rows this wide are too big for registers).
+            ss = tl.zeros([BLOCK_M], ACC)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = row_ok[:, None] & (c[None, :] < N)
+                xc = tl.load(x_rows[:, None] + c[None, :].to(tl.int64) * stride_xn, mask=mask, other=0).to(ACC)
+                ss += tl.sum(xc * xc, axis=1)
+            rstd = _rsqrt(ss / N + eps_hi + eps_lo)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = row_ok[:, None] & (c[None, :] < N)
+                xc = tl.load(x_rows[:, None] + c[None, :].to(tl.int64) * stride_xn, mask=mask, other=0).to(ACC)
+                y = xc * rstd[:, None]
+                if HAS_W:
+                    y *= ((tl.load(W + c, mask=c < N, other=0).to(ACC) + off_hi) + off_lo)[None, :]
+                tl.store(y_rows[:, None] + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        if STATS:
+            tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
@@ -125,7 +130,7 @@ def _rms_norm_bwd_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     cols64 = cols[None, :].to(tl.int64)
-    if HAS_W:
+    if HAS_W and NEED_DX:  # dγ alone needs no γ
         s = (tl.load(W + cols, mask=col_ok, other=0).to(ACC) + off_hi) + off_lo
     dw = tl.zeros([BLOCK_N], ACC)
     for tile in range(pid, tl.cdiv(M, BLOCK_M), n_progs):
@@ -198,7 +203,7 @@ def forward(x, weight, eps, offset, stats: bool = True):
             m, n, x.stride(0), x.stride(1), eps_hi, eps_lo, off_hi, off_lo)
     meta = dict(HAS_W=weight is not None, ACC=_tl_dtype(ct), BLOCK_M=block_m, BLOCK_N=block_n,
                 WHOLE_ROW=whole_row, STATS=stats)
-    grid = (_common.cdiv(m, block_m),)
+    grid = (min(_common.cdiv(m, block_m), _max_programs(x.device, 8)),)
     if _common.INTERPRET:
         _fwd_kernel[grid](*args, **meta, num_warps=_warps(block_m * block_n))
     else:
