@@ -271,7 +271,9 @@ def test_apply_lora_all_linear_matches_peft(name):
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for n, m in mine.items():
-            for p, q in ((m.lora_A, theirs[n].lora_A["default"].weight), (m.lora_B, theirs[n].lora_B["default"].weight)):
+            peft_layer = theirs[n]
+            for p, q in ((m.lora_A, peft_layer.lora_A["default"].weight),
+                         (m.lora_B, peft_layer.lora_B["default"].weight)):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
                 q.copy_(p)
     assert trainable(ours) == {f"{n}.{p}" for n in mine for p in ("lora_A", "lora_B")}

@@ -25,7 +25,8 @@ class FusedRMSNorm(nn.Module):
         super().__init__()
         shape = (hidden_size,) if isinstance(hidden_size, numbers.Integral) else tuple(hidden_size)
         if not shape or min(int(d) for d in shape) < 1:
-            raise ValueError(f"hidden_size must be a positive int or a non-empty shape of sizes >= 1, got {hidden_size}")
+            raise ValueError(f"hidden_size must be a positive int or a non-empty shape of sizes >= 1, "
+                             f"got {hidden_size}")
         self.normalized_shape = tuple(int(d) for d in shape)
         self.eps = None if eps is None else float(eps)
         self.offset = float(offset)

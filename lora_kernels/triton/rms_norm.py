@@ -130,8 +130,9 @@ def _rms_norm_bwd_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     cols64 = cols[None, :].to(tl.int64)
-    if HAS_W and NEED_DX:  # dγ alone needs no γ
-        s = (tl.load(W + cols, mask=col_ok, other=0).to(ACC) + off_hi) + off_lo
+    if NEED_DX:  # dγ alone needs no γ
+        if HAS_W:
+            s = (tl.load(W + cols, mask=col_ok, other=0).to(ACC) + off_hi) + off_lo
     dw = tl.zeros([BLOCK_N], ACC)
     for tile in range(pid, tl.cdiv(M, BLOCK_M), n_progs):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
