@@ -213,6 +213,18 @@ def test_ln_tuning_same_function_shared_parameters(name):
         assert rel_err(model(**inputs).logits, reference(**inputs).logits) <= F32
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_ln_tuning_bf16_model_within_2x_of_eager(name):
+    """A bf16 model: the LN-tuned logits are as close to float64's as the original model's."""
+    exact, eager = build(name, torch.float64), build(name, torch.bfloat16)
+    fused = lk.ln_tuning(build(name, torch.bfloat16))
+    inputs = batch(name)
+    with torch.no_grad():
+        want = exact(**inputs).logits
+        err_eager, err_fused = (rel_err(m(**inputs).logits, want) for m in (eager, fused))
+    assert err_fused <= 2 * err_eager and err_fused <= TOLERANCE[torch.bfloat16], (err_fused, err_eager)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", FAMILIES)
 def test_ln_tuning_training_matches_eager(name, backend):
