@@ -16,6 +16,9 @@ The counts (elements × the dtype's size; "weights" are the op's parameters):
   layer_norm   fwd   (no matmul)                bytes x + y + γ + β
                bwd-params (dγ, dβ only)         bytes x + g + γ + dγ + dβ
                bwd   (dx too)                   bytes x + g + dx + γ + dγ + dβ
+  rms_norm     fwd   (no matmul)                bytes x + y + γ
+               bwd-params (dγ only)             bytes x + g + dγ
+               bwd   (dx too)                   bytes x + g + dx + γ + dγ
   infonce      fwd   FLOPs 2N²d                 bytes image + text
                bwd   FLOPs 6N²d (S again, dI, dT)  bytes image + text + dI + dT
   "fwd+bwd" is the sum of the two (x is too big to stay on chip between them).
@@ -122,6 +125,21 @@ def layer_norm(M: int, d: int, mode: str = "fwd", dtype=torch.bfloat16, affine: 
     return Cost(0, e * (3 * M * d + 3 * params))
 
 
+def rms_norm(M: int, d: int, mode: str = "fwd", dtype=torch.bfloat16, affine: bool = True) -> Cost:
+    """y = x rstd (offset + γ) over rows of x [M, d]; memory-bound, FLOPs not counted. The dγ-only
+    backward needs no γ: dγ = Σ g ⊙ x rstd."""
+    _check_mode(mode, LN_MODES)
+    e = _size(dtype)
+    params = d if affine else 0
+    if mode == "fwd+bwd":
+        return rms_norm(M, d, "fwd", dtype, affine) + rms_norm(M, d, "bwd", dtype, affine)
+    if mode == "fwd":
+        return Cost(0, e * (2 * M * d + params))
+    if mode == "bwd-params":
+        return Cost(0, e * (2 * M * d + params))
+    return Cost(0, e * (3 * M * d + 2 * params))
+
+
 def infonce(N: int, d: int, mode: str = "fwd", dtype=torch.bfloat16) -> Cost:
     """Symmetric InfoNCE of image, text [N, d]: the N×N logits are computed, never stored."""
     _check_mode(mode)
@@ -133,7 +151,7 @@ def infonce(N: int, d: int, mode: str = "fwd", dtype=torch.bfloat16) -> Cost:
     return Cost(6 * N * N * d, e * 4 * N * d)
 
 
-COSTS = {"lora": lora, "adapter": adapter, "layer_norm": layer_norm, "infonce": infonce}
+COSTS = {"lora": lora, "adapter": adapter, "layer_norm": layer_norm, "rms_norm": rms_norm, "infonce": infonce}
 
 
 # ----------------------------------------------------------------------------- the rates
@@ -233,6 +251,7 @@ def main() -> None:
     print(f"{name}: copy {r.gbps:,.0f} GB/s, {r.dtype} matmul {r.tflops:,.1f} TFLOP/s")
     cases = [("lora", dict(M=1, K=4096, N=4096, r=16)), ("lora", dict(M=8192, K=4096, N=4096, r=16)),
              ("adapter", dict(M=32768, d=1024, r=64)), ("layer_norm", dict(M=32768, d=1024)),
+             ("rms_norm", dict(M=16384, d=4096)),
              ("infonce", dict(N=65536, d=512))]
     for op, shape in cases:
         for mode in MODES:

@@ -184,6 +184,7 @@ AUTO_ORDER = {
     "lora_linear": ("triton", "cuda", "torch"),
     "adapter": ("triton", "cuda", "torch"),
     "layer_norm": ("triton", "cuda", "torch"),
+    "rms_norm": ("triton", "cuda", "torch"),
     "infonce": ("triton", "cuda", "torch"),
 }
 

@@ -7,9 +7,9 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels.ops import _direct, adapter as adapter_op, infonce as infonce_op
-from lora_kernels.ops import layer_norm as layer_norm_op, lora as lora_op
+from lora_kernels.ops import layer_norm as layer_norm_op, lora as lora_op, rms_norm as rms_norm_op
 from lora_kernels.reference import adapter as ref_adapter, infonce as ref_infonce
-from lora_kernels.reference import layer_norm as ref_ln, lora as ref_lora
+from lora_kernels.reference import layer_norm as ref_ln, lora as ref_lora, rms_norm as ref_rms
 
 from conftest import DEVICE, TOLERANCE, backends_for, randn, rel_err
 
@@ -43,6 +43,12 @@ def _layer_norm(x_dtype):
     return lk.layer_norm, args, {}, ref_ln.layer_norm, x_dtype, TOLERANCE[x_dtype], (0, 1, 2)
 
 
+def _rms_norm(x_dtype):
+    args = [randn(3, 7, 33, dtype=x_dtype), randn(33, dtype=F32)]
+    ref = lambda x, w: ref_rms.rms_norm(x, w, 1e-6, 1.0)  # noqa: E731
+    return lk.rms_norm, args, {"offset": 1.0}, ref, x_dtype, TOLERANCE[x_dtype], (0, 1)
+
+
 def _infonce(x_dtype):
     args = [randn(9, 16, dtype=x_dtype), randn(9, 16, dtype=F32), torch.tensor(3.0, device=DEVICE)]
     ref = lambda i, t, s: ref_infonce.infonce(i, t, s)  # noqa: E731
@@ -50,7 +56,8 @@ def _infonce(x_dtype):
 
 
 CASES = {"lora_linear": (_lora, lora_op.IMPLS), "adapter": (_adapter, adapter_op.IMPLS),
-         "layer_norm": (_layer_norm, layer_norm_op.IMPLS), "infonce": (_infonce, infonce_op.IMPLS)}
+         "layer_norm": (_layer_norm, layer_norm_op.IMPLS), "rms_norm": (_rms_norm, rms_norm_op.IMPLS),
+         "infonce": (_infonce, infonce_op.IMPLS)}
 PARAMS = [(op, x_dtype, b) for op, (_, impls) in CASES.items() for x_dtype in (F32, LOW) for b in backends_for(impls)]
 
 

@@ -23,7 +23,7 @@ from lora_kernels.reference import adapter as ref_adapter
 from conftest import DEVICE, randn, rel_err, tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ("layer_norm", "adapter", "lora", "infonce")  # the files in ops/, reference/, triton/, cuda/
+OPS = ("layer_norm", "rms_norm", "adapter", "lora", "infonce")  # the files in ops/, reference/, triton/, cuda/
 BUILD_HINT_MARK = "LORA_KERNELS_BUILD_CUDA=1"
 
 

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lora_kernels as lk
 from lora_kernels.ops import _direct, adapter as adapter_op, infonce as infonce_op
-from lora_kernels.ops import layer_norm as layer_norm_op, lora as lora_op
+from lora_kernels.ops import layer_norm as layer_norm_op, lora as lora_op, rms_norm as rms_norm_op
 
 from conftest import DEVICE, backends_for, randn
 
@@ -27,6 +27,10 @@ def _layer_norm():
     return lk.layer_norm, [randn(3, 7, 33), randn(33), randn(33)], {}
 
 
+def _rms_norm():
+    return lk.rms_norm, [randn(3, 7, 33), randn(33)], {"offset": 1.0}
+
+
 def _infonce():
     return lk.infonce, [randn(9, 16), randn(9, 16), torch.tensor(3.0, dtype=torch.float64, device=DEVICE)], {}
 
@@ -38,7 +42,8 @@ def _infonce_rows():  # one rank's block of the distributed loss
 
 # op -> (the case, the module, the name of its forward custom op)
 OPS = {"lora_linear": (_lora, lora_op, "lora_linear_fwd"), "adapter": (_adapter, adapter_op, "adapter_fwd"),
-       "layer_norm": (_layer_norm, layer_norm_op, "layer_norm_fwd"), "infonce": (_infonce, infonce_op, "infonce_fwd"),
+       "layer_norm": (_layer_norm, layer_norm_op, "layer_norm_fwd"),
+       "rms_norm": (_rms_norm, rms_norm_op, "rms_norm_fwd"), "infonce": (_infonce, infonce_op, "infonce_fwd"),
        "infonce_rows": (_infonce_rows, infonce_op, "infonce_rows_fwd")}
 IMPLS_OF = {"infonce_rows": infonce_op.ROWS_IMPLS}
 PARAMS = [(name, b) for name, (_, module, _) in OPS.items() for b in backends_for(IMPLS_OF.get(name, module.IMPLS))]
