@@ -4,12 +4,15 @@ from torch import nn
 from ..nn import LoRALinear
 from ._common import (_check_rank, _check_targets, _freeze_all_but, _is_linear, _lora_parameters,
                       _matching_names, _set_submodule, _some_names)
+from .structure import check_on_forward_path, keep_fast_paths_off
 
 
 def apply_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, use_rslora=False) -> nn.Module:
     """Replace each targeted ``nn.Linear`` / ``Conv1D`` by a ``LoRALinear`` sharing its weight.
 
-    Afterwards only the ``lora_A`` / ``lora_B`` parameters of the model are trainable.
+    Afterwards only the ``lora_A`` / ``lora_B`` parameters of the model are trainable. A target
+    that would never run is refused with a ValueError: an ``nn.MultiheadAttention`` or its
+    ``out_proj`` (the module reads their weights directly and calls no linear layer).
     """
     _check_rank(r)
     _check_targets(target_modules)
@@ -27,6 +30,7 @@ def _inject_lora(model: nn.Module, plan: dict, dropout: float, use_rslora: bool)
     """``plan``: {qualified name: (r, alpha)}. Checks every target before replacing any (atomic)."""
     for name in plan:
         module = model.get_submodule(name)
+        check_on_forward_path(model, name, "apply_lora")
         if isinstance(module, LoRALinear):
             raise ValueError(f"module '{name}' is already a LoRALinear")
         if not _is_linear(module):
@@ -37,3 +41,4 @@ def _inject_lora(model: nn.Module, plan: dict, dropout: float, use_rslora: bool)
         lora = LoRALinear.from_linear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
         lora.train(base.training)
         _set_submodule(model, name, lora)
+    keep_fast_paths_off(model, plan)
