@@ -274,6 +274,28 @@ def test_hf_decoder_and_encoder_decoder_families(name):
     check_on_path(model, forward, ref)
 
 
+def _names_only():
+    """Families whose placement is only checked by name here (the rules above run them)."""
+    tf = _hf()
+    small = dict(hidden_size=16, intermediate_size=23, num_hidden_layers=1, num_attention_heads=2, vocab_size=40)
+    return {"roberta": (tf.RobertaModel(tf.RobertaConfig(**small)),
+                        {"encoder.layer.0.attention.output.dense", "encoder.layer.0.output.dense"}),
+            "mistral": (tf.MistralModel(tf.MistralConfig(num_key_value_heads=1, **small)),
+                        {"layers.0.self_attn.o_proj", "layers.0.mlp.down_proj"}),
+            "qwen2": (tf.Qwen2Model(tf.Qwen2Config(num_key_value_heads=1, **small)),
+                      {"layers.0.self_attn.o_proj", "layers.0.mlp.down_proj"}),
+            "distilbert": (tf.DistilBertModel(tf.DistilBertConfig(dim=16, hidden_dim=23, n_layers=1, n_heads=2,
+                                                                  vocab_size=40)),
+                           {"transformer.layer.0.attention.out_lin", "transformer.layer.0.ffn.lin2"})}
+
+
+def test_more_hf_families_placement_by_structure():
+    for name, (model, expected) in _names_only().items():
+        found = sublayer_outputs(model)
+        assert set(found["attention"] + found["ffn"]) == expected, name
+        assert len(found["attention"]) == len(found["ffn"]) == 1, name
+
+
 # --------------------------------------------------------------------------- switches
 
 def test_lora_linear_enable_adapters_switch():

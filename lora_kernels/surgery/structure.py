@@ -97,23 +97,30 @@ def sublayer_outputs(model: nn.Module) -> dict:
     return found
 
 
-def check_on_forward_path(model: nn.Module, name: str, what: str) -> None:
-    """Refuse a target that its parent reads parameters from instead of calling it."""
-    parent_name, _, attr = name.rpartition(".")
+def off_path_reason(model: nn.Module, name: str) -> str | None:
+    """Why a module put at ``name`` would never run (its parent reads its parameters instead of
+    calling it), or None. Selection rules such as "all linear layers" can skip such names."""
+    parent_name = name.rpartition(".")[0]
     parent = model.get_submodule(parent_name)
     module = model.get_submodule(name)
     if isinstance(parent, nn.MultiheadAttention) or type(module).__name__ == "NonDynamicallyQuantizableLinear":
-        raise ValueError(
-            f"{what}: '{name}' is the output projection of an nn.MultiheadAttention, which reads its "
-            f"weight and bias directly and never calls it, so a module put there would never run; "
-            f"add_adapters puts the attention adapter on the MultiheadAttention module '{parent_name}' "
-            f"instead, and LoRA can target the block's other linear layers (e.g. the MLP's)")
+        return (f"'{name}' is the output projection of an nn.MultiheadAttention, which reads its weight and "
+                f"bias directly and never calls it, so a module put there would never run; add_adapters puts "
+                f"the attention adapter on the MultiheadAttention module '{parent_name}' instead, and LoRA can "
+                f"target the block's other linear layers (e.g. the MLP's)")
     if isinstance(module, nn.MultiheadAttention):
-        raise ValueError(
-            f"{what}: '{name}' is an nn.MultiheadAttention, which computes q/k/v and its output from "
-            f"in_proj_weight and out_proj.weight inside its forward and calls no linear module, so "
-            f"lora_kernels cannot put a LoRALinear on its path; target the block's other linear layers "
-            f"(e.g. the MLP's c_fc/c_proj or fc1/fc2), or use add_adapters, which adapts this module's output")
+        return (f"'{name}' is an nn.MultiheadAttention, which computes q/k/v and its output from "
+                f"in_proj_weight and out_proj.weight inside its forward and calls no linear module, so "
+                f"lora_kernels cannot put a LoRALinear on its path; target the block's other linear layers "
+                f"(e.g. the MLP's c_fc/c_proj or fc1/fc2), or use add_adapters, which adapts this module's output")
+    return None
+
+
+def check_on_forward_path(model: nn.Module, name: str, what: str) -> None:
+    """Refuse (ValueError) a target that would never run; see ``off_path_reason``."""
+    reason = off_path_reason(model, name)
+    if reason is not None:
+        raise ValueError(f"{what}: {reason}")
 
 
 def keep_fast_paths_off(model: nn.Module, names) -> None:
