@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
+from lora_kernels.ops import lora as lora_op
 from lora_kernels.surgery import AdapterAfter
 from lora_kernels.surgery.structure import sublayer_outputs
 
 from _third_party import import_without_torchvision
+from conftest import DEVICE, backends_for
 
 TIGHT = 1e-12
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -298,25 +300,28 @@ def test_more_hf_families_placement_by_structure():
 
 # --------------------------------------------------------------------------- switches
 
-def test_lora_linear_enable_adapters_switch():
+@pytest.mark.parametrize("backend_name", backends_for(lora_op.IMPLS))
+def test_lora_linear_enable_adapters_switch(backend_name):
+    """Disabled: the base product only (no low-rank term, no LoRA gradient) on every backend."""
     torch.manual_seed(0)
-    base = nn.Linear(13, 7).double()
+    base = nn.Linear(13, 7).double().to(DEVICE)
     layer = lk.LoRALinear.from_linear(copy.deepcopy(base), r=3, alpha=6)
     perturb([layer.lora_B])
-    x = torch.randn(5, 13, dtype=torch.float64, requires_grad=True)
-    adapted = layer(x)
-    assert rel_err(adapted, base(x)) > 1e-3
-    layer.enable_adapters(False)
-    assert layer.disable_adapters
-    out = layer(x)
-    assert rel_err(out, base(x)) <= TIGHT
-    out.sum().backward()
-    assert layer.lora_A.grad is None and layer.lora_B.grad is None  # base product only
-    layer.merge()  # PEFT's rule: a disabled layer unmerges itself and runs the base product
-    assert rel_err(layer(x), base(x)) <= TIGHT and not layer.merged
-    assert rel_err(layer.weight, base.weight) <= TIGHT
-    layer.enable_adapters(True)
-    assert rel_err(layer(x), adapted) <= TIGHT
+    x = torch.randn(5, 13, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    with lk.use_backend(backend_name):
+        adapted = layer(x)
+        assert rel_err(adapted, base(x)) > 1e-3
+        layer.enable_adapters(False)
+        assert layer.disable_adapters
+        out = layer(x)
+        assert rel_err(out, base(x)) <= TIGHT
+        out.sum().backward()
+        assert layer.lora_A.grad is None and layer.lora_B.grad is None
+        layer.merge()  # PEFT's rule: a disabled layer unmerges itself and runs the base product
+        assert rel_err(layer(x), base(x)) <= TIGHT and not layer.merged
+        assert rel_err(layer.weight, base.weight) <= TIGHT
+        layer.enable_adapters(True)
+        assert rel_err(layer(x), adapted) <= 1e-10
 
 
 def _peft_pair():
