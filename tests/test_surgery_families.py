@@ -50,7 +50,8 @@ def perturb(params, scale=0.3, seed=2):
 def inserted(model):
     """{name: [trainable tensors]} of every adapter and LoRA layer in the model."""
     found = {n: list(m.adapter.parameters()) for n, m in model.named_modules() if isinstance(m, AdapterAfter)}
-    found.update({n: [m.lora_A, m.lora_B] for n, m in model.named_modules() if isinstance(m, lk.LoRALinear)})
+    found.update({n: [m.lora_A, m.lora_B] for n, m in model.named_modules()
+                  if isinstance(m, (lk.LoRALinear, lk.surgery.LoRAMultiheadAttention))})
     return found
 
 
@@ -60,7 +61,7 @@ def check_on_path(model, forward, ref):
     assert modules, "surgery inserted nothing"
     assert rel_err(forward(model), ref) <= TIGHT
     perturb([a.up.weight for n, m in model.named_modules() if isinstance(m, AdapterAfter) for a in [m.adapter]]
-            + [m.lora_B for m in model.modules() if isinstance(m, lk.LoRALinear)])
+            + [m.lora_B for m in model.modules() if isinstance(m, (lk.LoRALinear, lk.surgery.LoRAMultiheadAttention))])
     out = forward(model)
     assert rel_err(out, ref) > 1e-3
     out.mul(torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)).sum().backward()
@@ -149,14 +150,21 @@ def test_open_clip_adapters(placement):
     check_on_path(model, _clip_forward, ref)
 
 
-def test_open_clip_lora_and_refusals():
+def test_open_clip_lora_on_multihead_attention():
+    """LoRA on open_clip's nn.MultiheadAttention (in- and out-projection) and MLP; out_proj alone
+    is refused (MHA never calls it)."""
     model = _open_clip()
     ref = _clip_forward(model)
-    for targets, what in ((["out_proj"], "never calls it"), (["attn"], "in_proj_weight")):
-        with pytest.raises(ValueError, match=what):
-            lk.apply_lora(model, targets)
+    with pytest.raises(ValueError, match="never calls it"):
+        lk.apply_lora(model, ["out_proj"])
+    with pytest.raises(ValueError, match="no dropout"):
+        lk.apply_lora(model, ["attn", "c_fc"], dropout=0.1)
     assert not inserted(model)  # refused before touching anything
-    lk.apply_lora(model, ["c_fc", "c_proj"], r=2)
+    lk.apply_lora(model, ["attn", "c_fc", "c_proj"], r=2)
+    blocks = [f"{t}transformer.resblocks.{i}" for t in ("visual.", "") for i in (0, 1)]
+    assert set(inserted(model)) == {f"{b}.{s}" for b in blocks
+                                    for s in ("attn", "attn.base_layer.out_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert isinstance(model.get_submodule("transformer.resblocks.0.attn"), lk.surgery.LoRAMultiheadAttention)
     check_on_path(model, _clip_forward, ref)
 
 
@@ -185,6 +193,24 @@ def _tokens(batch_first=True):
     return x if batch_first else x.transpose(0, 1)
 
 
+def test_hand_built_mha_block_lora_then_adapters():
+    """LoRA on a sequence-first MHA that returns its weights, then Houlsby adapters around it."""
+    model = eval64(nn.Sequential(MHABlock(), MHABlock()))
+    x = _tokens(batch_first=False)
+    ref = model(x)
+    lk.apply_lora(model, ["self_attn"], r=2)
+    assert model[1].weights is not None and rel_err(model(x), ref) <= TIGHT
+    perturb([m.lora_B for m in model.modules() if isinstance(m, (lk.LoRALinear, lk.surgery.LoRAMultiheadAttention))])
+    adapted = model(x)
+    assert rel_err(adapted, ref) > 1e-3
+    lk.add_adapters(model, "houlsby", bottleneck=4)  # wraps the LoRA'd MHA, not its inner module
+    assert isinstance(model.get_submodule("0.self_attn.module"), lk.surgery.LoRAMultiheadAttention)
+    for ps in inserted(model).values():  # add_adapters froze the LoRA weights: train both here
+        for p in ps:
+            p.requires_grad_(True)
+    check_on_path(model, lambda m: m(x), adapted)
+
+
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
 def test_hand_built_mha_block(placement):
     model = eval64(nn.Sequential(MHABlock(), MHABlock()))
@@ -202,7 +228,8 @@ def test_hand_built_mha_block(placement):
 def test_torch_transformer_encoder_layer_inference_fast_path():
     """nn.TransformerEncoderLayer's eval/no-grad fast path reads its weights and calls no sub-module;
     surgery turns it off for the layers it touches, so inserted modules still run there."""
-    for surgery in (lambda m: lk.add_adapters(m, "houlsby", bottleneck=4), lambda m: lk.apply_lora(m, ["linear1"])):
+    for surgery in (lambda m: lk.add_adapters(m, "houlsby", bottleneck=4),
+                    lambda m: lk.apply_lora(m, ["linear1"]), lambda m: lk.apply_lora(m, ["self_attn"])):
         torch.manual_seed(0)
         model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 33, dropout=0.0, batch_first=True), 2,
                                       enable_nested_tensor=False).float().eval()
@@ -223,10 +250,11 @@ def test_torch_transformer_encoder_layer_on_path(method):
     x = _tokens()
     ref = model(x)
     if method == "lora":
-        lk.apply_lora(model, ["linear1", "linear2"], r=2)
+        lk.apply_lora(model, ["self_attn", "linear1", "linear2"], r=2)
     else:
         lk.add_adapters(model, method, bottleneck=4)
-    assert set(inserted(model)) == ({"self_attn", "linear2"} if method == "houlsby" else {"linear1", "linear2"})
+    assert set(inserted(model)) == ({"self_attn", "linear2"} if method == "houlsby" else
+                                    {"self_attn", "self_attn.base_layer.out_proj", "linear1", "linear2"})
     check_on_path(model, lambda m: m(x), ref)
 
 

@@ -3,6 +3,7 @@ from torch import nn
 
 from ..nn import BottleneckAdapter, LoRALinear
 from ._common import _freeze_all_but, _in_out_features, _is_linear, _set_submodule
+from .mha import LoRAMultiheadAttention
 from .structure import DESCRIPTION, keep_fast_paths_off, sublayer_outputs
 
 
@@ -58,13 +59,14 @@ def add_adapters(model: nn.Module, placement="houlsby", bottleneck=64, activatio
         module = model.get_submodule(name)
         if isinstance(module, AdapterAfter):
             raise ValueError(f"module '{name}' already has an adapter")
-        if not (_is_linear(module) or isinstance(module, (LoRALinear, nn.MultiheadAttention))):
+        if not (_is_linear(module) or isinstance(module, (LoRALinear, nn.MultiheadAttention, LoRAMultiheadAttention))):
             raise TypeError(f"'{name}' is a {type(module).__name__}, not a linear projection")
     adapters = []
     for name in names:
         module = model.get_submodule(name)
-        w = module.out_proj.weight if isinstance(module, nn.MultiheadAttention) else module.weight
-        width = module.embed_dim if isinstance(module, nn.MultiheadAttention) else _in_out_features(module)[1]
+        mha = isinstance(module, (nn.MultiheadAttention, LoRAMultiheadAttention))
+        w = module.out_proj.weight if mha else module.weight
+        width = module.embed_dim if mha else _in_out_features(module)[1]
         adapter = BottleneckAdapter(width, bottleneck=bottleneck, activation=activation,
                                     scale=scale, device=w.device, dtype=w.dtype)
         adapter.train(module.training)

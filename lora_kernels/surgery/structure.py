@@ -11,12 +11,14 @@ open_clip and torch's own ``nn.TransformerEncoderLayer`` without a list of full 
 ``nn.MultiheadAttention`` computes its projections from ``in_proj_weight`` and
 ``out_proj.weight`` inside its forward and never calls ``out_proj``; so the attention output
 of such a block is the MHA module itself, and anything wrapped around ``out_proj`` would never
-run. ``check_on_forward_path`` refuses such targets.
+run. ``check_on_forward_path`` refuses such targets; LoRA on the MHA itself is
+``mha.LoRAMultiheadAttention``.
 """
 from torch import nn
 
 from ..nn import LoRALinear
 from ._common import _is_linear
+from .mha import LoRAMultiheadAttention
 
 # Children that make a module an attention core (query or fused q/k/v projections).
 QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv", "qkv_proj", "c_attn", "query_key_value", "Wqkv")
@@ -45,7 +47,7 @@ def _is_projection(module) -> bool:
 
 
 def _is_mha(module: nn.Module) -> bool:
-    return isinstance(_wrapped(module), nn.MultiheadAttention)
+    return isinstance(_wrapped(module), (nn.MultiheadAttention, LoRAMultiheadAttention))
 
 
 def _child_projection(module: nn.Module, names) -> str | None:
@@ -108,11 +110,6 @@ def off_path_reason(model: nn.Module, name: str) -> str | None:
                 f"bias directly and never calls it, so a module put there would never run; add_adapters puts "
                 f"the attention adapter on the MultiheadAttention module '{parent_name}' instead, and LoRA can "
                 f"target the block's other linear layers (e.g. the MLP's)")
-    if isinstance(module, nn.MultiheadAttention):
-        return (f"'{name}' is an nn.MultiheadAttention, which computes q/k/v and its output from "
-                f"in_proj_weight and out_proj.weight inside its forward and calls no linear module, so "
-                f"lora_kernels cannot put a LoRALinear on its path; target the block's other linear layers "
-                f"(e.g. the MLP's c_fc/c_proj or fc1/fc2), or use add_adapters, which adapts this module's output")
     return None
 
 
