@@ -72,7 +72,6 @@ def check_on_path(model, forward, ref):
 
 
 def eval64(model):
-    torch.manual_seed(0)
     return model.double().eval()
 
 
@@ -417,3 +416,114 @@ def test_peft_switches_after_from_peft():
         pm.base_model.set_adapter("other")
     with pytest.raises(ValueError, match="only adapter 'default'"):
         pm.merge_adapter(adapter_names=["other"])
+
+
+# --------------------------------------------------------------------------- PEFT's MHA LoRA
+
+def _mha_model():
+    """The same weights every call."""
+    torch.manual_seed(0)
+    return eval64(nn.Sequential(MHABlock(), MHABlock()))
+
+
+# peft 0.21's lora.MultiheadAttention adds the out_proj update twice in its forward and merge
+# (W_o + 2·s·B_o·A_o; huggingface/peft PR #3774, open). So output comparisons with PEFT keep the
+# out_proj B at zero, and test_lora_multihead_attention_is_the_merged_weights checks the math.
+def _zero_out_proj_b(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "out_proj.lora_B" in n:
+                p.zero_()
+
+
+def _mha_peft():
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(_mha_model(), peft.LoraConfig(r=2, lora_alpha=3, target_modules=["self_attn", "fc1"]))
+    pm.eval()
+    perturb([p for n, p in pm.named_parameters() if "lora_" in n], scale=0.2)
+    _zero_out_proj_b(pm)
+    return pm
+
+
+def test_lora_multihead_attention_is_the_merged_weights():
+    """Out = MHA with W_in + s·B·A and W_out + s·B_o·A_o, weights returned; merged gives the same."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2).double().eval()
+    model = nn.Sequential()
+    model.attn = mha
+    lk.apply_lora(model, ["attn"], r=3, alpha=5, use_rslora=True)
+    lora = model.attn
+    perturb([lora.lora_A, lora.lora_B, lora.base_layer.out_proj.lora_A, lora.base_layer.out_proj.lora_B])
+    x = _tokens(batch_first=False)
+    w_in = mha.in_proj_weight + 5 / 3 ** 0.5 * lora.lora_B @ lora.lora_A
+    out_proj = lora.base_layer.out_proj
+    w_out = out_proj.weight + 5 / 3 ** 0.5 * out_proj.lora_B @ out_proj.lora_A
+    ref, ref_weights = nn.functional.multi_head_attention_forward(
+        x, x, x, 16, 2, w_in, mha.in_proj_bias, None, None, False, 0.0, w_out, out_proj.bias, training=False)
+    out, weights = model.attn(x, x, x)
+    assert rel_err(out, ref) <= TIGHT and rel_err(weights, ref_weights) <= TIGHT
+    lora.merge()
+    assert rel_err(model.attn(x, x, x)[0], ref) <= TIGHT
+    lora.unmerge()
+    lora.enable_adapters(False)
+    assert rel_err(model.attn(x, x, x)[0], mha.forward(x, x, x)[0]) <= TIGHT
+
+
+def test_from_peft_multihead_attention_same_function_and_switches():
+    peft = pytest.importorskip("peft")
+    pm = _mha_peft()
+    twin = copy.deepcopy(pm)
+    x = _tokens(batch_first=False).requires_grad_(True)
+    with twin.disable_adapter():
+        base_out = twin(x)
+    lk.from_peft(pm)
+    mha = [m for m in pm.modules() if isinstance(m, lk.surgery.LoRAMultiheadAttention)]
+    assert len(mha) == 2 and all(isinstance(m.base_layer.out_proj, lk.LoRALinear) for m in mha)
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in pm.modules())
+
+    def same(expected=None):
+        outs = []
+        for model in (pm, twin):
+            x.grad = None
+            out = model(x)
+            out.mul(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            outs.append((out, x.grad.clone()))
+        assert rel_err(outs[0][0], outs[1][0]) <= TIGHT and rel_err(outs[0][1], outs[1][1]) <= TIGHT
+        if expected is not None:
+            assert rel_err(outs[0][0], expected) <= TIGHT
+        return outs[0][0]
+
+    adapted = same()
+    assert rel_err(adapted, base_out) > 1e-3
+    with pm.disable_adapter(), twin.disable_adapter():
+        same(base_out)
+    for model in (pm, twin):
+        model.merge_adapter()
+    with torch.no_grad():  # merged weights are plain tensors in PEFT's MHA: no graph through them
+        assert rel_err(pm(x), twin(x)) <= TIGHT and rel_err(pm(x), adapted) <= TIGHT
+    for model in (pm, twin):
+        model.unmerge_adapter()
+    same(adapted)
+    merged = pm.merge_and_unload()
+    assert isinstance(merged[0].self_attn, nn.MultiheadAttention)
+    assert rel_err(merged(x), adapted) <= 1e-10
+
+
+def test_multihead_attention_lora_files_move_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    x = _tokens(batch_first=False)
+    # ours -> PEFT
+    model = lk.apply_lora(_mha_model(), ["self_attn", "fc1"], r=2, alpha=3)
+    perturb([m.lora_B for m in model.modules() if isinstance(m, (lk.LoRALinear, lk.surgery.LoRAMultiheadAttention))])
+    _zero_out_proj_b(model)
+    ours = model(x)
+    lk.save_adapter(model, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(_mha_model(), tmp_path / "ours").eval()
+    assert rel_err(loaded(x), ours) <= TIGHT
+    # PEFT -> ours
+    pm = _mha_peft()
+    expected = pm(x)
+    pm.save_pretrained(tmp_path / "peft")
+    model = lk.load_adapter(_mha_model(), tmp_path / "peft")
+    assert isinstance(model[0].self_attn, lk.surgery.LoRAMultiheadAttention)
+    assert rel_err(model(x), expected) <= TIGHT

@@ -58,6 +58,9 @@ class LoRAMultiheadAttention(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.in_proj_weight
+
     def delta_weight(self) -> torch.Tensor:
         """scaling·B A for the stacked in-projection, [3E, E], in float32 at least."""
         ct = torch.promote_types(self.lora_A.dtype, torch.float32)

@@ -11,6 +11,7 @@ from torch import nn
 from ..nn import LoRALinear
 from ..nn.lora import _is_conv1d
 from ._common import _import_optional, _in_out_features, _is_linear, _set_submodule
+from .mha import LoRAMultiheadAttention, lora_layers
 from .peft_format import save_adapter
 
 
@@ -45,9 +46,10 @@ def _lora_from_peft_layer(name: str, layer: nn.Module):
         raise ValueError(f"{name}: from_peft converts exactly one active adapter, this layer has {active}")
     adapter = active[0]
     base = layer.base_layer
-    if not _is_linear(base):
+    mha = isinstance(base, nn.MultiheadAttention)
+    if not (_is_linear(base) or mha):
         raise TypeError(f"{name}: PEFT LoRA on {type(base).__name__} is not supported by from_peft; "
-                        f"only nn.Linear and transformers Conv1D base layers are")
+                        f"only nn.Linear, transformers Conv1D and nn.MultiheadAttention base layers are")
     if adapter not in layer.lora_A:
         return None
     variant = getattr(layer, "lora_variant", {}).get(adapter)
@@ -59,6 +61,8 @@ def _lora_from_peft_layer(name: str, layer: nn.Module):
     lin_A, lin_B = layer.lora_A[adapter], layer.lora_B[adapter]
     if not isinstance(lin_A, nn.Linear) or lin_A.bias is not None or lin_B.bias is not None:
         raise ValueError(f"{name}: only bias-free nn.Linear lora_A/lora_B are supported (lora_bias=False)")
+    if mha:
+        return _mha_from_peft_layer(name, layer, adapter)
     drop = layer.lora_dropout[adapter]
     if not isinstance(drop, (nn.Dropout, nn.Identity)):
         raise TypeError(f"{name}: unsupported lora_dropout module {type(drop).__name__}")
@@ -78,6 +82,23 @@ def _lora_from_peft_layer(name: str, layer: nn.Module):
     lora.weight, lora.bias, lora.lora_A, lora.lora_B = w, base.bias, A, B
     lora.train(drop.training)  # PEFT's dropout module decides whether its dropout is active
     lora.enable_adapters(not layer.disable_adapters)
+    return lora
+
+
+def _mha_from_peft_layer(name: str, layer: nn.Module, adapter: str) -> LoRAMultiheadAttention:
+    """PEFT's lora.MultiheadAttention as a LoRAMultiheadAttention sharing its tensors; its
+    out_proj (a PEFT Linear) is converted on its own, as the next layer from_peft meets."""
+    base, A, B = layer.base_layer, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    w = base.in_proj_weight
+    if (A.dtype, A.device) != (w.dtype, w.device) or (B.dtype, B.device) != (w.dtype, w.device):
+        raise ValueError(f"{name}: LoRA weights are {A.dtype} on {A.device} but the base weight is {w.dtype} on "
+                         f"{w.device}; create the PEFT model with autocast_adapter_dtype=False, or cast the model")
+    r, use_rslora = layer.r[adapter], bool(layer.use_rslora.get(adapter, False))
+    lora = LoRAMultiheadAttention(base, r=r, alpha=layer.lora_alpha[adapter], use_rslora=use_rslora,
+                                  _out_proj=base.out_proj)
+    lora.alpha = _alpha_for_scaling(r, lora.alpha, use_rslora, layer.scaling[adapter], name)
+    lora.lora_A, lora.lora_B = A, B
+    lora.disable_adapters = bool(layer.disable_adapters)
     return lora
 
 
@@ -141,13 +162,16 @@ def _unload(peft_model, lora_model, merge: bool, *_args, **_kwargs) -> nn.Module
     """PEFT's ``merge_and_unload`` (merge=True) or ``unload`` after ``from_peft``: each LoRALinear
     becomes its base layer again, merged or not; then PEFT's own method unloads the layers
     from_peft left alone (no active adapter there) and returns the bare model."""
-    for name, module in list(peft_model.named_modules()):
-        if isinstance(module, LoRALinear):
-            if merge:
-                module.merge()
-            else:
-                module.unmerge()
-            _set_submodule(peft_model, name, _base_layer(module))
+    # MHAs first: each leaves its nn.MultiheadAttention, whose out_proj LoRALinear the second pass meets.
+    for kind in (LoRAMultiheadAttention, LoRALinear):
+        for name, module in list(peft_model.named_modules()):
+            if isinstance(module, kind):
+                if merge:
+                    module.merge()
+                else:
+                    module.unmerge()
+                _set_submodule(peft_model, name, module.base_layer if kind is LoRAMultiheadAttention
+                               else _base_layer(module))
     method = type(lora_model).merge_and_unload if merge else type(lora_model).unload
     return method(lora_model, *_args, **_kwargs)
 
@@ -183,7 +207,7 @@ def _route_peft_switches(peft_model: nn.Module, adapter: str) -> None:
 
 
 def _loras(peft_model) -> list:
-    return [m for m in peft_model.modules() if isinstance(m, LoRALinear)]
+    return lora_layers(peft_model)
 
 
 def _peft_layers_left(peft_model) -> bool:
