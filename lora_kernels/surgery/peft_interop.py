@@ -99,7 +99,7 @@ def _mha_from_peft_layer(name: str, layer: nn.Module, adapter: str) -> LoRAMulti
     lora.alpha = _alpha_for_scaling(r, lora.alpha, use_rslora, layer.scaling[adapter], name)
     lora.lora_A, lora.lora_B = A, B
     lora.disable_adapters = bool(layer.disable_adapters)
-    return lora
+    return lora.train(layer.training)
 
 
 def from_peft(peft_model: nn.Module) -> nn.Module:
