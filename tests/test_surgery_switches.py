@@ -156,11 +156,31 @@ def test_lora_multihead_attention_is_the_merged_weights():
         x, x, x, 16, 2, w_in, mha.in_proj_bias, None, None, False, 0.0, w_out, out_proj.bias, training=False)
     out, weights = model.attn(x, x, x)
     assert rel_err(out, ref) <= TIGHT and rel_err(weights, ref_weights) <= TIGHT
+    params = [lora.lora_A, lora.lora_B, out_proj.lora_A, out_proj.lora_B]
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+    grads, ref_grads = (torch.autograd.grad((y * cot).sum(), params) for y in (out, ref))
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) <= TIGHT
     lora.merge()
     assert rel_err(model.attn(x, x, x)[0], ref) <= TIGHT
     lora.unmerge()
     lora.enable_adapters(False)
     assert rel_err(model.attn(x, x, x)[0], mha.forward(x, x, x)[0]) <= TIGHT
+
+
+def test_lora_multihead_attention_gradcheck():
+    torch.manual_seed(0)
+    lora = lk.surgery.LoRAMultiheadAttention(nn.MultiheadAttention(4, 2, batch_first=True).double(), r=2, alpha=3)
+    perturb([lora.lora_B, lora.base_layer.out_proj.lora_B])
+    x = torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True)
+    params = [lora.lora_A, lora.lora_B, lora.base_layer.out_proj.lora_A, lora.base_layer.out_proj.lora_B]
+
+    def f(x, *values):
+        weights = {"lora_A": values[0], "lora_B": values[1], "base_layer.out_proj.lora_A": values[2],
+                   "base_layer.out_proj.lora_B": values[3]}
+        return torch.func.functional_call(lora, weights, (x, x, x), {"need_weights": False})[0]
+
+    assert torch.autograd.gradcheck(f, (x, *[p.detach().requires_grad_(True) for p in params]))
 
 
 def test_from_peft_multihead_attention_same_function_and_switches():
