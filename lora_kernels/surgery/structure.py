@@ -107,9 +107,9 @@ def off_path_reason(model: nn.Module, name: str) -> str | None:
     module = model.get_submodule(name)
     if isinstance(parent, nn.MultiheadAttention) or type(module).__name__ == "NonDynamicallyQuantizableLinear":
         return (f"'{name}' is the output projection of an nn.MultiheadAttention, which reads its weight and "
-                f"bias directly and never calls it, so a module put there would never run; add_adapters puts "
-                f"the attention adapter on the MultiheadAttention module '{parent_name}' instead, and LoRA can "
-                f"target the block's other linear layers (e.g. the MLP's)")
+                f"bias directly and never calls it, so a module put there would never run; target the "
+                f"MultiheadAttention '{parent_name}' itself instead (apply_lora puts LoRA on its in- and "
+                f"out-projections; add_adapters wraps its output)")
     return None
 
 
