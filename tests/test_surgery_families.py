@@ -1,6 +1,6 @@
 """Surgery on model families beyond HF BERT/ViT/GPT-2/CLIP: timm ViT/DeiT/Swin, open_clip,
 nn.MultiheadAttention blocks (torch's TransformerEncoderLayer and a hand-built one), HF LLaMA
-and T5, and by name RoBERTa/Mistral/Qwen2/DistilBERT.
+and T5, and by name RoBERTa/DeBERTa-v2/Mistral/Qwen2/DistilBERT.
 
 The point is that every inserted module is on the forward path: at zero init the output is
 the original's, and once its weights are perturbed the output moves and each inserted
@@ -228,7 +228,9 @@ def _names_only():
                       {"layers.0.self_attn.o_proj", "layers.0.mlp.down_proj"}),
             "distilbert": (tf.DistilBertModel(tf.DistilBertConfig(dim=16, hidden_dim=23, n_layers=1, n_heads=2,
                                                                   vocab_size=40)),
-                           {"transformer.layer.0.attention.out_lin", "transformer.layer.0.ffn.lin2"})}
+                           {"transformer.layer.0.attention.out_lin", "transformer.layer.0.ffn.lin2"}),
+            "deberta-v2": (tf.DebertaV2Model(tf.DebertaV2Config(**small)),
+                           {"encoder.layer.0.attention.output.dense", "encoder.layer.0.output.dense"})}
 
 
 def test_more_hf_families_placement_by_structure():

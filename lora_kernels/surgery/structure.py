@@ -21,7 +21,7 @@ from ._common import _is_linear
 from .mha import LoRAMultiheadAttention
 
 # Children that make a module an attention core (query or fused q/k/v projections).
-QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv", "qkv_proj", "c_attn", "query_key_value", "Wqkv")
+QUERY_NAMES = ("query", "q_proj", "query_proj", "q", "q_lin", "qkv", "qkv_proj", "c_attn", "query_key_value", "Wqkv")
 # An attention core's own output projection, first match wins.
 ATTENTION_OUT_NAMES = ("o_proj", "out_proj", "proj", "c_proj", "o", "out_lin", "dense")
 # (up, down) children of a feed-forward module; the down projection is the sub-layer's output.
