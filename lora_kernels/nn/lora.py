@@ -25,6 +25,8 @@ class LoRALinear(nn.Module):
     layers do, unmerges itself first if it was merged.
     """
 
+    disable_adapters = False  # class default: instances pickled before the switch existed load enabled
+
     def __init__(self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True,
                  use_rslora=False, *, fan_in_fan_out=False, device=None, dtype=None):
         super().__init__()
@@ -46,7 +48,6 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
         self.merged = False
-        self.disable_adapters = False
         self.reset_parameters()
 
     @property
