@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[test,hf,bench]"
+	# Model families for the surgery tests, without their torchvision requirement: PyPI's
+	# torchvision is a CUDA build that pulls a CUDA torch and does not import beside the CPU one.
+	$(PY) -m pip install --no-deps "timm>=1.0.17,<2" "open-clip-torch>=3,<4"
 	touch $@
 
 # The whole suite, then the Triton kernels again through the CPU interpreter (on a GPU

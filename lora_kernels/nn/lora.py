@@ -20,8 +20,12 @@ class LoRALinear(nn.Module):
     Kaiming-uniform init and ``lora_B`` ([out, r]) zeros, so a new layer equals its base.
     ``fan_in_fan_out=True`` keeps the weight in GPT-2 Conv1D's [in, out] layout.
     ``merge()`` folds the update into the weight (one GEMM per call, no LoRA gradients
-    while merged); ``unmerge()`` takes it out again.
+    while merged); ``unmerge()`` takes it out again. ``enable_adapters(False)`` (PEFT's switch)
+    sets ``disable_adapters``: the layer then runs its base product only, and, as PEFT's
+    layers do, unmerges itself first if it was merged.
     """
+
+    disable_adapters = False  # class default: instances pickled before the switch existed load enabled
 
     def __init__(self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True,
                  use_rslora=False, *, fan_in_fan_out=False, device=None, dtype=None):
@@ -102,7 +106,14 @@ class LoRALinear(nn.Module):
             w.copy_((w.to(torch.promote_types(w.dtype, torch.float32)) - self.delta_weight()).to(w.dtype))
             self.merged = False
 
+    def enable_adapters(self, enabled: bool = True) -> None:
+        self.disable_adapters = not enabled
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return nn.functional.linear(x, self.base_weight(), self.bias)
         if self.merged:
             return nn.functional.linear(x, self.base_weight(), self.bias)
         return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self.scaling,

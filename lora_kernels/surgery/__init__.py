@@ -3,7 +3,8 @@
 Every function edits the model in place and returns it, and leaves trainable exactly the
 parameters of the method:
 
-* ``apply_lora``   — wrap the targeted ``nn.Linear`` / GPT-2 ``Conv1D`` layers in ``LoRALinear``.
+* ``apply_lora``   — wrap the targeted ``nn.Linear`` / GPT-2 ``Conv1D`` layers in ``LoRALinear``
+  (``nn.MultiheadAttention`` targets in ``LoRAMultiheadAttention``).
 * ``add_adapters`` — insert a ``BottleneckAdapter`` after attention and/or FFN output projections.
 * ``ln_tuning``    — swap every ``nn.LayerNorm`` for ``FusedLayerNorm`` and every RMSNorm (torch's, the
   Hugging Face LLaMA-family classes, any added by ``register_rms_norm``) for ``FusedRMSNorm``; train only those.
@@ -18,9 +19,10 @@ that must match the whole qualified name.
 """
 from .adapters import AdapterAfter, add_adapters
 from .lora import apply_lora
+from .mha import LoRAMultiheadAttention
 from .peft_format import load_adapter, save_adapter
 from .peft_interop import from_peft
 from .selective import bitfit, ln_tuning, register_rms_norm
 
 __all__ = ["apply_lora", "add_adapters", "ln_tuning", "bitfit", "from_peft", "save_adapter", "load_adapter",
-           "AdapterAfter", "register_rms_norm"]
+           "AdapterAfter", "LoRAMultiheadAttention", "register_rms_norm"]

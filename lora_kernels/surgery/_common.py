@@ -54,7 +54,8 @@ def _freeze_all_but(model: nn.Module, keep) -> None:
 
 
 def _lora_parameters(model: nn.Module) -> list:
-    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)]
+    from .mha import lora_layers  # mha imports nothing from surgery; keeps _common import-light
+    return [p for m in lora_layers(model) for p in (m.lora_A, m.lora_B)]
 
 
 def _some_names(names, limit=6) -> str:

@@ -1,15 +1,19 @@
-"""add_adapters: a BottleneckAdapter after each sub-layer's output projection (Houlsby / Pfeiffer)."""
+"""add_adapters: a BottleneckAdapter after each sub-layer's output (Houlsby / Pfeiffer)."""
 from torch import nn
 
 from ..nn import BottleneckAdapter, LoRALinear
-from ._common import _freeze_all_but, _in_out_features, _is_linear, _name_matches, _set_submodule
+from ._common import _freeze_all_but, _in_out_features, _is_linear, _set_submodule
+from .mha import LoRAMultiheadAttention
+from .structure import DESCRIPTION, keep_fast_paths_off, sublayer_outputs
 
 
 class AdapterAfter(nn.Module):
     """Runs ``module`` and then ``adapter`` on its output.
 
     Wrapping (rather than patching forwards) keeps the original projection reachable as
-    ``<name>.module`` and the adapter as ``<name>.adapter``.
+    ``<name>.module`` and the adapter as ``<name>.adapter``. A tuple output (an
+    ``nn.MultiheadAttention``'s ``(output, weights)``) keeps its shape: the adapter acts on the
+    first element, the attention weights (or None, with ``need_weights=False``) pass through.
     """
 
     def __init__(self, module: nn.Module, adapter: nn.Module):
@@ -17,7 +21,10 @@ class AdapterAfter(nn.Module):
         self.module, self.adapter = module, adapter
 
     def forward(self, *args, **kwargs):
-        return self.adapter(self.module(*args, **kwargs))
+        out = self.module(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (self.adapter(out[0]),) + out[1:]
+        return self.adapter(out)
 
     def __getattr__(self, name):
         # Model code sometimes reads a projection's attributes (``.weight.dtype``, ``.nf``): delegate.
@@ -29,56 +36,42 @@ class AdapterAfter(nn.Module):
             return getattr(self.module, name)
 
 
-# Sub-layer output projections, each added to the residual stream right after (dropout aside).
-ATTENTION_OUTPUTS = ("attention.output.dense", "crossattention.output.dense",     # BERT, old ViT
-                     "attn.c_proj", "crossattention.c_proj",                        # GPT-2
-                     "self_attn.out_proj", "self_attn.o_proj", "attention.o_proj")  # CLIP, Llama, ViT (v5)
-FFN_OUTPUTS = ("output.dense",                                                      # BERT, old ViT
-               "mlp.c_proj", "mlp.fc2", "mlp.down_proj")                            # GPT-2, CLIP/ViT, Llama
 PLACEMENTS = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",)}
 
 
-def _sublayer_outputs(model: nn.Module) -> dict:
-    """{"attention": [names], "ffn": [names]}; attention patterns win ('attention.output.dense'
-    also ends with 'output.dense')."""
-    found = {"attention": [], "ffn": []}
-    for name, _ in model.named_modules():
-        if _name_matches(name, ATTENTION_OUTPUTS):
-            found["attention"].append(name)
-        elif _name_matches(name, FFN_OUTPUTS):
-            found["ffn"].append(name)
-    return found
-
-
 def add_adapters(model: nn.Module, placement="houlsby", bottleneck=64, activation="gelu", scale=1.0) -> nn.Module:
-    """Insert a ``BottleneckAdapter`` after sub-layer output projections, before the residual add.
+    """Insert a ``BottleneckAdapter`` after sub-layer outputs, before the residual add.
 
     "houlsby": after the attention output and the FFN output of every layer; "pfeiffer": after
-    the FFN output only. Afterwards only the adapters' parameters are trainable.
+    the FFN output only. The places are found by structure (``structure.sublayer_outputs``);
+    where the attention is an ``nn.MultiheadAttention`` the adapter wraps that module (its
+    ``out_proj`` is never called). Afterwards only the adapters' parameters are trainable.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {placement!r}")
-    found = _sublayer_outputs(model)
+    found = sublayer_outputs(model)
     for kind in PLACEMENTS[placement]:
         if not found[kind]:
-            patterns = ATTENTION_OUTPUTS if kind == "attention" else FFN_OUTPUTS
-            raise ValueError(f"add_adapters({placement!r}) found no {kind} output projection in "
-                             f"{type(model).__name__}; looked for module names ending in {patterns}")
+            raise ValueError(f"add_adapters({placement!r}) found no {kind} output in {type(model).__name__}; "
+                             f"looked for {DESCRIPTION}")
     names = [name for kind in PLACEMENTS[placement] for name in found[kind]]
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, AdapterAfter):
             raise ValueError(f"module '{name}' already has an adapter")
-        if not (_is_linear(module) or isinstance(module, LoRALinear)):
+        if not (_is_linear(module) or isinstance(module, (LoRALinear, nn.MultiheadAttention, LoRAMultiheadAttention))):
             raise TypeError(f"'{name}' is a {type(module).__name__}, not a linear projection")
     adapters = []
     for name in names:
         module = model.get_submodule(name)
-        w = module.weight
-        adapter = BottleneckAdapter(_in_out_features(module)[1], bottleneck=bottleneck, activation=activation,
+        mha = isinstance(module, (nn.MultiheadAttention, LoRAMultiheadAttention))
+        w = module.out_proj.weight if mha else module.weight
+        width = module.embed_dim if mha else _in_out_features(module)[1]
+        adapter = BottleneckAdapter(width, bottleneck=bottleneck, activation=activation,
                                     scale=scale, device=w.device, dtype=w.dtype)
         adapter.train(module.training)
         _set_submodule(model, name, AdapterAfter(module, adapter))
         adapters.append(adapter)
+    keep_fast_paths_off(model, names)
     _freeze_all_but(model, [p for a in adapters for p in a.parameters()])
     return model

@@ -4,13 +4,19 @@ from torch import nn
 from ..nn import LoRALinear
 from ._common import (_check_rank, _check_targets, _freeze_all_but, _is_linear, _lora_parameters,
                       _matching_names, _set_submodule, _some_names)
+from .mha import LoRAMultiheadAttention
+from .structure import check_on_forward_path, keep_fast_paths_off, off_path_reason
 
 
 def apply_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, use_rslora=False) -> nn.Module:
     """Replace each targeted ``nn.Linear`` / ``Conv1D`` by a ``LoRALinear`` sharing its weight.
 
     ``target_modules="all-linear"`` targets every one of them but the output head, as PEFT's keyword.
-    Afterwards only the ``lora_A`` / ``lora_B`` parameters of the model are trainable.
+    Afterwards only the ``lora_A`` / ``lora_B`` parameters of the model are trainable. An
+    ``nn.MultiheadAttention`` target becomes a ``LoRAMultiheadAttention`` (LoRA on its in- and
+    out-projections, PEFT's layout; no dropout there, so ``dropout`` > 0 is refused for it).
+    An MHA's ``out_proj`` alone is refused with a ValueError: the MHA reads its weight directly
+    and never calls it, so a LoRALinear there would never run.
     """
     _check_rank(r)
     _check_targets(target_modules)
@@ -20,6 +26,10 @@ def apply_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, use
         linear = [n for n, m in model.named_modules() if _is_linear(m)]
         raise ValueError(f"target_modules={target_modules!r} matched no module of {type(model).__name__}; "
                          f"its linear layers include: {_some_names(linear)}")
+    mha = [n for n in names if isinstance(model.get_submodule(n), nn.MultiheadAttention)]
+    if dropout and mha:
+        raise ValueError(f"dropout={dropout}: LoRA on nn.MultiheadAttention ({_some_names(mha)}) is merged into "
+                         f"its weights for each call and takes no dropout (as PEFT's); use dropout=0.0")
     _inject_lora(model, {name: (r, alpha) for name in names}, dropout, use_rslora)
     _freeze_all_but(model, _lora_parameters(model))
     return model
@@ -31,25 +41,37 @@ ALL_LINEAR = "all-linear"
 def _all_linear_names(model: nn.Module) -> list:
     """PEFT's "all-linear": every nn.Linear / Conv1D except the module a transformers model returns
     from ``get_output_embeddings()`` (the LM head; PEFT skips it likewise), and except the layers
-    inside a LoRALinear."""
+    inside a LoRALinear, and except those their parent never calls (an nn.MultiheadAttention's
+    out_proj: a LoRA there would never run; target the MHA itself for that)."""
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     inside = {f"{prefix}.{sub}" for prefix, m in model.named_modules() if isinstance(m, LoRALinear)
               for sub, _ in m.named_modules() if sub}
     return [name for name, m in model.named_modules()
-            if name and _is_linear(m) and m is not head and name not in inside]
+            if name and _is_linear(m) and m is not head and name not in inside
+            and off_path_reason(model, name) is None]
 
 
 def _inject_lora(model: nn.Module, plan: dict, dropout: float, use_rslora: bool) -> None:
     """``plan``: {qualified name: (r, alpha)}. Checks every target before replacing any (atomic)."""
     for name in plan:
         module = model.get_submodule(name)
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"module '{name}' is already a LoRALinear")
+        check_on_forward_path(model, name, "apply_lora")
+        if isinstance(module, (LoRALinear, LoRAMultiheadAttention)):
+            raise ValueError(f"module '{name}' is already a {type(module).__name__}")
+        if isinstance(module, nn.MultiheadAttention):
+            if not module._qkv_same_embed_dim:
+                raise ValueError(f"LoRA target '{name}': nn.MultiheadAttention with kdim/vdim != embed_dim "
+                                 f"(separate q/k/v weights) is not supported")
+            continue
         if not _is_linear(module):
-            raise TypeError(f"LoRA target '{name}' is a {type(module).__name__}; only nn.Linear and "
-                            f"transformers Conv1D can be targeted")
+            raise TypeError(f"LoRA target '{name}' is a {type(module).__name__}; only nn.Linear, "
+                            f"transformers Conv1D and nn.MultiheadAttention can be targeted")
     for name, (r, alpha) in plan.items():
         base = model.get_submodule(name)
-        lora = LoRALinear.from_linear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        if isinstance(base, nn.MultiheadAttention):
+            lora = LoRAMultiheadAttention(base, r=r, alpha=alpha, use_rslora=use_rslora)
+        else:
+            lora = LoRALinear.from_linear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
         lora.train(base.training)
         _set_submodule(model, name, lora)
+    keep_fast_paths_off(model, plan)

@@ -12,6 +12,7 @@ from ..nn import LoRALinear
 from ._common import (_check_targets, _freeze_all_but, _import_optional, _in_out_features, _is_linear,
                       _lora_parameters, _matching_names, _peft_root, _some_names)
 from .lora import _inject_lora
+from .mha import LoRAMultiheadAttention
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -31,7 +32,11 @@ def save_adapter(model: nn.Module, path, base_model_name_or_path=None) -> nn.Mod
     """
     st = _import_optional("safetensors.torch", "save_adapter")
     root = _peft_root(model)
-    layers = {name: m for name, m in root.named_modules() if isinstance(m, LoRALinear)}
+    # An MHA's LoRA is one PEFT target (the MHA) whose out_proj LoRALinear rides along.
+    mha = {name: m for name, m in root.named_modules() if isinstance(m, LoRAMultiheadAttention)}
+    inner = {f"{name}.base_layer.out_proj": m.base_layer.out_proj for name, m in mha.items()}
+    linear = {name: m for name, m in root.named_modules() if isinstance(m, LoRALinear) and name not in inner}
+    layers = {**linear, **mha}
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no LoRALinear layer")
     if len({m.use_rslora for m in layers.values()}) > 1:
@@ -48,14 +53,14 @@ def save_adapter(model: nn.Module, path, base_model_name_or_path=None) -> nn.Mod
         "rank_pattern": {n: m.r for n, m in layers.items() if m.r != r},
         "alpha_pattern": {n: m.alpha for n, m in layers.items() if m.alpha != alpha},
         # PEFT has one dropout for all layers: keep the most common one.
-        "lora_dropout": _most_common(m.dropout for m in layers.values()),
+        "lora_dropout": _most_common(m.dropout for m in linear.values()) if linear else 0.0,
         # PEFT corrects this per layer (Conv1D needs True, Linear False); record what GPT-2-style layers use.
-        "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in linear.values()),
         "use_rslora": first.use_rslora, "bias": "none", "lora_bias": False, "use_dora": False,
         "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
     }
     tensors = {}
-    for name, m in layers.items():
+    for name, m in {**layers, **inner}.items():
         for key, param in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
             tensors[KEY_PREFIX + name + KEY_SUFFIXES[key]] = param.detach().to("cpu").contiguous()
     os.makedirs(path, exist_ok=True)
@@ -135,23 +140,30 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     plan = {n: (_pattern_value(config.get("rank_pattern"), n, config["r"]),
                 _pattern_value(config.get("alpha_pattern"), n, config["lora_alpha"])) for n in names}
 
-    missing, unexpected = sorted(set(plan) - set(weights)), sorted(set(weights) - set(plan))
+    is_mha = {n for n in plan if isinstance(root.get_submodule(n), (nn.MultiheadAttention, LoRAMultiheadAttention))}
+    expected = set(plan) | {f"{n}.base_layer.out_proj" for n in is_mha}
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
         raise ValueError(f"load_adapter: {path} does not fit {type(root).__name__}: "
                          f"LoRA layers without weights: [{_some_names(missing)}]; "
                          f"weights for no targeted layer: [{_some_names(unexpected)}]")
     _check_weight_shapes(root, plan, weights)
 
-    existing = {n for n in plan if isinstance(root.get_submodule(n), LoRALinear)}
+    existing = {n for n in plan if isinstance(root.get_submodule(n), (LoRALinear, LoRAMultiheadAttention))}
     _inject_lora(root, {n: ra for n, ra in plan.items() if n not in existing}, config.get("lora_dropout", 0.0),
                  config.get("use_rslora", False))
     with torch.no_grad():
         for name, (r, alpha) in plan.items():
             lora = root.get_submodule(name)
-            lora.alpha, lora.use_rslora = alpha, config.get("use_rslora", False)
-            lora.dropout = float(config.get("lora_dropout", 0.0))
-            lora.lora_A.copy_(weights[name]["lora_A"])
-            lora.lora_B.copy_(weights[name]["lora_B"])
+            parts = {name: lora}
+            if isinstance(lora, LoRAMultiheadAttention):  # no dropout there (PEFT merges it per call)
+                parts[f"{name}.base_layer.out_proj"] = lora.base_layer.out_proj
+            else:
+                lora.dropout = float(config.get("lora_dropout", 0.0))
+            for part_name, part in parts.items():
+                part.alpha, part.use_rslora = alpha, config.get("use_rslora", False)
+                part.lora_A.copy_(weights[part_name]["lora_A"])
+                part.lora_B.copy_(weights[part_name]["lora_B"])
     _freeze_all_but(model, _lora_parameters(model))
     return model
 
@@ -161,6 +173,20 @@ def _check_weight_shapes(root: nn.Module, plan: dict, weights: dict) -> None:
     problems = []
     for name, (r, _) in plan.items():
         module = root.get_submodule(name)
+        if isinstance(module, (nn.MultiheadAttention, LoRAMultiheadAttention)):
+            if isinstance(module, LoRAMultiheadAttention):
+                if module.merged:
+                    raise ValueError(f"load_adapter: '{name}' is merged; unmerge() it before loading weights")
+                r = module.r
+            e = module.embed_dim
+            for part, kind, shape in ((name, "lora_A", (r, e)), (name, "lora_B", (3 * e, r)),
+                                      (f"{name}.base_layer.out_proj", "lora_A", (r, e)),
+                                      (f"{name}.base_layer.out_proj", "lora_B", (e, r))):
+                tensor = weights[part].get(kind)
+                if tensor is None or tuple(tensor.shape) != shape:
+                    problems.append(f"{part}.{kind} is {None if tensor is None else list(tensor.shape)}, "
+                                    f"expected {list(shape)}")
+            continue
         if isinstance(module, LoRALinear):
             if module.merged:
                 raise ValueError(f"load_adapter: '{name}' is merged; unmerge() it before loading weights")

@@ -1,7 +1,9 @@
 """from_peft: PEFT's LoRA layers become LoRALinear sharing the same tensors, and the PeftModel's
-own save/merge/unload methods keep working on the result."""
+own save/merge/unload methods and adapter switches keep working on the result."""
+import contextlib
 import functools
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 from ..nn import LoRALinear
 from ..nn.lora import _is_conv1d
 from ._common import _import_optional, _in_out_features, _is_linear, _set_submodule
+from .mha import LoRAMultiheadAttention, lora_layers
 from .peft_format import save_adapter
 
 
@@ -43,20 +46,23 @@ def _lora_from_peft_layer(name: str, layer: nn.Module):
         raise ValueError(f"{name}: from_peft converts exactly one active adapter, this layer has {active}")
     adapter = active[0]
     base = layer.base_layer
-    if not _is_linear(base):
+    mha = isinstance(base, nn.MultiheadAttention)
+    if not (_is_linear(base) or mha):
         raise TypeError(f"{name}: PEFT LoRA on {type(base).__name__} is not supported by from_peft; "
-                        f"only nn.Linear and transformers Conv1D base layers are")
+                        f"only nn.Linear, transformers Conv1D and nn.MultiheadAttention base layers are")
     if adapter not in layer.lora_A:
         return None
     variant = getattr(layer, "lora_variant", {}).get(adapter)
     if variant is not None or getattr(layer, "use_dora", {}).get(adapter, False):
         kind = type(variant).__name__ if variant is not None else "DoRA"
         raise ValueError(f"{name}: LoRA variant {kind} is not supported by from_peft (plain LoRA only)")
-    if layer.merged or layer.disable_adapters:
-        raise ValueError(f"{name}: the PEFT adapter is merged or disabled; unmerge/enable it before from_peft")
+    if layer.merged:
+        raise ValueError(f"{name}: the PEFT adapter is merged; unmerge it before from_peft")
     lin_A, lin_B = layer.lora_A[adapter], layer.lora_B[adapter]
     if not isinstance(lin_A, nn.Linear) or lin_A.bias is not None or lin_B.bias is not None:
         raise ValueError(f"{name}: only bias-free nn.Linear lora_A/lora_B are supported (lora_bias=False)")
+    if mha:
+        return _mha_from_peft_layer(name, layer, adapter)
     drop = layer.lora_dropout[adapter]
     if not isinstance(drop, (nn.Dropout, nn.Identity)):
         raise TypeError(f"{name}: unsupported lora_dropout module {type(drop).__name__}")
@@ -75,7 +81,25 @@ def _lora_from_peft_layer(name: str, layer: nn.Module):
     # The very same Parameter objects: optimizer state and requires_grad flags carry over.
     lora.weight, lora.bias, lora.lora_A, lora.lora_B = w, base.bias, A, B
     lora.train(drop.training)  # PEFT's dropout module decides whether its dropout is active
+    lora.enable_adapters(not layer.disable_adapters)
     return lora
+
+
+def _mha_from_peft_layer(name: str, layer: nn.Module, adapter: str) -> LoRAMultiheadAttention:
+    """PEFT's lora.MultiheadAttention as a LoRAMultiheadAttention sharing its tensors; its
+    out_proj (a PEFT Linear) is converted on its own, as the next layer from_peft meets."""
+    base, A, B = layer.base_layer, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    w = base.in_proj_weight
+    if (A.dtype, A.device) != (w.dtype, w.device) or (B.dtype, B.device) != (w.dtype, w.device):
+        raise ValueError(f"{name}: LoRA weights are {A.dtype} on {A.device} but the base weight is {w.dtype} on "
+                         f"{w.device}; create the PEFT model with autocast_adapter_dtype=False, or cast the model")
+    r, use_rslora = layer.r[adapter], bool(layer.use_rslora.get(adapter, False))
+    lora = LoRAMultiheadAttention(base, r=r, alpha=layer.lora_alpha[adapter], use_rslora=use_rslora,
+                                  _out_proj=base.out_proj)
+    lora.alpha = _alpha_for_scaling(r, lora.alpha, use_rslora, layer.scaling[adapter], name)
+    lora.lora_A, lora.lora_B = A, B
+    lora.disable_adapters = bool(layer.disable_adapters)
+    return lora.train(layer.training)
 
 
 def from_peft(peft_model: nn.Module) -> nn.Module:
@@ -90,6 +114,12 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     model ``save_pretrained`` writes through ``save_adapter`` (PEFT's format), and
     ``merge_and_unload`` / ``unload`` fold in (or drop) each update and put back plain
     ``nn.Linear`` / ``Conv1D`` layers holding the same weight and bias.
+
+    PEFT's switches act on PEFT's layers only and, finding none, raise "No adapter layers found"
+    or do nothing; so ``disable_adapter()`` (context manager), ``disable_adapter_layers()`` /
+    ``enable_adapter_layers()``, ``merge_adapter()`` / ``unmerge_adapter()`` and
+    ``set_adapter(name)`` are routed to the ``LoRALinear`` layers too, with PEFT's outputs.
+    Only the adapter that was active is converted: ``set_adapter`` to another raises.
     """
     # Without peft there is no PEFT model; say how to install it rather than "no LoRA layer found".
     _import_optional("peft", "from_peft")
@@ -100,8 +130,10 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     for name, lora in replacements:
         if lora is not None:
             _set_submodule(peft_model, name, lora)
-    if any(lora is not None for _, lora in replacements):
+    converted = [m for (_, m), (_, lora) in zip(layers, replacements) if lora is not None]
+    if converted:
         _route_peft_methods(peft_model)
+        _route_peft_switches(peft_model, converted[0].active_adapters[0])
     return peft_model
 
 
@@ -130,13 +162,16 @@ def _unload(peft_model, lora_model, merge: bool, *_args, **_kwargs) -> nn.Module
     """PEFT's ``merge_and_unload`` (merge=True) or ``unload`` after ``from_peft``: each LoRALinear
     becomes its base layer again, merged or not; then PEFT's own method unloads the layers
     from_peft left alone (no active adapter there) and returns the bare model."""
-    for name, module in list(peft_model.named_modules()):
-        if isinstance(module, LoRALinear):
-            if merge:
-                module.merge()
-            else:
-                module.unmerge()
-            _set_submodule(peft_model, name, _base_layer(module))
+    # MHAs first: each leaves its nn.MultiheadAttention, whose out_proj LoRALinear the second pass meets.
+    for kind in (LoRAMultiheadAttention, LoRALinear):
+        for name, module in list(peft_model.named_modules()):
+            if isinstance(module, kind):
+                if merge:
+                    module.merge()
+                else:
+                    module.unmerge()
+                _set_submodule(peft_model, name, module.base_layer if kind is LoRAMultiheadAttention
+                               else _base_layer(module))
     method = type(lora_model).merge_and_unload if merge else type(lora_model).unload
     return method(lora_model, *_args, **_kwargs)
 
@@ -151,3 +186,92 @@ def _base_layer(lora: LoRALinear) -> nn.Module:
             layer = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None)
     layer.weight, layer.bias = lora.weight, lora.bias
     return layer.train(lora.training)
+
+
+# --------------------------------------------------------------------------- PEFT's switches
+
+def _route_peft_switches(peft_model: nn.Module, adapter: str) -> None:
+    """PEFT's adapter switches as instance attributes of the LoraModel (PeftModel forwards its
+    merge/enable/... calls there) and of the PeftModel (``disable_adapter``, ``set_adapter``)."""
+    lora_model = getattr(peft_model, "base_model", None)
+    if not all(callable(getattr(lora_model, m, None)) for m in
+               ("enable_adapter_layers", "disable_adapter_layers", "merge_adapter", "unmerge_adapter", "set_adapter")):
+        return
+    lora_model.enable_adapter_layers = functools.partial(_enable_layers, peft_model, lora_model, True)
+    lora_model.disable_adapter_layers = functools.partial(_enable_layers, peft_model, lora_model, False)
+    lora_model.merge_adapter = functools.partial(_merge_adapter, peft_model, lora_model, adapter)
+    lora_model.unmerge_adapter = functools.partial(_unmerge_adapter, peft_model, lora_model)
+    lora_model.set_adapter = functools.partial(_set_adapter, peft_model, lora_model, adapter)
+    if callable(getattr(peft_model, "disable_adapter", None)) and peft_model is not lora_model:
+        peft_model.disable_adapter = functools.partial(_disable_adapter, peft_model, lora_model)
+
+
+def _loras(peft_model) -> list:
+    return lora_layers(peft_model)
+
+
+def _peft_layers_left(peft_model) -> bool:
+    """PEFT layers from_peft left alone (the active adapter does not touch them)."""
+    return any(_is_peft_lora_layer(m) for m in peft_model.modules())
+
+
+def _enable_layers(peft_model, lora_model, enabled: bool) -> None:
+    for lora in _loras(peft_model):
+        lora.enable_adapters(enabled)
+    method = type(lora_model).enable_adapter_layers if enabled else type(lora_model).disable_adapter_layers
+    method(lora_model)  # PEFT's own: its warnings (bias) and the layers left alone
+
+
+@contextlib.contextmanager
+def _disable_adapter(peft_model, lora_model):
+    """``PeftModel.disable_adapter()``: the base model inside, each layer's previous state after."""
+    loras = _loras(peft_model)
+    peft_layers = [m for m in peft_model.modules() if _is_peft_lora_layer(m)]
+    before = [m.disable_adapters for m in loras + peft_layers]
+    was_disabled = getattr(peft_model, "_adapters_disabled", False)
+    try:
+        lora_model.disable_adapter_layers()
+        peft_model._adapters_disabled = True
+        yield
+    finally:
+        for module, disabled in zip(loras + peft_layers, before):
+            module.enable_adapters(not disabled)
+        peft_model._adapters_disabled = was_disabled
+
+
+def _merge_adapter(peft_model, lora_model, adapter, adapter_names=None, safe_merge=False) -> None:
+    if adapter_names is not None and list(adapter_names) != [adapter]:
+        raise ValueError(f"merge_adapter(adapter_names={adapter_names!r}): after from_peft the model holds "
+                         f"only adapter {adapter!r}")
+    getattr(lora_model, "_check_merge_allowed", lambda: None)()
+    loras = [m for m in _loras(peft_model) if not m.merged]
+    if safe_merge:
+        for lora in loras:
+            if not torch.isfinite(lora.base_weight().float() + lora.delta_weight()).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+    for lora in loras:
+        lora.merge()
+    if _peft_layers_left(peft_model):
+        type(lora_model).merge_adapter(lora_model, adapter_names=adapter_names, safe_merge=safe_merge)
+
+
+def _unmerge_adapter(peft_model, lora_model) -> None:
+    for lora in _loras(peft_model):
+        lora.unmerge()
+    if _peft_layers_left(peft_model):
+        type(lora_model).unmerge_adapter(lora_model)
+
+
+def _set_adapter(peft_model, lora_model, adapter, adapter_name, inference_mode=False) -> None:
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    if names != [adapter]:
+        raise ValueError(f"set_adapter({adapter_name!r}): from_peft converted only the adapter that was active, "
+                         f"{adapter!r}, and the model holds no other; call set_adapter before from_peft")
+    loras = _loras(peft_model)
+    if any(m.merged for m in loras):
+        warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+    for lora in loras:
+        lora.unmerge()
+        lora.lora_A.requires_grad_(not inference_mode)
+        lora.lora_B.requires_grad_(not inference_mode)
+    type(lora_model).set_adapter(lora_model, adapter_name, inference_mode=inference_mode)
