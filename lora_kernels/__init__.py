@@ -10,12 +10,13 @@ from .ops.adapter import adapter
 from .ops.infonce import infonce
 from .ops.layer_norm import layer_norm
 from .ops.lora import lora_linear
+from .ops.lora_multi import lora_linear_multi
 from .surgery import add_adapters, apply_lora, bitfit, from_peft, ln_tuning, load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "lora_linear", "adapter", "layer_norm", "infonce",
+    "lora_linear", "lora_linear_multi", "adapter", "layer_norm", "infonce",
     "LoRALinear", "BottleneckAdapter", "FusedLayerNorm", "InfoNCELoss",
     "apply_lora", "add_adapters", "ln_tuning", "bitfit", "from_peft", "save_adapter", "load_adapter",
     "set_backend", "get_backend", "use_backend", "BackendUnavailable",
