@@ -6,7 +6,6 @@ import torch
 import lora_kernels as lk
 from lora_kernels.ops import _direct, lora_multi as op
 from lora_kernels.reference import lora_multi as ref
-from lora_kernels.reference.lora import dropout_mask
 
 from conftest import DEVICE, DTYPES, TOLERANCE, assert_close, backends_for, check_against_reference, randn, rel_err
 
@@ -296,14 +295,17 @@ def _bad(what):
 
 
 BAD_INPUTS = [  # (description, replaced arguments, exception, text in message)
-    ("id too large", lambda **a: dict(adapter_ids=torch.tensor([0, 2, 1, -1])), ValueError, r"adapter_ids must be in \[-1, n\)"),
+    ("id too large", lambda **a: dict(adapter_ids=torch.tensor([0, 2, 1, -1])), ValueError,
+     r"adapter_ids must be in \[-1, n\)"),
     ("id below -1", lambda **a: dict(adapter_ids=torch.tensor([0, -2, 1, -1])), ValueError, "adapter_ids must be in"),
     ("float ids", lambda **a: dict(adapter_ids=a["adapter_ids"].float()), TypeError, "adapter_ids must be an int32"),
     ("ids shape", lambda **a: dict(adapter_ids=a["adapter_ids"][:3]), ValueError, "adapter_ids must have the shape"),
     ("ids not a tensor", lambda **a: dict(adapter_ids=[0, 1, 0, 1]), TypeError, "adapter_ids must be"),
     ("scalings length", lambda **a: dict(scalings=a["scalings"][:1]), ValueError, r"scalings must have shape \[n\]"),
-    ("scalings int", lambda **a: dict(scalings=torch.ones(2, dtype=torch.long)), TypeError, "scalings must be a floating"),
-    ("scalings grad", lambda **a: dict(scalings=a["scalings"].clone().requires_grad_()), ValueError, "must not require grad"),
+    ("scalings int", lambda **a: dict(scalings=torch.ones(2, dtype=torch.long)), TypeError,
+     "scalings must be a floating"),
+    ("scalings grad", lambda **a: dict(scalings=a["scalings"].clone().requires_grad_()), ValueError,
+     "must not require grad"),
     ("scalings nan", lambda **a: dict(scalings=[1.0, float("nan")]), ValueError, "scalings must be finite"),
     ("2-D lora_A", lambda **a: dict(lora_A=a["lora_A"][0]), ValueError, "lora_A must be 3-D"),
     ("A width", lambda **a: dict(lora_A=a["lora_A"][..., :-1]), ValueError, "lora_A"),

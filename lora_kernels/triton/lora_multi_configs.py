@@ -1,0 +1,74 @@
+"""Autotune rules of the lora_linear_multi kernels: short, conservative config lists (blocks <= 128,
+stages <= 3), the pruner that filters them per launch, and the autotuned kernel handles that
+triton/lora_multi.py launches."""
+import triton
+
+from . import _common
+from .lora_multi_kernels import (_multi_bwd_da_kernel, _multi_bwd_dx_kernel, _multi_bwd_gb_kernel,
+                                 _multi_down_rows_kernel, _multi_down_seg_kernel, _multi_fwd_kernel)
+
+_SMEM_BUDGET = 192 << 10  # bytes of pipelined tiles per program (H100: 227 KB, minus epilogue scratch)
+
+
+def _config(num_warps, num_stages, **blocks):
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+# Short, conservative lists (blocks <= 128, stages <= 3; see the sm_90 spill gate): (BLOCK_M,
+# output width, reduction step, warps, stages) for the forward (N, K) and dx (K, N) GEMMs.
+_GEMM_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3),
+               (32, 64, 64, 4, 3), (16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (16, 32, 128, 4, 2)]
+_STREAM_TILES = [(16, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32, 32, 4, 2)]
+
+
+def _gemm_configs(out_name, red_name):
+    return [_config(w, s, BLOCK_M=bm, GROUP_M=8, **{out_name: bo, red_name: br}) for bm, bo, br, w, s in _GEMM_TILES]
+
+
+def _pruner(first_arg, stage_elems, tall, out=None):
+    """Autotuner pre-filter: row tiles that suit the row count (``tall``: GEMMs, where many rows
+    want 64+), a small output tile ``out`` for fp64 (no tensor cores, 8-byte accumulators), and
+    pipelined tiles within shared memory. stage_elems(blocks, kwargs): elements one stage holds."""
+    def prune(configs, named_args, **kwargs):
+        esize, m = named_args[first_arg].element_size(), named_args["M_BUCKET"]
+
+        def ok(c):
+            bm = c.kwargs["BLOCK_M"]
+            rows = bm >= 64 if (tall and m > 64) else bm <= max(16, m)
+            small = esize < 8 or out is None or bm * c.kwargs[out] <= 64 * 64
+            return rows and small and stage_elems(c.kwargs, kwargs) * esize * c.num_stages <= _SMEM_BUDGET
+        kept = [c for c in configs if ok(c)]
+        return kept or [min(configs, key=lambda c: stage_elems(c.kwargs, kwargs) * c.num_stages)]
+    return prune
+
+
+def _autotuned(kernel, configs, key, prune):
+    # The autotuner needs a GPU driver; under the interpreter the plain kernel runs one fixed config.
+    if _common.INTERPRET:
+        return kernel
+    return triton.autotune(configs=configs, key=key, prune_configs_by=_common.prune_by(prune))(kernel)
+
+
+_TUNE_KEY = ["M_BUCKET", "N", "K", "R"]
+fwd = _autotuned(  # stage: x and Wᵀ tiles
+    _multi_fwd_kernel, _gemm_configs("BLOCK_N", "BLOCK_K"), _TUNE_KEY,
+    _pruner("X", lambda b, k: (b["BLOCK_M"] + b["BLOCK_N"]) * b["BLOCK_K"], tall=True, out="BLOCK_N"))
+dx = _autotuned(  # stage: g and W tiles
+    _multi_bwd_dx_kernel, _gemm_configs("BLOCK_K", "BLOCK_N"), _TUNE_KEY + ["HAS_DROPOUT"],
+    _pruner("G", lambda b, k: (b["BLOCK_M"] + b["BLOCK_K"]) * b["BLOCK_N"], tall=True, out="BLOCK_K"))
+down_seg = _autotuned(  # stage: x and Aᵀ tiles
+    _multi_down_seg_kernel, [_config(w, s, BLOCK_M=bm, BLOCK_K=bk) for bm, bk, w, s in _STREAM_TILES],
+    ["M_BUCKET", "K", "R", "HAS_DROPOUT"],
+    _pruner("X", lambda b, k: (b["BLOCK_M"] + k["BLOCK_R"]) * b["BLOCK_K"], tall=False))
+down_rows = _autotuned(  # one row: x and A_i tiles
+    _multi_down_rows_kernel, [_config(4, 3, BLOCK_K=128), _config(2, 3, BLOCK_K=64)],
+    ["M_BUCKET", "K", "R", "HAS_DROPOUT"], None)
+da = _autotuned(  # stage: x and v tiles (v in fp32)
+    _multi_bwd_da_kernel, [_config(w, s, BLOCK_M=bm, BLOCK_K=bk) for bm, bk, w, s in _STREAM_TILES],
+    ["M_BUCKET", "K", "R", "HAS_DROPOUT"],
+    _pruner("X", lambda b, k: b["BLOCK_M"] * (b["BLOCK_K"] + 2 * k["BLOCK_R"]), tall=False))
+gb = _autotuned(  # stage: g and u tiles (u in fp32)
+    _multi_bwd_gb_kernel, [_config(4, 3, BLOCK_M=16), _config(4, 3, BLOCK_M=32), _config(4, 3, BLOCK_M=64)],
+    ["M_BUCKET", "N", "R", "BLOCK_N"],
+    _pruner("G", lambda b, k: b["BLOCK_M"] * (k["BLOCK_N"] + 2 * k["BLOCK_R"]), tall=False))
+
