@@ -17,18 +17,22 @@ def _config(num_warps, num_stages, **blocks):
 # Short, conservative lists (blocks <= 128, stages <= 3; see the sm_90 spill gate): (BLOCK_M,
 # output width, reduction step, warps, stages) for the forward (N, K) and dx (K, N) GEMMs.
 _GEMM_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3),
-               (32, 64, 64, 4, 3), (16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (16, 32, 128, 4, 2)]
-_STREAM_TILES = [(16, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32, 32, 4, 2)]
+               (32, 64, 64, 4, 2), (16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (16, 32, 128, 4, 2)]
+_STREAM_TILES = [(16, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32, 64, 4, 2)]
 
 
 def _gemm_configs(out_name, red_name):
     return [_config(w, s, BLOCK_M=bm, GROUP_M=8, **{out_name: bo, red_name: br}) for bm, bo, br, w, s in _GEMM_TILES]
 
 
-def _pruner(first_arg, stage_elems, tall, out=None):
+def _pruner(first_arg, stage_elems, tall, out=None, live=None):
     """Autotuner pre-filter: row tiles that suit the row count (``tall``: GEMMs, where many rows
     want 64+), a small output tile ``out`` for fp64 (no tensor cores, 8-byte accumulators), and
-    pipelined tiles within shared memory. stage_elems(blocks, kwargs): elements one stage holds."""
+    pipelined tiles within shared memory. stage_elems(blocks, kwargs): elements one stage holds.
+    live(blocks, kwargs): fp32 elements of accumulators held at once; they must stay under 128
+    registers a thread (the forward's acc [BM, BN] plus u [BM, BR]: at BM=128, BN=64, BR=64 and
+    4 warps, exactly 128, ptxas used 255 registers and spilled 136 bytes under Triton 3.6 for
+    sm_90 — /work/shared/tools/triton_sm90.py with a lora_multi scenario, M=8192 r=128)."""
     def prune(configs, named_args, **kwargs):
         esize, m = named_args[first_arg].element_size(), named_args["M_BUCKET"]
 
@@ -36,7 +40,8 @@ def _pruner(first_arg, stage_elems, tall, out=None):
             bm = c.kwargs["BLOCK_M"]
             rows = bm >= 64 if (tall and m > 64) else bm <= max(16, m)
             small = esize < 8 or out is None or bm * c.kwargs[out] <= 64 * 64
-            return rows and small and stage_elems(c.kwargs, kwargs) * esize * c.num_stages <= _SMEM_BUDGET
+            regs = live is None or live(c.kwargs, kwargs) * max(1, esize // 4) < 128 * 32 * c.num_warps
+            return rows and small and regs and stage_elems(c.kwargs, kwargs) * esize * c.num_stages <= _SMEM_BUDGET
         kept = [c for c in configs if ok(c)]
         return kept or [min(configs, key=lambda c: stage_elems(c.kwargs, kwargs) * c.num_stages)]
     return prune
@@ -52,7 +57,8 @@ def _autotuned(kernel, configs, key, prune):
 _TUNE_KEY = ["M_BUCKET", "N", "K", "R"]
 fwd = _autotuned(  # stage: x and Wᵀ tiles
     _multi_fwd_kernel, _gemm_configs("BLOCK_N", "BLOCK_K"), _TUNE_KEY,
-    _pruner("X", lambda b, k: (b["BLOCK_M"] + b["BLOCK_N"]) * b["BLOCK_K"], tall=True, out="BLOCK_N"))
+    _pruner("X", lambda b, k: (b["BLOCK_M"] + b["BLOCK_N"]) * b["BLOCK_K"], tall=True, out="BLOCK_N",
+            live=lambda b, k: b["BLOCK_M"] * (b["BLOCK_N"] + k["BLOCK_R"])))
 dx = _autotuned(  # stage: g and W tiles
     _multi_bwd_dx_kernel, _gemm_configs("BLOCK_K", "BLOCK_N"), _TUNE_KEY + ["HAS_DROPOUT"],
     _pruner("G", lambda b, k: (b["BLOCK_M"] + b["BLOCK_K"]) * b["BLOCK_N"], tall=True, out="BLOCK_K"))
