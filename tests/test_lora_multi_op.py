@@ -387,3 +387,15 @@ def test_kernel_results_are_deterministic(backend, kernels, monkeypatch):
             results.append([y.detach(), args[0].grad.clone(), args[3].grad.clone(), args[4].grad.clone()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU only: the tuned tiles (64-128 rows) at serving sizes; "
+                    "the interpreter would take minutes")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("m,pattern", [(16, "mixed"), (3000, "mixed"), (4096, "runs")])
+def test_large_batches_on_gpu(backend, m, pattern):
+    ranks = (16, 8, 16, 4, 12, 16, 2, 16, 16, 1, 16, 8, 16, 16, 5, 16)
+    args, s, ids = make_case((m,), 1024, 1536, ranks, pattern)
+    with lk.use_backend(backend):
+        check_against_reference(lambda *a: lk.lora_linear_multi(*a, s, ids), _ref(s, ids), args, torch.bfloat16,
+                                f"{backend} M={m} {pattern}")
