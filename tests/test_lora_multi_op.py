@@ -204,6 +204,14 @@ def test_empty_batch(backend):
     assert torch.equal(A.grad, torch.zeros_like(A)) and torch.equal(B.grad, torch.zeros_like(B))
 
 
+def test_public_signature():
+    """DESIGN.md's contract: the name, its parameters and defaults."""
+    import inspect
+    assert "lora_linear_multi" in lk.__all__
+    assert str(inspect.signature(lk.lora_linear_multi)) == (
+        "(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, dropout_p=0.0, training=True)")
+
+
 def test_scalings_as_a_list_and_in_any_float_dtype():
     args, s, ids = make_case((9,), 12, 7, (2, 3), "mixed")
     args = [a.detach() for a in args]

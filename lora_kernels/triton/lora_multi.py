@@ -12,7 +12,8 @@ positions (found with searchsorted, again without a sync).
 
 Forward: u = drop(x)A_iᵀ first ([M, r], saved for the backward), by one of two kernels:
   * decode (M <= _DECODE_M, each row likely its own adapter): one program per (row, K chunk),
-    a gathered GEMV against that row's A_i, the shape Punica's BGMV uses;
+    a gathered GEMV against that row's A_i, the shape Punica's BGMV uses (rows stay unsorted:
+    they fit one row tile of the GEMM, which walks its adapters in any order);
   * segments: one program per (tile of sorted rows, K chunk); x's tile is loaded once per K
     step and meets the A_i of each adapter in the tile, rows of other adapters masked out.
 Then one GEMM over tiles of sorted rows, x Wᵀ, whose epilogue adds s_i·u B_iᵀ per adapter
@@ -131,8 +132,10 @@ def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, dropout_p, s
     common, wide, bucket, K4 = _common_args(x.dtype), _wide_counters(M, K), _m_bucket(M), -(-K // 4)
     block_r = _rank_block(r)
     rank_chunks = -(-r // block_r)
-    perm, sorted_ids, _ = _routing(adapter_ids, n)
     decode = M <= _DECODE_M
+    # Decode rows fit one row tile (every BLOCK_M >= 16 = _DECODE_M): sorting them would change
+    # nothing there but cost three small launches, a good part of a decode step.
+    perm, sorted_ids = (adapter_ids, adapter_ids) if decode else _routing(adapter_ids, n)[:2]
     k_chunk, S = _split(K, _K_GRANULE, (M if decode else -(-M // 64)) * rank_chunks, _target_programs(x.device))
     parts = _common.empty((S, M, r), ct, x.device)
     drop = (drop_hi, drop_lo, seed, threshold)
@@ -155,7 +158,7 @@ def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, dropout_p, s
             (x, weight, bias if bias is not None else y, lora_B, scalings, perm, sorted_ids, parts, u, y,
              M, N, K, r, S, bucket, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
              bias.stride(0) if bias is not None else 0, *lora_B.stride(), parts.stride(0), parts.stride(1)),
-            dict(STORE_U=S > 1, HAS_BIAS=bias is not None, BLOCK_R=block_r, **common),
+            dict(SORTED=not decode, STORE_U=S > 1, HAS_BIAS=bias is not None, BLOCK_R=block_r, **common),
             dict(BLOCK_M=_interp_m(M), BLOCK_N=_INTERP_BLOCK, BLOCK_K=_INTERP_BLOCK, GROUP_M=4, num_warps=4))
     return y, u
 

@@ -37,12 +37,17 @@ def _keep_mask(seed, threshold, rm, k0, K4, BLOCK_M: tl.constexpr, BLOCK_K: tl.c
 
 
 @triton.jit
-def _sorted_rows(PERM, SIDS, p, M):
+def _sorted_rows(PERM, SIDS, p, M, SORTED: tl.constexpr = True):
     """Original row index, adapter id (−1 past M) and the tile's first and last adapter (first >
-    last when the tile has no adapter row) of the sorted positions p."""
+    last when the tile has no adapter row) of the sorted positions p. Without SORTED, p are the
+    rows themselves and SIDS the ids in row order: the walk over the adapters of a tile
+    (_next_adapter) is right in any order, sorting only makes tiles hold fewer adapters."""
     p_ok = p < M
-    rows = tl.load(PERM + p, mask=p_ok, other=0).to(tl.int32)
-    ids = tl.load(SIDS + p, mask=p_ok, other=-1)
+    if SORTED:
+        rows = tl.load(PERM + p, mask=p_ok, other=0).to(tl.int32)
+    else:
+        rows = p
+    ids = tl.load(SIDS + p, mask=p_ok, other=-1).to(tl.int32)
     first = tl.min(tl.where(ids >= 0, ids, 2147483647), axis=0)
     return p_ok, rows, ids, first, tl.max(ids, axis=0)
 
@@ -138,20 +143,20 @@ def _multi_fwd_kernel(
     BIAS,    # [N] (unused without HAS_BIAS)
     B,       # [n, N, r] lora_B, any strides
     SCALE,   # [n] scalings, compute dtype
-    PERM,    # [M] original row of each sorted position
-    SIDS,    # [M] int32 adapter ids, sorted
+    PERM,    # [M] original row of each sorted position (unused without SORTED)
+    SIDS,    # [M] adapter ids, sorted (SORTED) or in row order
     U_PART,  # [S, M, r] partial sums of u over S column chunks of x
     U,       # [M, r] out, contiguous: u, written by column tile 0 when S > 1
     Y,       # [M, N] out, contiguous, x's dtype
     M, N, K, R, S, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bias,
     stride_bi, stride_bn, stride_br, stride_ps, stride_pm,
-    STORE_U: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+    SORTED: tl.constexpr, STORE_U: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    p_ok, rm, ids, first, last = _sorted_rows(PERM, SIDS, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), M)
+    p_ok, rm, ids, first, last = _sorted_rows(PERM, SIDS, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), M, SORTED)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
