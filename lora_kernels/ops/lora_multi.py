@@ -109,7 +109,7 @@ def _adapter_ids(adapter_ids, lead: tuple, m: int, n: int, like: Tensor) -> Tens
         raise ValueError(f"adapter_ids must have the shape of x's leading dims {list(lead)} or a prefix of "
                          f"them, got {list(shape)}")
     # The range check reads the ids on the host: free for CPU ids (what a server holds anyway;
-    # they are then copied to the device without waiting for it), one device sync for GPU ids.
+    # they are then copied to the device, a few bytes), one device sync for GPU ids.
     # Under torch.compile it is skipped (it would break the graph).
     if not torch.compiler.is_compiling() and adapter_ids.numel():
         lo, hi = torch.aminmax(adapter_ids)
