@@ -195,6 +195,16 @@ def test_non_contiguous_inputs_and_per_sample_ids(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_no_dx_when_x_is_frozen(backend):
+    (x, w, b, A, B), s, ids = make_case((9,), 20, 12, (2, 3), "mixed")
+    x.requires_grad_(False)
+    with lk.use_backend(backend):
+        lk.lora_linear_multi(x, w, b, A, B, s, ids).sum().backward()
+    assert x.grad is None and w.grad is None and b.grad is None
+    assert A.grad is not None and B.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     x, w, b, A, B = make_case((0,), 16, 8, (2, 3), "mixed")[0]
     with lk.use_backend(backend):
