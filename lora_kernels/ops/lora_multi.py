@@ -14,11 +14,10 @@ from .lora import _seed  # the same draw as lora_linear: torch.manual_seed gives
 
 IMPLS = {"torch": backend.Impl(ref.forward, ref.backward)}
 IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.lora_multi")
-_OP = "lora_linear_multi"
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, dropout_p, seed):
-    impl = backend.select(_OP, IMPLS, x)
+    impl = backend.select("lora_linear_multi", IMPLS, x)
     return impl.forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, dropout_p, int(seed))
 
 
@@ -36,7 +35,7 @@ def _(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, dropout_p, seed):
 
 def _backward_impl(g, x, weight, lora_A, lora_B, u, scalings, adapter_ids, dropout_p, seed, need_dx, need_dW,
                    need_db):
-    impl = backend.select(_OP, IMPLS, x)
+    impl = backend.select("lora_linear_multi", IMPLS, x)
     return impl.backward(g.contiguous(), x, weight, lora_A, lora_B, u, scalings, adapter_ids, dropout_p, int(seed),
                          need_dx, need_dW, need_db)
 
