@@ -304,6 +304,40 @@ def test_autocast_casts_like_f_linear(backend):
         assert rel_err(got, want) <= TOLERANCE[low]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_no_less_accurate_than_eager_pytorch(backend, dtype):
+    """tests/test_precision.py's rule: in fp16/bf16 within 2x (4x for bf16 under the
+    interpreter, which truncates) of the error of eager PyTorch's mixed-batch loop (PEFT's)
+    in the same dtype, against float64."""
+    from lora_kernels.backend import interpreting
+    args, s, ids = make_case((67,), 512, 96, (16, 8, 12), "mixed")
+    low = [a.detach().to(dtype).requires_grad_(a.requires_grad) for a in args]
+    exact = [a.detach().double().requires_grad_(a.requires_grad) for a in low]
+
+    def eager(x, w, b, A, B):
+        y = torch.nn.functional.linear(x, w, b)
+        for i in range(A.shape[0]):
+            rows = (ids == i).nonzero().squeeze(1)
+            y[rows] += torch.nn.functional.linear(torch.nn.functional.linear(x[rows], A[i]), B[i]) * float(s[i])
+        return y
+
+    def run(fn, tensors):
+        tensors = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        out = fn(*tensors)
+        out.backward(grad.to(out.dtype))
+        return [out] + [t.grad for t in tensors if t.requires_grad]
+    grad = randn(67, 96)
+    expected, baseline = run(_ref(s, ids), exact), run(eager, low)
+    with lk.use_backend(backend):
+        got = run(lambda *t: lk.lora_linear_multi(*t, s, ids), low)
+    factor = 4 if dtype == torch.bfloat16 and backend == "triton" and interpreting() else 2
+    floor = {torch.float16: 2.0**-12, torch.bfloat16: 2.0**-9}[dtype]
+    for name, g, b, e in zip(["output", "dx", "dA", "dB"], got, baseline, expected):
+        bound = max(factor * rel_err(b, e), floor)
+        assert rel_err(g, e) <= bound, f"{name}: {rel_err(g, e):.2e} > {bound:.2e} (eager {rel_err(b, e):.2e})"
+
+
 def _bad(what):
     (x, w, b, A, B), s, ids = make_case((4,), 8, 6, (2, 2), "mixed")
     x, A, B = x.detach(), A.detach(), B.detach()
