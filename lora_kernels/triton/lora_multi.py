@@ -99,10 +99,13 @@ def _split(extent: int, granule: int, programs: int, target: int):
     return chunk, max(1, -(-extent // chunk))
 
 
-def _routing(adapter_ids, n: int):
-    """(permutation sorting the rows by adapter, sorted int32 ids, [n + 1] first sorted position
-    of each adapter and the end of the last), all on the device, without a host sync."""
+def _routing(adapter_ids, n: int, segments: bool = True):
+    """(permutation sorting the rows by adapter, sorted int32 ids, and with ``segments`` the
+    [n + 1] first sorted position of each adapter and the end of the last), all on the device,
+    without a host sync."""
     sorted_ids, perm = torch.sort(adapter_ids, stable=True)
+    if not segments:
+        return perm, sorted_ids.to(torch.int32), None
     bounds = torch.arange(0, n + 1, device=adapter_ids.device, dtype=sorted_ids.dtype)
     return perm, sorted_ids.to(torch.int32), torch.searchsorted(sorted_ids, bounds)
 
@@ -135,7 +138,7 @@ def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, dropout_p, s
     decode = M <= _DECODE_M
     # Decode rows fit one row tile (every BLOCK_M >= 16 = _DECODE_M): sorting them would change
     # nothing there but cost three small launches, a good part of a decode step.
-    perm, sorted_ids = (adapter_ids, adapter_ids) if decode else _routing(adapter_ids, n)[:2]
+    perm, sorted_ids = (adapter_ids, adapter_ids) if decode else _routing(adapter_ids, n, segments=False)[:2]
     k_chunk, S = _split(K, _K_GRANULE, (M if decode else -(-M // 64)) * rank_chunks, _target_programs(x.device))
     parts = _common.empty((S, M, r), ct, x.device)
     drop = (drop_hi, drop_lo, seed, threshold)
