@@ -11,6 +11,7 @@ The counts (elements × the dtype's size; "weights" are the op's parameters):
   lora_linear  fwd   FLOPs 2MNK + 2Mr(K+N)      bytes x + W + A + B + y (+ bias)
                bwd   FLOPs 2MNK + 4Mr(K+N)      bytes g + x + W + A + B + dx + dA + dB
                      (dx = gW + s(gB)A, dA = vᵀx, dB = s gᵀu; W frozen, x needs its gradient)
+  lora_multi   as lora_linear, with A and B (and dA, dB) counted once per adapter the rows use
   adapter      fwd   FLOPs 4MKr                 bytes x + y + weights
                bwd   FLOPs 8MKr                 bytes g + x + dx + weights + their gradients
   layer_norm   fwd   (no matmul)                bytes x + y + γ + β
@@ -99,6 +100,16 @@ def lora(M: int, K: int, N: int, r: int, mode: str = "fwd", dtype=torch.bfloat16
     return Cost(2 * M * N * K + 4 * M * r * (K + N), e * (M * N + M * K + weights + M * K + r * K + N * r))
 
 
+
+def lora_multi(M: int, K: int, N: int, r: int, adapters: int, mode: str = "fwd", dtype=torch.bfloat16) -> Cost:
+    """lora_linear with ``adapters`` distinct adapters among the M rows: the FLOPs of one adapter
+    on all rows, and each used adapter's A [r, K] and B [N, r] read once (their gradients written
+    once in the backward)."""
+    _check_mode(mode)
+    one = lora(M, K, N, r, mode, dtype)
+    extra = (adapters - 1) * (r * K + N * r) * _size(dtype) * (1 if mode == "fwd" else 2 if mode == "bwd" else 3)
+    return Cost(one.flops, one.bytes + extra)
+
 def adapter(M: int, d: int, r: int, mode: str = "fwd", dtype=torch.bfloat16) -> Cost:
     """y = x + s (act(x W_dᵀ + b_d) W_uᵀ + b_u) with x [M, d], W_d [r, d], W_u [d, r]."""
     _check_mode(mode)
@@ -151,7 +162,8 @@ def infonce(N: int, d: int, mode: str = "fwd", dtype=torch.bfloat16) -> Cost:
     return Cost(6 * N * N * d, e * 4 * N * d)
 
 
-COSTS = {"lora": lora, "adapter": adapter, "layer_norm": layer_norm, "rms_norm": rms_norm, "infonce": infonce}
+COSTS = {"lora": lora, "lora_multi": lora_multi, "adapter": adapter, "layer_norm": layer_norm, "rms_norm": rms_norm,
+         "infonce": infonce}
 
 
 # ----------------------------------------------------------------------------- the rates
