@@ -185,6 +185,7 @@ AUTO_ORDER = {
     "adapter": ("triton", "cuda", "torch"),
     "layer_norm": ("triton", "cuda", "torch"),
     "infonce": ("triton", "cuda", "torch"),
+    "infonce_rows": ("triton", "cuda", "torch"),   # InfoNCELoss(gather_distributed=True)
 }
 
 

@@ -135,6 +135,29 @@ def test_cuda_glue_matches_the_reference_signatures(name):
     assert glue.supports(torch.zeros(2, 0)), "a zero-width row must be declined, not sent to a kernel"
 
 
+def test_cuda_glue_of_the_rows_op():
+    """The distributed InfoNCE rows op has a cuda implementation too (issue 18), with the
+    reference's signatures."""
+    from lora_kernels.ops import infonce as ops_module
+    from lora_kernels.reference import infonce as ref
+    import lora_kernels.cuda.infonce as glue
+    assert ops_module.ROWS_IMPLS["cuda"].forward.__name__ == "lora_kernels.cuda.infonce.rows_forward"
+    for fn in ("forward", "backward"):
+        assert (list(inspect.signature(getattr(glue, "rows_" + fn)).parameters)
+                == list(inspect.signature(getattr(ref, "rows_" + fn)).parameters)), fn
+    assert glue.rows_supports(torch.zeros(2, 3)) is None
+    assert glue.rows_supports(torch.zeros(2, 0))
+
+
+def test_unavailable_backend_names_the_exact_op(monkeypatch):
+    """A backend without an op says which op: the rows op is not 'infonce'."""
+    from lora_kernels.ops import infonce as ops_module
+    monkeypatch.setattr(ops_module, "ROWS_IMPLS", {"torch": ops_module.ROWS_IMPLS["torch"]})
+    with backend.pinned("cuda"), pytest.raises(lk.BackendUnavailable) as info:
+        ops_module.infonce_rows(torch.randn(2, 4), torch.randn(4, 4), 1.0, 1)
+    assert "cannot run infonce_rows: it has no implementation of infonce_rows" in str(info.value), str(info.value)
+
+
 def test_adapter_activation_order_matches_the_kernels():
     """bindings.cpp maps names to lk::Activation by position: both must follow ACTIVATIONS."""
     header = (ROOT / "csrc" / "kernels" / "adapter.cuh").read_text()
