@@ -565,6 +565,78 @@ std::tuple<Tensor, Tensor, Tensor> infonce_bwd_cuda(const Tensor& gloss, const T
   return finish();
 }
 
+// One direction on a rectangular block (the distributed loss): local queries against gathered keys.
+std::tuple<Tensor, Tensor> infonce_rows_fwd_cuda(const Tensor& queries, const Tensor& keys, const Tensor& logit_scale,
+                                                 int64_t offset, bool normalize) {
+  const char* op = "infonce_rows_fwd_cuda";
+  Inputs in(op, "queries", queries);
+  in.ndim(queries, "queries", 2, "[m, D]");
+  in.ndim(keys, "keys", 2, "[n, D]");
+  const int64_t M = queries.size(0), N = keys.size(0), D = queries.size(1);
+  TORCH_CHECK_VALUE(D >= 1, op, ": queries and keys need D >= 1 features, got shape ", shape_str(queries.sizes()));
+  in.check(queries, "queries", {M, D}, "[m, D]", Layout::rows);
+  in.check(keys, "keys", {N, D}, "[n, D] (D like queries)", Layout::rows);
+  in.scalar(logit_scale, "logit_scale");
+  TORCH_CHECK_VALUE(offset >= 0 && offset <= N - M, op, ": offset must be in [0, n - m] = [0, ", N - M, "], got ",
+                    offset);
+
+  c10::cuda::CUDAGuard guard(queries.device());
+  const at::ScalarType acc = acc_dtype(queries.scalar_type());
+  const auto acc_options = queries.options().dtype(acc);
+  Tensor part = output({}, acc_options), lse = output({M}, acc_options);
+  const Tensor scale = device_scalar(logit_scale, acc);
+  const cudaStream_t stream = current_stream();
+  launched(op, dispatch(op, in.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = lk::acc_t<T>;
+    Tensor ws = workspace(lk::infonce_rows_fwd_workspace<T>(M, N, D), queries);
+    return lk::infonce_rows_fwd<T>(cptr<T>(queries), queries.stride(0), cptr<T>(keys), keys.stride(0), cptr<A>(scale),
+                                   ptr<A>(part), M > 0 ? ptr<A>(lse) : nullptr, M, N, D, offset, normalize,
+                                   data_or_null(ws), stream);
+  }));
+  return {part, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> infonce_rows_bwd_cuda(const Tensor& gpart, const Tensor& queries, const Tensor& keys,
+                                                         const Tensor& logit_scale, const Tensor& lse, int64_t offset,
+                                                         bool normalize, bool need_dqueries, bool need_dkeys,
+                                                         bool need_dscale) {
+  const char* op = "infonce_rows_bwd_cuda";
+  Inputs in(op, "queries", queries);
+  in.ndim(queries, "queries", 2, "[m, D]");
+  in.ndim(keys, "keys", 2, "[n, D]");
+  const int64_t M = queries.size(0), N = keys.size(0), D = queries.size(1);
+  TORCH_CHECK_VALUE(D >= 1, op, ": queries and keys need D >= 1 features, got shape ", shape_str(queries.sizes()));
+  const at::ScalarType acc = acc_dtype(queries.scalar_type());
+  in.check(queries, "queries", {M, D}, "[m, D]", Layout::rows);
+  in.check(keys, "keys", {N, D}, "[n, D] (D like queries)", Layout::rows);
+  in.scalar(gpart, "gpart");
+  in.scalar(logit_scale, "logit_scale");
+  in.check(lse, "lse", {M}, "[m]", Layout::contiguous, acc);
+  TORCH_CHECK_VALUE(offset >= 0 && offset <= N - M, op, ": offset must be in [0, n - m] = [0, ", N - M, "], got ",
+                    offset);
+
+  c10::cuda::CUDAGuard guard(queries.device());
+  Tensor dq = need_dqueries ? output({M, D}, queries.options()) : empty_grad(queries);
+  Tensor dk = need_dkeys ? output({N, D}, keys.options()) : empty_grad(keys);
+  Tensor dc = need_dscale ? output({}, queries.options().dtype(acc)) : empty_grad(logit_scale);
+  if (need_dqueries || need_dkeys || need_dscale) {
+    const Tensor scale = device_scalar(logit_scale, acc), g = device_scalar(gpart, acc);
+    const cudaStream_t stream = current_stream();
+    launched(op, dispatch(op, in.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      using A = lk::acc_t<T>;
+      Tensor ws = workspace(lk::infonce_rows_bwd_workspace<T>(M, N, D), queries);
+      return lk::infonce_rows_bwd<T>(cptr<A>(g), cptr<T>(queries), queries.stride(0), cptr<T>(keys), keys.stride(0),
+                                     cptr<A>(scale), M > 0 ? cptr<A>(lse) : nullptr,
+                                     need_dqueries && M > 0 ? ptr<T>(dq) : nullptr, ptr_if<T>(need_dkeys, dk),
+                                     ptr_if<A>(need_dscale, dc), M, N, D, offset, normalize, data_or_null(ws), stream);
+    }));
+  }
+  if (!need_dscale) return {dq, dk, dc};
+  return {dq, dk, dc.to(logit_scale.scalar_type()).reshape(logit_scale.sizes())};
+}
+
 }  // namespace
 
 // Names end in _cuda: the Python custom ops lora_kernels::<op>_{fwd,bwd} (a FRAGMENT of the same
@@ -590,6 +662,11 @@ TORCH_LIBRARY(lora_kernels, m) {
   m.def("infonce_bwd_cuda(Tensor gloss, Tensor image, Tensor text, Tensor logit_scale, Tensor lse_row, "
         "Tensor lse_col, float lambda_, bool normalize, bool need_dimage, bool need_dtext, bool need_dscale) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("infonce_rows_fwd_cuda(Tensor queries, Tensor keys, Tensor logit_scale, int offset, bool normalize) "
+        "-> (Tensor, Tensor)");
+  m.def("infonce_rows_bwd_cuda(Tensor gpart, Tensor queries, Tensor keys, Tensor logit_scale, Tensor lse, "
+        "int offset, bool normalize, bool need_dqueries, bool need_dkeys, bool need_dscale) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
@@ -603,6 +680,8 @@ TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
   m.impl("lora_linear_bwd_cuda", &lora_linear_bwd_cuda);
   m.impl("infonce_fwd_cuda", &infonce_fwd_cuda);
   m.impl("infonce_bwd_cuda", &infonce_bwd_cuda);
+  m.impl("infonce_rows_fwd_cuda", &infonce_rows_fwd_cuda);
+  m.impl("infonce_rows_bwd_cuda", &infonce_rows_bwd_cuda);
 }
 
 // Importing lora_kernels._C runs the registrations above; the module itself exports nothing.

@@ -187,6 +187,7 @@ AUTO_ORDER = {
     "layer_norm": ("triton", "cuda", "torch"),
     "rms_norm": ("triton", "cuda", "torch"),
     "infonce": ("triton", "cuda", "torch"),
+    "infonce_rows": ("triton", "cuda", "torch"),   # InfoNCELoss(gather_distributed=True)
 }
 
 

@@ -9,6 +9,7 @@ import importlib
 import inspect
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,29 @@ def test_cuda_glue_matches_the_reference_signatures(name):
     assert glue.supports(torch.zeros(2, 0)), "a zero-width row must be declined, not sent to a kernel"
 
 
+def test_cuda_glue_of_the_rows_op():
+    """The distributed InfoNCE rows op has a cuda implementation too (issue 18), with the
+    reference's signatures."""
+    from lora_kernels.ops import infonce as ops_module
+    from lora_kernels.reference import infonce as ref
+    import lora_kernels.cuda.infonce as glue
+    assert ops_module.ROWS_IMPLS["cuda"].forward.__name__ == "lora_kernels.cuda.infonce.rows_forward"
+    for fn in ("forward", "backward"):
+        assert (list(inspect.signature(getattr(glue, "rows_" + fn)).parameters)
+                == list(inspect.signature(getattr(ref, "rows_" + fn)).parameters)), fn
+    assert glue.rows_supports(torch.zeros(2, 3)) is None
+    assert glue.rows_supports(torch.zeros(2, 0))
+
+
+def test_unavailable_backend_names_the_exact_op(monkeypatch):
+    """A backend without an op says which op: the rows op is not 'infonce'."""
+    from lora_kernels.ops import infonce as ops_module
+    monkeypatch.setattr(ops_module, "ROWS_IMPLS", {"torch": ops_module.ROWS_IMPLS["torch"]})
+    with backend.pinned("cuda"), pytest.raises(lk.BackendUnavailable) as info:
+        ops_module.infonce_rows(torch.randn(2, 4), torch.randn(4, 4), 1.0, 1)
+    assert "cannot run infonce_rows: it has no implementation of infonce_rows" in str(info.value), str(info.value)
+
+
 def test_adapter_activation_order_matches_the_kernels():
     """bindings.cpp maps names to lk::Activation by position: both must follow ACTIVATIONS."""
     header = (ROOT / "csrc" / "kernels" / "adapter.cuh").read_text()
@@ -143,6 +167,58 @@ def test_adapter_activation_order_matches_the_kernels():
     bindings = (ROOT / "csrc" / "bindings.cpp").read_text()
     names = re.search(r"names\[\]\s*=\s*\{([^}]*)\}", bindings).group(1)
     assert re.findall(r'"(\w+)"', names) == list(ref_adapter.ACTIVATIONS)
+
+
+# ---- without a GPU: the launchers' own argument checks, compiled and run on the host ----
+
+# Calls each x-reading launcher with row strides 0 (x.expand(M, K)), the width (contiguous) and -1,
+# on fake device pointers. Without a device every launch fails the same way (no driver / no device),
+# so a stride the launcher accepts reports that error, and one it refuses reports
+# cudaErrorInvalidValue before launching anything. Where a GPU is visible it prints "gpu" and
+# stops (fake pointers must never reach a kernel); the GPU tests below cover that case.
+STRIDE_PROBE = r"""
+#include <cstdio>
+#include "adapter.cuh"
+#include "layer_norm.cuh"
+template <typename T> T* fake(size_t i) { return reinterpret_cast<T*>(static_cast<uintptr_t>(0x1000000 * (i + 1))); }
+int main() {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) { std::printf("gpu\n"); return 0; }
+  const int64_t M = 4, K = 8, R = 2;
+  for (int64_t ld : {int64_t(0), K, int64_t(-1)}) {
+    std::printf("%lld %d %d %d %d\n", static_cast<long long>(ld),
+      int(lk::layer_norm_fwd<float>(fake<float>(0), ld, nullptr, nullptr, fake<float>(1), fake<float>(2), fake<float>(3), M, K, 1e-5, nullptr)),
+      int(lk::layer_norm_bwd<float>(fake<float>(0), fake<float>(1), ld, nullptr, fake<float>(2), fake<float>(3), fake<float>(4), fake<float>(5), fake<float>(6), fake<char>(7), M, K, nullptr)),
+      int(lk::adapter_fwd<float>(fake<float>(0), ld, fake<float>(1), nullptr, fake<float>(2), nullptr, fake<float>(3), fake<float>(4), M, K, R, lk::Activation::gelu, 1.0, nullptr)),
+      int(lk::adapter_bwd<float>(fake<float>(0), fake<float>(1), ld, fake<float>(2), fake<float>(3), fake<float>(4), fake<float>(5), fake<float>(6), fake<float>(7), fake<float>(8), fake<float>(9), fake<char>(10), M, K, R, lk::Activation::gelu, 1.0, nullptr)));
+  }
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to compile the launchers for the host")
+def test_launchers_accept_any_row_stride_of_x(tmp_path):
+    """LayerNorm and adapter launchers read x through any row stride >= 0: a stride below the width
+    (x.expand(M, K), overlapping views) is valid input, not cudaErrorInvalidValue (issue 18)."""
+    (tmp_path / "probe.cu").write_text(STRIDE_PROBE)
+    kernels = ROOT / "csrc" / "kernels"
+    # PTX only, for one virtual arch: the probe runs host code alone, so skip ptxas and sm_90.
+    cmd = ["nvcc", "-std=c++17", "-O0", "-gencode", "arch=compute_80,code=compute_80", f"-I{kernels}",
+           str(tmp_path / "probe.cu"), str(kernels / "layer_norm.cu"), str(kernels / "adapter.cu"),
+           "-o", str(tmp_path / "probe")]
+    built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    ran = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    if ran.stdout.strip() == "gpu":
+        pytest.skip("a GPU is visible: the probe's fake pointers must not reach it (the GPU tests cover this)")
+    codes = {int(line.split()[0]): line.split()[1:] for line in ran.stdout.splitlines()}
+    invalid = "1"  # cudaErrorInvalidValue
+    names = ("layer_norm_fwd", "layer_norm_bwd", "adapter_fwd", "adapter_bwd")
+    assert codes[-1] == [invalid] * 4, f"a negative stride must be refused: {dict(zip(names, codes[-1]))}"
+    assert invalid not in codes[8], f"the probe fails even on contiguous x: {dict(zip(names, codes[8]))}"
+    assert codes[0] == codes[8], f"stride 0 refused: {dict(zip(names, codes[0]))} vs contiguous {codes[8]}"
 
 
 # ---- with a GPU and the built extension: cuda against triton ----
@@ -255,3 +331,32 @@ def test_compiled_ops_schema():
     scale = torch.tensor(2.0, device="cuda")
     torch.library.opcheck(lib.infonce_fwd_cuda.default, (x, torch.randn_like(x), scale, 0.5, True),
                           test_utils="test_schema")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_overlapping_rows_of_x(dtype):
+    """x.expand(M, K) and a view whose rows overlap run on the cuda backend (issue 18) and match
+    the reference on a contiguous copy."""
+    from lora_kernels.ops.adapter import IMPLS as ADAPTER
+    from lora_kernels.ops.layer_norm import IMPLS as LAYER_NORM
+    assert "cuda" in ADAPTER and "cuda" in LAYER_NORM
+    k, r = 40, 3
+    base = randn(k + 5 * 3, dtype=dtype)
+    for x in (base[:k].expand(6, k), base.as_strided((6, k), (3, 1))):
+        assert x.stride(0) < k
+        w, b = randn(k, dtype=dtype), randn(k, dtype=dtype)
+        wd, bd = randn(r, k, dtype=dtype, scale=k**-0.5), randn(r, dtype=dtype)
+        wu, bu = randn(k, r, dtype=dtype, scale=r**-0.5), randn(k, dtype=dtype)
+        for fn, args in ((lambda x, *a: lk.layer_norm(x, *a), (w, b)),
+                         (lambda x, *a: lk.adapter(x, *a, activation="gelu_tanh", scale=0.5), (wd, bd, wu, bu))):
+            leaves = [a.detach().requires_grad_() for a in args]
+            with lk.use_backend("cuda"):
+                out = fn(x, *leaves)
+                grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+            ref_leaves = [a.detach().double().requires_grad_() for a in args]
+            with lk.use_backend("torch"):
+                ref = fn(x.double().contiguous(), *ref_leaves)
+            ref_grads = torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))
+            for got, want in zip((out, *grads), (ref, *ref_grads)):
+                assert rel_err(got, want) <= tolerance(dtype)

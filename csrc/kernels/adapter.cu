@@ -546,7 +546,7 @@ cudaError_t adapter_fwd(const T* x, int64_t ldx, const T* w_down, const T* b_dow
                         const T* b_up, T* y, acc_t<T>* h, int64_t M, int64_t K, int64_t R,
                         Activation act, double scale, cudaStream_t stream) {
   using A = acc_t<T>;
-  if (M < 0 || K < 1 || R < 1 || (M > 1 && ldx < K) || !valid_act(act))
+  if (M < 0 || K < 1 || R < 1 || ldx < 0 || !valid_act(act))
     return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
   if (x == nullptr || w_down == nullptr || w_up == nullptr || y == nullptr || h == nullptr)
@@ -580,7 +580,7 @@ cudaError_t adapter_bwd(const T* g, const T* x, int64_t ldx, const T* w_down, co
                         void* workspace, int64_t M, int64_t K, int64_t R, Activation act,
                         double scale, cudaStream_t stream) {
   using A = acc_t<T>;
-  if (M < 0 || K < 1 || R < 1 || (M > 1 && ldx < K) || !valid_act(act))
+  if (M < 0 || K < 1 || R < 1 || ldx < 0 || !valid_act(act))
     return cudaErrorInvalidValue;
   if (dw_down == nullptr || dw_up == nullptr) return cudaErrorInvalidValue;
   if (M == 0) {

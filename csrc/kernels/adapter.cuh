@@ -7,7 +7,8 @@ namespace lk {
 // Same order as lora_kernels.reference.adapter.ACTIVATIONS.
 enum class Activation : int { gelu = 0, gelu_tanh = 1, relu = 2, silu = 3 };
 
-// x: [M, K], row stride ldx, unit column stride. w_down: [R, K], w_up: [K, R] (contiguous);
+// x: [M, K], row stride ldx (any ldx >= 0: rows may overlap, as in x.expand(M, K), since x is
+// only read), unit column stride. w_down: [R, K], w_up: [K, R] (contiguous);
 // b_down: [R] or nullptr; b_up: [K] or nullptr. y: [M, K] contiguous; h: [M, R] (acc_t),
 // the pre-activation saved for the backward.
 template <typename T>

@@ -40,12 +40,12 @@
 //   dẑ goes to an accumulator-type buffer (the output itself when T is fp32/fp64) and norm_bwd_kernel
 //   applies dx = (dz − z(z·dz))/‖x‖ per row.
 //
-// Precision under setup.py's --use_fast_math: expf/logf/sqrtf/division there become approximate
-// intrinsics (__expf errs by up to ~2+1.16|x| ulp, too much for the fp32 1e-5 budget), so fp32
-// uses exp_acc below (range reduction + degree-7 polynomial, ~2 ulp whatever the flags),
-// logs go through double (N of them only), norms use __fsqrt_rn/__frcp_rn. The 16-bit types
-// use __expf: their tolerance is 100× looser and the exponentials would otherwise cost as much
-// as the tensor-core products.
+// Precision. The choices below hold whatever the flags (setup.py builds without --use_fast_math,
+// and benchmarks/cuda_ptx_check.py keeps approximate instructions out of the fp32/fp64 PTX): fp32
+// uses exp_acc below (range reduction + degree-7 polynomial, ~2 ulp), logs go through double (N of
+// them only), norms use __fsqrt_rn/__frcp_rn. The 16-bit types use __expf (~2 + 1.16·|x| ulp of
+// fp32, at most ~6e-6 relative for |x| < 88): their tolerances, 3e-3 and 2e-2, are far looser, and the
+// exponentials would otherwise cost as much as the tensor-core products.
 #include "infonce.cuh"
 
 #include <math_constants.h>
@@ -140,7 +140,7 @@ __device__ __forceinline__ double vmax(double a, double b) { return fmax(a, b); 
 __device__ __forceinline__ float vfma(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double vfma(double a, double b, double c) { return fma(a, b, c); }
 
-// exp for fp32 that keeps ~2 ulp under --use_fast_math: x = n·ln2 + r with |r| ≤ ln2/2
+// exp for fp32 that keeps ~2 ulp under any flags: x = n·ln2 + r with |r| ≤ ln2/2
 // (Cody–Waite split of ln2, exact products through fma), Taylor to r⁷ (truncation ≈ 0.1 ulp),
 // and 2ⁿ built from its bits. Results below FLT_MIN are 0 (-ftz flushes them anyway); −inf → 0.
 __device__ __forceinline__ float exp_acc(float x) {
@@ -294,14 +294,14 @@ __device__ __forceinline__ void load_tile(S* __restrict__ dst, const T* __restri
 }
 
 // dot[a][b] = <X[row0 + ty + 16a], Y[col0 + tx + 16b]> over all of D (zero-padded tiles make
-// out-of-range entries 0). Starts and ends with a barrier, so callers may reuse shared memory
-// on either side freely.
+// entries outside X's nx rows or Y's ny rows 0). Starts and ends with a barrier, so callers may
+// reuse shared memory on either side freely.
 template <typename T>
 __device__ __forceinline__ void dot_tile_fma(acc_t<T> (&dot)[Cfg<T>::TM][Cfg<T>::TM],
                                              typename Cfg<T>::S* sX, typename Cfg<T>::S* sY,
                                              const T* X, int64_t ldx, const T* Y, int64_t ldy,
-                                             int64_t row0, int64_t col0, int64_t N, int64_t D,
-                                             bool vx, bool vy) {
+                                             int64_t row0, int64_t col0, int64_t nx, int64_t ny,
+                                             int64_t D, bool vx, bool vy) {
   using C = Cfg<T>;
   using A = acc_t<T>;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
@@ -311,8 +311,8 @@ __device__ __forceinline__ void dot_tile_fma(acc_t<T> (&dot)[Cfg<T>::TM][Cfg<T>:
     for (int b = 0; b < C::TM; ++b) dot[a][b] = A(0);
   __syncthreads();
   for (int64_t k0 = 0; k0 < D; k0 += C::BK) {
-    load_tile<T, typename C::S, C::BT, C::BK, C::LDK>(sX, X, ldx, row0, N, k0, D, vx);
-    load_tile<T, typename C::S, C::BT, C::BK, C::LDK>(sY, Y, ldy, col0, N, k0, D, vy);
+    load_tile<T, typename C::S, C::BT, C::BK, C::LDK>(sX, X, ldx, row0, nx, k0, D, vx);
+    load_tile<T, typename C::S, C::BT, C::BK, C::LDK>(sY, Y, ldy, col0, ny, k0, D, vy);
     __syncthreads();
 #pragma unroll
     for (int kq = 0; kq < C::BK; kq += 4) {
@@ -340,8 +340,8 @@ __device__ __forceinline__ void dot_tile_fma(acc_t<T> (&dot)[Cfg<T>::TM][Cfg<T>:
 template <typename T>
 __device__ __forceinline__ void dot_tile_wmma(float (&dot)[Cfg<T>::TM][Cfg<T>::TM], T* sX, T* sY,
                                               float* sD, const T* X, int64_t ldx, const T* Y,
-                                              int64_t ldy, int64_t row0, int64_t col0, int64_t N,
-                                              int64_t D, bool vx, bool vy) {
+                                              int64_t ldy, int64_t row0, int64_t col0, int64_t nx,
+                                              int64_t ny, int64_t D, bool vx, bool vy) {
   namespace wmma = nvcuda::wmma;
   using C = Cfg<T>;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4, warp = threadIdx.x >> 5;
@@ -351,8 +351,8 @@ __device__ __forceinline__ void dot_tile_wmma(float (&dot)[Cfg<T>::TM][Cfg<T>::T
   wmma::fill_fragment(acc[1], 0.f);
   __syncthreads();
   for (int64_t k0 = 0; k0 < D; k0 += C::BK) {
-    load_tile<T, T, C::BT, C::BK, C::LDK>(sX, X, ldx, row0, N, k0, D, vx);
-    load_tile<T, T, C::BT, C::BK, C::LDK>(sY, Y, ldy, col0, N, k0, D, vy);
+    load_tile<T, T, C::BT, C::BK, C::LDK>(sX, X, ldx, row0, nx, k0, D, vx);
+    load_tile<T, T, C::BT, C::BK, C::LDK>(sY, Y, ldy, col0, ny, k0, D, vy);
     __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < C::BK; ks += 16) {
@@ -384,16 +384,17 @@ template <typename T>
 __device__ __forceinline__ void dot_tile(acc_t<T> (&dot)[Cfg<T>::TM][Cfg<T>::TM], unsigned char* smem,
                                          size_t off_x, size_t off_y, size_t off_d, const T* X,
                                          int64_t ldx, const T* Y, int64_t ldy, int64_t row0,
-                                         int64_t col0, int64_t N, int64_t D, bool vx, bool vy) {
+                                         int64_t col0, int64_t nx, int64_t ny, int64_t D, bool vx,
+                                         bool vy) {
   using C = Cfg<T>;
   using S = typename C::S;
   S* sX = reinterpret_cast<S*>(smem + off_x);
   S* sY = reinterpret_cast<S*>(smem + off_y);
   if constexpr (C::kWmma) {
     dot_tile_wmma<T>(dot, sX, sY, reinterpret_cast<float*>(smem + off_d), X, ldx, Y, ldy, row0,
-                     col0, N, D, vx, vy);
+                     col0, nx, ny, D, vx, vy);
   } else {
-    dot_tile_fma<T>(dot, sX, sY, X, ldx, Y, ldy, row0, col0, N, D, vx, vy);
+    dot_tile_fma<T>(dot, sX, sY, X, ldx, Y, ldy, row0, col0, nx, ny, D, vx, vy);
   }
 }
 
@@ -468,7 +469,8 @@ __device__ __forceinline__ acc_t<T> merge_partials(const acc_t<T>* __restrict__ 
   return M + lg(L);
 }
 
-// lse_row, lse_col from the forward's partials; loss term of index j; one sum per block.
+// lse_row (and lse_col) from the forward's partials; loss term of index j; one sum per block.
+// Without column partials (col_m == nullptr: the rows op) the term is lse_row − diag.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_kernel(
     const acc_t<T>* __restrict__ row_m, const acc_t<T>* __restrict__ row_l, int64_t Q,
@@ -481,11 +483,15 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(
   A term = A(0);
   if (j < N) {
     const A lr = merge_partials<T>(row_m, row_l, Q, N, j);
-    const A lc = merge_partials<T>(col_m, col_l, P, N, j);
     lse_row[j] = lr;
-    lse_col[j] = lc;
     const A d = diag[j];
-    term = lam * (lr - d) + (A(1) - lam) * (lc - d);
+    if (col_m != nullptr) {
+      const A lc = merge_partials<T>(col_m, col_l, P, N, j);
+      lse_col[j] = lc;
+      term = lam * (lr - d) + (A(1) - lam) * (lc - d);
+    } else {
+      term = lr - d;
+    }
   }
   term = block_sum(term, red);
   if (threadIdx.x == 0) block_part[blockIdx.x] = term;
@@ -493,16 +499,18 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(
 
 // ---------------------------------------------------------------- forward tile kernel
 
-// Grid (P, Q): see the file comment. X = image, Y = text.
-// row_m/row_l: [Q][N] per-column-range row partials; col_m/col_l: [P][N] per-stripe column
-// partials; diag: [N] the S_ii (written by the one block whose tiles contain them).
+// Grid (P, Q): see the file comment. X: NX rows (image, or the rows op's queries), Y: NY rows
+// (text, or keys); row x pairs with column x + doff (0 for the square loss).
+// row_m/row_l: [Q][NX] per-column-range row partials; col_m/col_l: [P][NY] per-stripe column
+// partials, or nullptr (the rows op needs no column statistics); diag: [NX] the S_x,x+doff
+// (written by the one block whose tile holds each).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(
     const T* __restrict__ X, int64_t ldx, const T* __restrict__ Y, int64_t ldy,
     const acc_t<T>* __restrict__ scale_ptr, const acc_t<T>* __restrict__ inv_x,
-    const acc_t<T>* __restrict__ inv_y, int64_t N, int64_t D, bool vx, bool vy,
-    acc_t<T>* __restrict__ row_m, acc_t<T>* __restrict__ row_l, acc_t<T>* __restrict__ col_m,
-    acc_t<T>* __restrict__ col_l, acc_t<T>* __restrict__ diag) {
+    const acc_t<T>* __restrict__ inv_y, int64_t NX, int64_t NY, int64_t doff, int64_t D, bool vx,
+    bool vy, acc_t<T>* __restrict__ row_m, acc_t<T>* __restrict__ row_l,
+    acc_t<T>* __restrict__ col_m, acc_t<T>* __restrict__ col_l, acc_t<T>* __restrict__ diag) {
   using C = Cfg<T>;
   using A = acc_t<T>;
   using L = FwdSmem<T>;
@@ -513,13 +521,13 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(
 
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t nblk = (N + BT - 1) / BT;
+  const int64_t nrb = (NX + BT - 1) / BT, ncb = (NY + BT - 1) / BT;
   const int64_t P = gridDim.x, Q = gridDim.y, p = blockIdx.x, q = blockIdx.y;
-  const int64_t cb_begin = q * nblk / Q, cb_end = (q + 1) * nblk / Q;
+  const int64_t cb_begin = q * ncb / Q, cb_end = (q + 1) * ncb / Q;
   const A c = *scale_ptr;
   const A ninf = neg_inf<A>();
 
-  for (int64_t rb = p; rb < nblk; rb += P) {
+  for (int64_t rb = p; rb < nrb; rb += P) {
     const bool first = rb == p;  // this block's first visit to its column partials
     const int64_t row0 = rb * BT;
     bool rv[TM];
@@ -527,7 +535,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(
 #pragma unroll
     for (int a = 0; a < TM; ++a) {
       const int64_t row = row0 + ty + 16 * a;
-      rv[a] = row < N;
+      rv[a] = row < NX;
       ax[a] = (inv_x != nullptr && rv[a]) ? inv_x[row] : A(1);
       m[a] = ninf;
       l[a] = A(0);
@@ -535,25 +543,30 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(
     for (int64_t cb = cb_begin; cb < cb_end; ++cb) {
       const int64_t col0 = cb * BT;
       A s[TM][TM];
-      dot_tile<T>(s, smem, L::x, L::y, L::d, X, ldx, Y, ldy, row0, col0, N, D, vx, vy);
+      dot_tile<T>(s, smem, L::x, L::y, L::d, X, ldx, Y, ldy, row0, col0, NX, NY, D, vx, vy);
       bool cv[TM];
       A by[TM];
 #pragma unroll
       for (int b = 0; b < TM; ++b) {
         const int64_t col = col0 + tx + 16 * b;
-        cv[b] = col < N;
+        cv[b] = col < NY;
         by[b] = (inv_y != nullptr && cv[b]) ? inv_y[col] : A(1);
       }
-      // Entries outside the N×N matrix become −inf, i.e. exp() = 0 below.
+      // Entries outside the NX×NY matrix become −inf, i.e. exp() = 0 below.
 #pragma unroll
       for (int a = 0; a < TM; ++a)
 #pragma unroll
         for (int b = 0; b < TM; ++b)
           s[a][b] = (rv[a] && cv[b]) ? c * (s[a][b] * (ax[a] * by[b])) : ninf;
-      if (rb == cb && ty == tx) {
+      // Tile entry (a, b) is on the diagonal col = row + doff when tx + 16b = ty + 16a + dd.
+      const int64_t dd = row0 + doff - col0;
+      if (dd > -BT && dd < BT) {
 #pragma unroll
         for (int a = 0; a < TM; ++a)
-          if (rv[a]) diag[row0 + ty + 16 * a] = s[a][a];
+#pragma unroll
+          for (int b = 0; b < TM; ++b)
+            if (rv[a] && cv[b] && tx + 16 * b == ty + 16 * a + dd)
+              diag[row0 + ty + 16 * a] = s[a][b];
       }
 
       // Rows: the 16 lanes sharing ty hold a whole tile row between them. The reference point
@@ -573,6 +586,9 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(
         l[a] = vfma(l[a], ex<T>(m[a] - mr), sum);
         m[a] = mn;
       }
+
+      // Uniform over the block: every thread skips the barriers below together.
+      if (col_m == nullptr) continue;
 
       // Columns: a tile column spans all 16 ty values, i.e. both halves of every warp and all
       // warps: reduce over a, then lanes ±16, then warps through shared memory.
@@ -599,12 +615,12 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(
       __syncthreads();
       if (threadIdx.x < BT) {
         const int64_t col = col0 + threadIdx.x;
-        if (col < N) {
+        if (col < NY) {
           // Row row0 < N is in every tile of this block, so cmax is finite.
           A cmax = ninf, lt = A(0);
           for (int w = 0; w < kWarps; ++w) cmax = vmax(cmax, s_cm[w * BT + threadIdx.x]);
           for (int w = 0; w < kWarps; ++w) lt += s_cl[w * BT + threadIdx.x];
-          const int64_t idx = p * N + col;
+          const int64_t idx = p * NY + col;
           if (first) {
             col_m[idx] = cmax;
             col_l[idx] = lt;
@@ -623,8 +639,8 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(
       for (int a = 0; a < TM; ++a) {
         if (rv[a]) {
           const int64_t row = row0 + ty + 16 * a;
-          row_m[q * N + row] = m[a];
-          row_l[q * N + row] = l[a];
+          row_m[q * NX + row] = m[a];
+          row_l[q * NX + row] = l[a];
         }
       }
     }
@@ -769,8 +785,10 @@ struct HYAcc<T, true> {
 };
 
 // Grid (row blocks, D slabs). See the file comment for the roles of (X, Y, lse_x, lse_y, wx,
-// wy). do_out = false: only Σ G'⊙u (d logit_scale), grid.y must be 1. Outputs [N, D]
-// contiguous: outT (T, final) or outA (accumulator type, dẑ before the normalisation chain);
+// wy); X has NX rows, Y has NY, and the −δ sits at column x + doff. A null lse_x (lse_y) drops
+// its term, whose weight is then 0 (the rows op has one direction only). do_out = false: only
+// Σ G'⊙u (d logit_scale), grid.y must be 1. Outputs [NX, D] contiguous, scaled by c·gloss/denom:
+// outT (T, final) or outA (accumulator type, dẑ before the normalisation chain);
 // dc_part[row block] (or nullptr) gets Σ G'⊙u of the block's rows.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) grad_kernel(
@@ -778,8 +796,8 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
     const acc_t<T>* __restrict__ scale_ptr, const acc_t<T>* __restrict__ gloss_ptr,
     const acc_t<T>* __restrict__ inv_x, const acc_t<T>* __restrict__ inv_y,
     const acc_t<T>* __restrict__ lse_x, const acc_t<T>* __restrict__ lse_y, acc_t<T> wx,
-    acc_t<T> wy, int64_t N, int64_t D, bool vx, bool vy, bool do_out, T* outT,
-    acc_t<T>* outA, acc_t<T>* __restrict__ dc_part) {
+    acc_t<T> wy, int64_t NX, int64_t NY, int64_t doff, acc_t<T> denom, int64_t D, bool vx,
+    bool vy, bool do_out, T* outT, acc_t<T>* outA, acc_t<T>* __restrict__ dc_part) {
   using C = Cfg<T>;
   using A = acc_t<T>;
   using S = typename C::S;
@@ -790,36 +808,37 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
   S* sYs = reinterpret_cast<S*>(smem + L::ys);
 
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-  const int64_t nblk = (N + BT - 1) / BT;
+  const int64_t ncb = (NY + BT - 1) / BT;
   const int64_t rb = blockIdx.x, row0 = rb * BT, d0 = static_cast<int64_t>(blockIdx.y) * C::DV;
   const A c = *scale_ptr;
+  const bool has_x = lse_x != nullptr, has_y = lse_y != nullptr;
 
   bool rv[TM];
   A ax[TM], lx[TM];
 #pragma unroll
   for (int a = 0; a < TM; ++a) {
     const int64_t row = row0 + ty + 16 * a;
-    rv[a] = row < N;
+    rv[a] = row < NX;
     ax[a] = (inv_x != nullptr && rv[a]) ? inv_x[row] : A(1);
-    lx[a] = rv[a] ? lse_x[row] : A(0);
+    lx[a] = (has_x && rv[a]) ? lse_x[row] : A(0);
   }
   HYAcc<T> hy;
   hy.zero();
   A dc = A(0);
 
-  for (int64_t cb = 0; cb < nblk; ++cb) {
+  for (int64_t cb = 0; cb < ncb; ++cb) {
     const int64_t col0 = cb * BT;
     A s[TM][TM];
     // Begins with a barrier: the previous H·Y pass is done with sH and the slab chunk.
-    dot_tile<T>(s, smem, L::x, L::y, L::d, X, ldx, Y, ldy, row0, col0, N, D, vx, vy);
+    dot_tile<T>(s, smem, L::x, L::y, L::d, X, ldx, Y, ldy, row0, col0, NX, NY, D, vx, vy);
     bool cv[TM];
     A by[TM], ly[TM];
 #pragma unroll
     for (int b = 0; b < TM; ++b) {
       const int64_t col = col0 + tx + 16 * b;
-      cv[b] = col < N;
+      cv[b] = col < NY;
       by[b] = (inv_y != nullptr && cv[b]) ? inv_y[col] : A(1);
-      ly[b] = cv[b] ? lse_y[col] : A(0);
+      ly[b] = (has_y && cv[b]) ? lse_y[col] : A(0);
     }
 #pragma unroll
     for (int a = 0; a < TM; ++a)
@@ -828,8 +847,10 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
         const bool valid = rv[a] && cv[b];
         const A u = s[a][b] * (ax[a] * by[b]);  // same expression as the forward: same bits
         const A sv = c * u;
-        A g = wx * ex<T>(sv - lx[a]) + wy * ex<T>(sv - ly[b]);
-        if (row0 + ty + 16 * a == col0 + tx + 16 * b) g -= A(1);
+        A g = A(0);
+        if (has_x) g = wx * ex<T>(sv - lx[a]);
+        if (has_y) g = vfma(wy, ex<T>(sv - ly[b]), g);
+        if (row0 + ty + 16 * a + doff == col0 + tx + 16 * b) g -= A(1);
         g = valid ? g : A(0);
         if (valid) dc = vfma(g, u, dc);
         // H = G' ∈ [−1, 1]; b_y goes onto the Y slab rows instead (load_tile's rscale): a
@@ -839,7 +860,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
     if (!do_out) continue;
     __syncthreads();  // sH complete; the X/Y tiles (aliased by the slab chunk) no longer read
     for (int kc = 0; kc < BT; kc += C::KC) {
-      load_tile<T, S, C::KC, C::DV, C::LDV>(sYs, Y, ldy, col0 + kc, N, d0, D, vy, inv_y);
+      load_tile<T, S, C::KC, C::DV, C::LDV>(sYs, Y, ldy, col0 + kc, NY, d0, D, vy, inv_y);
       __syncthreads();
       hy.mma(sH, sYs, kc);
       __syncthreads();
@@ -847,9 +868,9 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
   }
 
   if (do_out) {
-    const A scale = c * *gloss_ptr / static_cast<A>(N);
+    const A scale = c * *gloss_ptr / denom;
     __syncthreads();  // the WMMA epilogue reuses the fp32 tile region as scratch
-    hy.store(reinterpret_cast<float*>(smem + L::d), scale, row0, d0, N, D, outT, outA);
+    hy.store(reinterpret_cast<float*>(smem + L::d), scale, row0, d0, NX, D, outT, outA);
   }
   if (dc_part != nullptr && blockIdx.y == 0) {
     const A total = block_sum(dc, reinterpret_cast<A*>(smem + L::red));
@@ -878,35 +899,36 @@ struct Carver {
   }
 };
 
-// Forward grid (P row stripes, Q column ranges) as a function of N only.
+// Forward grid (P row stripes, Q column ranges) as a function of the sizes alone.
 template <typename T>
-void fwd_grid(int64_t N, int64_t& P, int64_t& Q) {
-  const int64_t nblk = (N + Cfg<T>::BT - 1) / Cfg<T>::BT;
-  P = nblk < kFwdBlocks ? nblk : kFwdBlocks;
-  Q = nblk >= kFwdBlocks ? 1 : (kFwdBlocks + nblk - 1) / nblk;
-  if (Q > nblk) Q = nblk;
+void fwd_grid(int64_t NX, int64_t NY, int64_t& P, int64_t& Q) {
+  const int64_t nrb = ceil_div(NX, Cfg<T>::BT), ncb = ceil_div(NY, Cfg<T>::BT);
+  P = nrb < kFwdBlocks ? nrb : kFwdBlocks;
+  Q = nrb >= kFwdBlocks ? 1 : (kFwdBlocks + nrb - 1) / nrb;
+  if (Q > ncb) Q = ncb;
   if (P < 1) P = 1;
   if (Q < 1) Q = 1;
 }
 
+// X: NX rows, Y: NY rows; column partials only for the square loss (cols).
 template <typename T>
 struct FwdWs {
   using A = acc_t<T>;
-  A *inv_i, *inv_t, *diag, *row_m, *row_l, *col_m, *col_l, *block_part;
+  A *inv_x, *inv_y, *diag, *row_m, *row_l, *col_m, *col_l, *block_part;
   size_t bytes;
-  FwdWs(void* base, int64_t N) {
+  FwdWs(void* base, int64_t NX, int64_t NY, bool cols) {
     int64_t P, Q;
-    fwd_grid<T>(N, P, Q);
-    const size_t n = static_cast<size_t>(N);
+    fwd_grid<T>(NX, NY, P, Q);
+    const size_t nx = static_cast<size_t>(NX), ny = static_cast<size_t>(NY);
     Carver cv{static_cast<char*>(base)};
-    inv_i = cv.take<A>(n);
-    inv_t = cv.take<A>(n);
-    diag = cv.take<A>(n);
-    row_m = cv.take<A>(static_cast<size_t>(Q) * n);
-    row_l = cv.take<A>(static_cast<size_t>(Q) * n);
-    col_m = cv.take<A>(static_cast<size_t>(P) * n);
-    col_l = cv.take<A>(static_cast<size_t>(P) * n);
-    block_part = cv.take<A>(static_cast<size_t>(ceil_div(N, kThreads)));
+    inv_x = cv.take<A>(nx);
+    inv_y = cv.take<A>(ny);
+    diag = cv.take<A>(nx);
+    row_m = cv.take<A>(static_cast<size_t>(Q) * nx);
+    row_l = cv.take<A>(static_cast<size_t>(Q) * nx);
+    col_m = cols ? cv.take<A>(static_cast<size_t>(P) * ny) : nullptr;
+    col_l = cols ? cv.take<A>(static_cast<size_t>(P) * ny) : nullptr;
+    block_part = cv.take<A>(static_cast<size_t>(ceil_div(NX, kThreads)));
     bytes = cv.off;
   }
 };
@@ -914,17 +936,17 @@ struct FwdWs {
 template <typename T>
 struct BwdWs {
   using A = acc_t<T>;
-  A *inv_i, *inv_t, *dc_part, *dz;
+  A *inv_x, *inv_y, *dc_part, *dz;
   size_t bytes;
-  BwdWs(void* base, int64_t N, int64_t D) {
-    const size_t n = static_cast<size_t>(N);
+  BwdWs(void* base, int64_t NX, int64_t NY, int64_t D) {
+    const int64_t n = NX > NY ? NX : NY;
     Carver cv{static_cast<char*>(base)};
-    inv_i = cv.take<A>(n);
-    inv_t = cv.take<A>(n);
-    dc_part = cv.take<A>(static_cast<size_t>(ceil_div(N, Cfg<T>::BT)));
+    inv_x = cv.take<A>(static_cast<size_t>(NX));
+    inv_y = cv.take<A>(static_cast<size_t>(NY));
+    dc_part = cv.take<A>(static_cast<size_t>(ceil_div(n, Cfg<T>::BT)));
     // dẑ in the accumulator type for the normalisation chain: 16-bit outputs cannot hold it,
-    // fp32/fp64 outputs hold it in place.
-    dz = cv.take<A>(sizeof(T) < sizeof(A) ? n * static_cast<size_t>(D) : 0);
+    // fp32/fp64 outputs hold it in place. The passes run one after the other and share it.
+    dz = cv.take<A>(sizeof(T) < sizeof(A) ? static_cast<size_t>(n) * static_cast<size_t>(D) : 0);
     bytes = cv.off;
   }
 };
@@ -936,13 +958,139 @@ cudaError_t launch_inv_norms(const T* X, int64_t ld, int64_t N, int64_t D, acc_t
   return cudaGetLastError();
 }
 
+// The forward of both ops: X (NX rows) against Y (NY rows), row x paired with column x + doff.
+// With lse_col: the square loss, Σ_x [λ(lse_row − diag) + (1−λ)(lse_col − diag)] / denom;
+// without: Σ_x (lse_row − diag) / denom (the rows op).
+template <typename T>
+cudaError_t forward(const T* X, int64_t ldx, const T* Y, int64_t ldy, const acc_t<T>* scale,
+                    acc_t<T>* loss, acc_t<T>* lse_row, acc_t<T>* lse_col, int64_t NX, int64_t NY,
+                    int64_t doff, int64_t D, double lambda, double denom, bool normalize,
+                    void* workspace, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const bool cols = lse_col != nullptr;
+  FwdWs<T> ws(workspace, NX, NY, cols);
+  cudaError_t e;
+  if (normalize) {
+    if ((e = launch_inv_norms(X, ldx, NX, D, ws.inv_x, stream)) != cudaSuccess) return e;
+    if ((e = launch_inv_norms(Y, ldy, NY, D, ws.inv_y, stream)) != cudaSuccess) return e;
+  }
+  int64_t P, Q;
+  fwd_grid<T>(NX, NY, P, Q);
+  fwd_kernel<T><<<dim3(static_cast<unsigned>(P), static_cast<unsigned>(Q)), kThreads, 0, stream>>>(
+      X, ldx, Y, ldy, scale, normalize ? ws.inv_x : nullptr, normalize ? ws.inv_y : nullptr, NX, NY,
+      doff, D, vec_ok(X, ldx, D), vec_ok(Y, ldy, D), ws.row_m, ws.row_l, ws.col_m, ws.col_l, ws.diag);
+  if ((e = cudaGetLastError()) != cudaSuccess) return e;
+  const int64_t nb = ceil_div(NX, kThreads);
+  combine_kernel<T><<<static_cast<unsigned>(nb), kThreads, 0, stream>>>(
+      ws.row_m, ws.row_l, Q, ws.col_m, ws.col_l, P, ws.diag, static_cast<A>(lambda), NX, lse_row,
+      lse_col, ws.block_part);
+  if ((e = cudaGetLastError()) != cudaSuccess) return e;
+  sum_kernel<A><<<1, kThreads, 0, stream>>>(ws.block_part, nb, nullptr, static_cast<A>(denom),
+                                            loss);
+  return cudaGetLastError();
+}
+
+// One operand of the backward: n rows z (row stride ld), its inverse norms (normalize), and the
+// log-sum-exp of its rows with that direction's weight (lse == nullptr: no direction from it).
+template <typename T>
+struct Side {
+  const T* z;
+  int64_t ld, n;
+  bool vec;
+  const acc_t<T>* inv;
+  const acc_t<T>* lse;
+  acc_t<T> w;
+};
+
+// Gradient w.r.t. the rows of x (against the columns y, −δ at column x + doff) into out
+// [x.n, D], or only dc_part (per row block of x) when out is null.
+template <typename T>
+cudaError_t grad_pass(const Side<T>& x, const Side<T>& y, int64_t doff, double denom,
+                      const acc_t<T>* scale, const acc_t<T>* gloss, int64_t D, bool normalize,
+                      acc_t<T>* dz, T* out, acc_t<T>* dc_part, cudaStream_t stream) {
+  using C = Cfg<T>;
+  using A = acc_t<T>;
+  const bool do_out = out != nullptr && D > 0;
+  if (!do_out && dc_part == nullptr) return cudaSuccess;
+  const int64_t nrb = ceil_div(x.n, C::BT), nslab = ceil_div(D, C::DV);
+  if (nrb > 0x7fffffff || nslab > 65535) return cudaErrorInvalidValue;
+  T* outT = nullptr;
+  A* outA = nullptr;
+  if (do_out) {
+    if (!normalize) {
+      outT = out;
+    } else if constexpr (sizeof(T) < sizeof(A)) {
+      outA = dz;
+    } else {
+      outA = reinterpret_cast<A*>(out);
+    }
+  }
+  const dim3 grid(static_cast<unsigned>(nrb), do_out ? static_cast<unsigned>(nslab) : 1u);
+  grad_kernel<T><<<grid, kThreads, 0, stream>>>(
+      x.z, x.ld, y.z, y.ld, scale, gloss, x.inv, y.inv, x.lse, y.lse, x.w, y.w, x.n, y.n, doff,
+      static_cast<A>(denom), D, x.vec, y.vec, do_out, outT, outA, dc_part);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || !do_out || !normalize) return err;
+  norm_bwd_kernel<T><<<static_cast<unsigned>(ceil_div(x.n, kWarps)), kThreads, 0, stream>>>(
+      x.z, x.ld, x.inv, outA, out, x.n, D);
+  return cudaGetLastError();
+}
+
+// The backward of both ops: d a (rows of a against b, −δ at a-row + doff) and d b (the
+// transposed problem, −δ at b-row − doff), then d logit_scale = gloss/denom · Σ G'⊙u, taken by
+// the first pass that runs (a pass of its own when neither gradient is asked for).
+template <typename T>
+cudaError_t backward(const acc_t<T>* gloss, Side<T> a, Side<T> b, const acc_t<T>* scale, T* da,
+                     T* db, acc_t<T>* dscale, int64_t doff, int64_t D, double denom, bool normalize,
+                     void* workspace, cudaStream_t stream) {
+  using A = acc_t<T>;
+  BwdWs<T> ws(workspace, a.n, b.n, D);
+  cudaError_t e;
+  if (normalize) {
+    if ((e = launch_inv_norms(a.z, a.ld, a.n, D, ws.inv_x, stream)) != cudaSuccess) return e;
+    if ((e = launch_inv_norms(b.z, b.ld, b.n, D, ws.inv_y, stream)) != cudaSuccess) return e;
+    a.inv = ws.inv_x;
+    b.inv = ws.inv_y;
+  }
+  A* dc_part = dscale != nullptr ? ws.dc_part : nullptr;
+  int64_t dc_blocks = ceil_div(a.n, Cfg<T>::BT);
+  if (da != nullptr) {
+    e = grad_pass(a, b, doff, denom, scale, gloss, D, normalize, ws.dz, da, dc_part, stream);
+    if (e != cudaSuccess) return e;
+    dc_part = nullptr;
+  }
+  if (db != nullptr) {
+    e = grad_pass(b, a, -doff, denom, scale, gloss, D, normalize, ws.dz, db, dc_part, stream);
+    if (e != cudaSuccess) return e;
+    if (dc_part != nullptr) dc_blocks = ceil_div(b.n, Cfg<T>::BT);
+    dc_part = nullptr;
+  }
+  if (dc_part != nullptr) {
+    e = grad_pass(a, b, doff, denom, scale, gloss, D, normalize, ws.dz, static_cast<T*>(nullptr),
+                  dc_part, stream);
+    if (e != cudaSuccess) return e;
+  }
+  if (dscale != nullptr) {
+    sum_kernel<A><<<1, kThreads, 0, stream>>>(ws.dc_part, dc_blocks, gloss, static_cast<A>(denom),
+                                              dscale);
+  }
+  return cudaGetLastError();
+}
+
+// The loss over no rows is 0, and so are the gradients of everything else (all-zero bytes are
+// +0 in every element type).
+inline cudaError_t zero_fill(void* p, size_t bytes, cudaStream_t stream) {
+  if (p == nullptr || bytes == 0) return cudaSuccess;
+  return cudaMemsetAsync(p, 0, bytes, stream);
+}
+
 }  // namespace infonce_detail
 
 template <typename T>
 size_t infonce_fwd_workspace(int64_t N, int64_t D) {
   (void)D;
   if (N <= 0) return 0;
-  return infonce_detail::FwdWs<T>(nullptr, N).bytes;
+  return infonce_detail::FwdWs<T>(nullptr, N, N, true).bytes;
 }
 
 template <typename T>
@@ -950,42 +1098,24 @@ cudaError_t infonce_fwd(const T* image, int64_t ldi, const T* text, int64_t ldt,
                         const acc_t<T>* logit_scale, acc_t<T>* loss, acc_t<T>* lse_row,
                         acc_t<T>* lse_col, int64_t N, int64_t D, double lambda, bool normalize,
                         void* workspace, cudaStream_t stream) {
-  using namespace infonce_detail;
   using A = acc_t<T>;
-  if (N < 0 || D < 0) return cudaErrorInvalidValue;
+  if (N < 0 || D < 0 || ldi < 0 || ldt < 0) return cudaErrorInvalidValue;
   if (N == 0) {  // the reference's 0/max(N, 1): an empty batch has loss 0
-    const cudaError_t e = cudaMemsetAsync(loss, 0, sizeof(A), stream);
+    const cudaError_t e = infonce_detail::zero_fill(loss, sizeof(A), stream);
     return e != cudaSuccess ? e : cudaGetLastError();
   }
   if (workspace == nullptr || image == nullptr || text == nullptr || logit_scale == nullptr ||
       loss == nullptr || lse_row == nullptr || lse_col == nullptr)
     return cudaErrorInvalidValue;
-  FwdWs<T> ws(workspace, N);
-  cudaError_t e;
-  if (normalize) {
-    if ((e = launch_inv_norms(image, ldi, N, D, ws.inv_i, stream)) != cudaSuccess) return e;
-    if ((e = launch_inv_norms(text, ldt, N, D, ws.inv_t, stream)) != cudaSuccess) return e;
-  }
-  int64_t P, Q;
-  fwd_grid<T>(N, P, Q);
-  fwd_kernel<T><<<dim3(static_cast<unsigned>(P), static_cast<unsigned>(Q)), kThreads, 0, stream>>>(
-      image, ldi, text, ldt, logit_scale, normalize ? ws.inv_i : nullptr,
-      normalize ? ws.inv_t : nullptr, N, D, vec_ok(image, ldi, D), vec_ok(text, ldt, D), ws.row_m,
-      ws.row_l, ws.col_m, ws.col_l, ws.diag);
-  if ((e = cudaGetLastError()) != cudaSuccess) return e;
-  const int64_t nb = ceil_div(N, kThreads);
-  combine_kernel<T><<<static_cast<unsigned>(nb), kThreads, 0, stream>>>(
-      ws.row_m, ws.row_l, Q, ws.col_m, ws.col_l, P, ws.diag, static_cast<A>(lambda), N, lse_row,
-      lse_col, ws.block_part);
-  if ((e = cudaGetLastError()) != cudaSuccess) return e;
-  sum_kernel<A><<<1, kThreads, 0, stream>>>(ws.block_part, nb, nullptr, static_cast<A>(N), loss);
-  return cudaGetLastError();
+  return infonce_detail::forward<T>(image, ldi, text, ldt, logit_scale, loss, lse_row, lse_col, N, N,
+                                    0, D, lambda, static_cast<double>(N), normalize, workspace,
+                                    stream);
 }
 
 template <typename T>
 size_t infonce_bwd_workspace(int64_t N, int64_t D) {
   if (N <= 0 || D < 0) return 0;
-  return infonce_detail::BwdWs<T>(nullptr, N, D).bytes;
+  return infonce_detail::BwdWs<T>(nullptr, N, N, D).bytes;
 }
 
 template <typename T>
@@ -995,87 +1125,79 @@ cudaError_t infonce_bwd(const acc_t<T>* gloss, const T* image, int64_t ldi, cons
                         int64_t N, int64_t D, double lambda, bool normalize, void* workspace,
                         cudaStream_t stream) {
   using namespace infonce_detail;
-  using C = Cfg<T>;
   using A = acc_t<T>;
-  if (N < 0 || D < 0) return cudaErrorInvalidValue;
+  if (N < 0 || D < 0 || ldi < 0 || ldt < 0) return cudaErrorInvalidValue;
   if (N == 0) {
-    if (dscale != nullptr) {
-      const cudaError_t e = cudaMemsetAsync(dscale, 0, sizeof(A), stream);
-      if (e != cudaSuccess) return e;
-    }
-    return cudaGetLastError();
+    const cudaError_t e = zero_fill(dscale, sizeof(A), stream);
+    return e != cudaSuccess ? e : cudaGetLastError();
   }
   if (workspace == nullptr || gloss == nullptr || image == nullptr || text == nullptr ||
       logit_scale == nullptr || lse_row == nullptr || lse_col == nullptr)
     return cudaErrorInvalidValue;
-  const int64_t nblk = ceil_div(N, C::BT);
-  const int64_t nslab = ceil_div(D, C::DV);
-  if (nblk > 0x7fffffff || nslab > 65535) return cudaErrorInvalidValue;
-  BwdWs<T> ws(workspace, N, D);
-  cudaError_t e;
-  if (normalize) {
-    if ((e = launch_inv_norms(image, ldi, N, D, ws.inv_i, stream)) != cudaSuccess) return e;
-    if ((e = launch_inv_norms(text, ldt, N, D, ws.inv_t, stream)) != cudaSuccess) return e;
-  }
-  const A lam = static_cast<A>(lambda), lam1 = static_cast<A>(1.0 - lambda);
-  const bool vi = vec_ok(image, ldi, D), vt = vec_ok(text, ldt, D);
-  const A* inv_i = normalize ? ws.inv_i : nullptr;
-  const A* inv_t = normalize ? ws.inv_t : nullptr;
+  // d image: rows of I against T, P_row weighted by λ; d text: rows of T against I, P_col by 1−λ.
+  const Side<T> img{image, ldi, N, vec_ok(image, ldi, D), nullptr, lse_row, static_cast<A>(lambda)};
+  const Side<T> txt{text, ldt, N, vec_ok(text, ldt, D), nullptr, lse_col,
+                    static_cast<A>(1.0 - lambda)};
+  return backward<T>(gloss, img, txt, logit_scale, dimage, dtext, dscale, 0, D,
+                     static_cast<double>(N), normalize, workspace, stream);
+}
 
-  // One direction: gradient w.r.t. X (rows) against Y (columns), written to out (may be null:
-  // d logit_scale only).
-  auto grad = [&](const T* X, int64_t ldx, bool vx, const A* inv_x, const A* lse_x, A wx,
-                  const T* Y, int64_t ldy, bool vy, const A* inv_y, const A* lse_y, A wy, T* out,
-                  A* dc_part) -> cudaError_t {
-    const bool do_out = out != nullptr && D > 0;
-    if (!do_out && dc_part == nullptr) return cudaSuccess;
-    T* outT = nullptr;
-    A* outA = nullptr;
-    if (do_out) {
-      if (!normalize) {
-        outT = out;
-      } else if constexpr (sizeof(T) < sizeof(A)) {
-        outA = ws.dz;
-      } else {
-        outA = reinterpret_cast<A*>(out);
-      }
-    }
-    const dim3 grid(static_cast<unsigned>(nblk), do_out ? static_cast<unsigned>(nslab) : 1u);
-    grad_kernel<T><<<grid, kThreads, 0, stream>>>(X, ldx, Y, ldy, logit_scale, gloss, inv_x, inv_y,
-                                                  lse_x, lse_y, wx, wy, N, D, vx, vy, do_out, outT,
-                                                  outA, dc_part);
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess || !do_out || !normalize) return err;
-    norm_bwd_kernel<T><<<static_cast<unsigned>(ceil_div(N, kWarps)), kThreads, 0, stream>>>(
-        X, ldx, inv_x, outA, out, N, D);
-    return cudaGetLastError();
-  };
+template <typename T>
+size_t infonce_rows_fwd_workspace(int64_t M, int64_t N, int64_t D) {
+  (void)D;
+  if (M <= 0 || N <= 0) return 0;
+  return infonce_detail::FwdWs<T>(nullptr, M, N, false).bytes;
+}
 
-  A* dc_part = dscale != nullptr ? ws.dc_part : nullptr;
-  // d image: rows of I against T, P_row weighted by λ; it also takes d logit_scale if asked.
-  if (dimage != nullptr) {
-    if ((e = grad(image, ldi, vi, inv_i, lse_row, lam, text, ldt, vt, inv_t, lse_col, lam1, dimage,
-                  dc_part)) != cudaSuccess)
-      return e;
-    dc_part = nullptr;
+template <typename T>
+cudaError_t infonce_rows_fwd(const T* queries, int64_t ldq, const T* keys, int64_t ldk,
+                             const acc_t<T>* logit_scale, acc_t<T>* part, acc_t<T>* lse, int64_t M,
+                             int64_t N, int64_t D, int64_t offset, bool normalize, void* workspace,
+                             cudaStream_t stream) {
+  using A = acc_t<T>;
+  if (M < 0 || D < 0 || ldq < 0 || ldk < 0 || offset < 0 || offset > N - M)
+    return cudaErrorInvalidValue;
+  if (M == 0) {  // a sum over no query rows
+    const cudaError_t e = infonce_detail::zero_fill(part, sizeof(A), stream);
+    return e != cudaSuccess ? e : cudaGetLastError();
   }
-  // d text: the transposed problem, rows of T against I, P_col weighted by 1−λ.
-  if (dtext != nullptr) {
-    if ((e = grad(text, ldt, vt, inv_t, lse_col, lam1, image, ldi, vi, inv_i, lse_row, lam, dtext,
-                  dc_part)) != cudaSuccess)
-      return e;
-    dc_part = nullptr;
+  if (workspace == nullptr || queries == nullptr || keys == nullptr || logit_scale == nullptr ||
+      part == nullptr || lse == nullptr)
+    return cudaErrorInvalidValue;
+  return infonce_detail::forward<T>(queries, ldq, keys, ldk, logit_scale, part, lse, nullptr, M, N,
+                                    offset, D, 1.0, static_cast<double>(N), normalize, workspace,
+                                    stream);
+}
+
+template <typename T>
+size_t infonce_rows_bwd_workspace(int64_t M, int64_t N, int64_t D) {
+  if (M <= 0 || N <= 0 || D < 0) return 0;
+  return infonce_detail::BwdWs<T>(nullptr, M, N, D).bytes;
+}
+
+template <typename T>
+cudaError_t infonce_rows_bwd(const acc_t<T>* gpart, const T* queries, int64_t ldq, const T* keys,
+                             int64_t ldk, const acc_t<T>* logit_scale, const acc_t<T>* lse,
+                             T* dqueries, T* dkeys, acc_t<T>* dscale, int64_t M, int64_t N, int64_t D,
+                             int64_t offset, bool normalize, void* workspace, cudaStream_t stream) {
+  using namespace infonce_detail;
+  using A = acc_t<T>;
+  if (M < 0 || D < 0 || ldq < 0 || ldk < 0 || offset < 0 || offset > N - M)
+    return cudaErrorInvalidValue;
+  if (M == 0) {  // no query rows: every gradient is a sum over no terms
+    cudaError_t e = zero_fill(dscale, sizeof(A), stream);
+    const size_t nd = static_cast<size_t>(N) * static_cast<size_t>(D);
+    if (e == cudaSuccess) e = zero_fill(dkeys, nd * sizeof(T), stream);
+    return e != cudaSuccess ? e : cudaGetLastError();
   }
-  // d logit_scale alone.
-  if (dc_part != nullptr) {
-    if ((e = grad(image, ldi, vi, inv_i, lse_row, lam, text, ldt, vt, inv_t, lse_col, lam1, nullptr,
-                  dc_part)) != cudaSuccess)
-      return e;
-  }
-  if (dscale != nullptr) {
-    sum_kernel<A><<<1, kThreads, 0, stream>>>(ws.dc_part, nblk, gloss, static_cast<A>(N), dscale);
-  }
-  return cudaGetLastError();
+  if (workspace == nullptr || gpart == nullptr || queries == nullptr || keys == nullptr ||
+      logit_scale == nullptr || lse == nullptr)
+    return cudaErrorInvalidValue;
+  // One direction: G = gpart/N·(P_row − δ(key = query + offset)); the keys carry no log-sum-exp.
+  const Side<T> q{queries, ldq, M, vec_ok(queries, ldq, D), nullptr, lse, A(1)};
+  const Side<T> k{keys, ldk, N, vec_ok(keys, ldk, D), nullptr, nullptr, A(0)};
+  return backward<T>(gpart, q, k, logit_scale, dqueries, dkeys, dscale, offset, D,
+                     static_cast<double>(N), normalize, workspace, stream);
 }
 
 #define LK_INFONCE_INSTANTIATE(T)                                                                  \
@@ -1087,7 +1209,16 @@ cudaError_t infonce_bwd(const acc_t<T>* gloss, const T* image, int64_t ldi, cons
   template cudaError_t infonce_bwd<T>(const acc_t<T>*, const T*, int64_t, const T*, int64_t,       \
                                       const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, T*, T*,   \
                                       acc_t<T>*, int64_t, int64_t, double, bool, void*,            \
-                                      cudaStream_t);
+                                      cudaStream_t);                                               \
+  template size_t infonce_rows_fwd_workspace<T>(int64_t, int64_t, int64_t);                        \
+  template cudaError_t infonce_rows_fwd<T>(const T*, int64_t, const T*, int64_t, const acc_t<T>*,  \
+                                           acc_t<T>*, acc_t<T>*, int64_t, int64_t, int64_t,        \
+                                           int64_t, bool, void*, cudaStream_t);                    \
+  template size_t infonce_rows_bwd_workspace<T>(int64_t, int64_t, int64_t);                        \
+  template cudaError_t infonce_rows_bwd<T>(const acc_t<T>*, const T*, int64_t, const T*, int64_t,  \
+                                           const acc_t<T>*, const acc_t<T>*, T*, T*, acc_t<T>*,    \
+                                           int64_t, int64_t, int64_t, int64_t, bool, void*,        \
+                                           cudaStream_t);
 LK_FOR_EACH_TYPE(LK_INFONCE_INSTANTIATE)
 #undef LK_INFONCE_INSTANTIATE
 

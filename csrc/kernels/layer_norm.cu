@@ -72,12 +72,17 @@ __device__ __forceinline__ void row_sum2(A& a, A& b, A* smem) {
   __syncthreads();
 }
 
+// Threads per block of the row kernels, at most. 512, not 1024: 1024 would cap them at 64
+// registers, and the 16-byte-vector forward then spilled (ptxas -v; benchmarks/cuda_ptx_check.py
+// gates on it); a row wide enough to want more threads gives each of 512 more vectors instead.
+constexpr int kMaxRowThreads = 512;
+
 // x: [M, N] (row stride ldx); weight, bias: [N] or nullptr; y: [M, N]; mean, rstd: [M].
 // The statistics are taken around the row's first element (the pivot), as the reference
 // does: for x = 1e4 + noise the shifted values are small and exact in fp32, so neither the
 // variance nor (x − μ) loses digits to the large mean.
 template <typename T, int V>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxRowThreads)
 ln_fwd_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ weight,
               const T* __restrict__ bias, T* __restrict__ y, acc_t<T>* __restrict__ mean,
               acc_t<T>* __restrict__ rstd, int64_t M, int64_t N, acc_t<T> eps) {
@@ -153,7 +158,7 @@ ln_fwd_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ weight
 // dx = rstd·(γg − mean_N(γg) − x̂·mean_N(γg⊙x̂)), x̂ = (x − μ)·rstd, γ = 1 without weight.
 // g, dx: [M, N] contiguous; x: row stride ldx; weight: [N] or nullptr; mean, rstd: [M].
 template <typename T, int V>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxRowThreads)
 ln_bwd_dx_kernel(const T* __restrict__ g, const T* __restrict__ x, int64_t ldx,
                  const T* __restrict__ weight, const acc_t<T>* __restrict__ mean,
                  const acc_t<T>* __restrict__ rstd, T* __restrict__ dx, int64_t M, int64_t N) {
@@ -299,7 +304,7 @@ ln_bwd_sum_partials_kernel(const acc_t<T>* __restrict__ pdw, const acc_t<T>* __r
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Threads per row: enough that each handles at most ~8 vector units, 32..1024. Rows per
+// Threads per row: enough that each handles at most ~8 vector units, 32..kMaxRowThreads. Rows per
 // block: fill 256 threads when the row needs fewer.
 struct RowLaunch {
   dim3 block;
@@ -308,7 +313,7 @@ struct RowLaunch {
 
 RowLaunch row_launch(int64_t M, int64_t units) {
   int tx = 32;
-  while (tx < 1024 && static_cast<int64_t>(tx) * 8 < units) tx *= 2;
+  while (tx < kMaxRowThreads && static_cast<int64_t>(tx) * 8 < units) tx *= 2;
   const int ty = tx >= 256 ? 1 : 256 / tx;
   const int64_t groups = ceil_div(M, ty);
   const int64_t max_grid = int64_t(1) << 20;  // the kernels loop over the remaining rows
@@ -337,7 +342,7 @@ template <typename T>
 cudaError_t layer_norm_fwd(const T* x, int64_t ldx, const T* weight, const T* bias, T* y,
                            acc_t<T>* mean, acc_t<T>* rstd, int64_t M, int64_t N, double eps,
                            cudaStream_t stream) {
-  if (M < 0 || N < 1 || (M > 1 && ldx < N)) return cudaErrorInvalidValue;
+  if (M < 0 || N < 1 || ldx < 0) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
   if (x == nullptr || y == nullptr || mean == nullptr || rstd == nullptr)
     return cudaErrorInvalidValue;
@@ -367,7 +372,7 @@ template <typename T>
 cudaError_t layer_norm_bwd(const T* g, const T* x, int64_t ldx, const T* weight,
                            const acc_t<T>* mean, const acc_t<T>* rstd, T* dx, T* dweight, T* dbias,
                            void* workspace, int64_t M, int64_t N, cudaStream_t stream) {
-  if (M < 0 || N < 1 || (M > 1 && ldx < N)) return cudaErrorInvalidValue;
+  if (M < 0 || N < 1 || ldx < 0) return cudaErrorInvalidValue;
   using A = acc_t<T>;
   const bool want_params = dweight != nullptr || dbias != nullptr;
   if (M == 0) {

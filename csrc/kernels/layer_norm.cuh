@@ -6,7 +6,8 @@
 
 namespace lk {
 
-// x: [M, N], row stride ldx (elements), unit column stride. weight, bias: [N] or nullptr.
+// x: [M, N], row stride ldx (elements, any ldx >= 0: rows may overlap, as in x.expand(M, N),
+// since x is only read), unit column stride. weight, bias: [N] or nullptr.
 // y: [M, N] contiguous. mean, rstd: [M] (acc_t). Any N >= 1, M >= 0.
 template <typename T>
 cudaError_t layer_norm_fwd(const T* x, int64_t ldx, const T* weight, const T* bias, T* y,

@@ -164,10 +164,13 @@ struct GemmParams {
 // BM×BN output tile, BK reduction step. KS groups of threads each reduce every KS-th step of
 // BK (a split of the reduction inside the block, for tiles too few to fill the GPU); their
 // results are summed in group order. A group is GM×GN warps (tensor cores) or GM×GN threads
-// (CUDA cores, each owning a (BM/GM)×(BN/GN) strided sub-tile).
-template <int BM_, int BN_, int BK_, int KS_, int GM_, int GN_>
+// (CUDA cores, each owning a (BM/GM)×(BN/GN) strided sub-tile). MB: blocks per SM the
+// register budget must allow (__launch_bounds__), i.e. at most 65536 / (MB·threads) registers.
+// Left to itself ptxas gave the fp32 wide tile 64 registers on sm_90 and spilled (ptxas -v,
+// benchmarks/cuda_ptx_check.py); the other budgets are the counts it chose without spilling.
+template <int BM_, int BN_, int BK_, int KS_, int GM_, int GN_, int MB_>
 struct TileCfg {
-  static constexpr int BM = BM_, BN = BN_, BK = BK_, KS = KS_, GM = GM_, GN = GN_;
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, KS = KS_, GM = GM_, GN = GN_, MB = MB_;
 };
 
 // kAT: A's tile is stored k-major in shared memory (A contiguous along i); kBT: B's tile is
@@ -305,7 +308,8 @@ __device__ __forceinline__ void mainloop_simt(const GemmParams<T>& p, T* As, T* 
 }
 
 template <typename T, typename Cfg, bool kAT, bool kBT>
-__global__ void __launch_bounds__(GemmShape<T, Cfg, kAT, kBT>::kThreads) gemm_kernel(const GemmParams<T> p) {
+__global__ void __launch_bounds__(GemmShape<T, Cfg, kAT, kBT>::kThreads, Cfg::MB)
+    gemm_kernel(const GemmParams<T> p) {
   using S = GemmShape<T, Cfg, kAT, kBT>;
   using Acc = acc_t<T>;
   constexpr int BM = S::BM, BN = S::BN, NT = S::kThreads, LDC = S::LDC, RC = S::RC;
@@ -395,15 +399,18 @@ __global__ void __launch_bounds__(GemmShape<T, Cfg, kAT, kBT>::kThreads) gemm_ke
 // few to occupy the GPU (decode-sized M).
 template <typename T> struct GemmTiles;
 template <> struct GemmTiles<__half> {
-  using Wide = TileCfg<64, 64, 32, 1, 2, 2>;    // 4 warps, 32×32 each
-  using Narrow = TileCfg<16, 32, 32, 8, 1, 1>;  // 8 groups of 1 warp
+  using Wide = TileCfg<64, 64, 32, 1, 2, 2, 4>;    // 4 warps, 32×32 each; 128 registers
+  using Narrow = TileCfg<16, 32, 32, 8, 1, 1, 4>;  // 8 groups of 1 warp; 64 registers
 };
 template <> struct GemmTiles<__nv_bfloat16> : GemmTiles<__half> {};
 template <> struct GemmTiles<float> {
-  using Wide = TileCfg<64, 64, 16, 1, 16, 16>;  // 256 threads, 4×4 each
-  using Narrow = TileCfg<16, 32, 16, 2, 8, 16>; // 2 groups of 128 threads, 2×2 each
+  using Wide = TileCfg<64, 64, 16, 1, 16, 16, 3>;  // 256 threads, 4×4 each; 85 registers
+  using Narrow = TileCfg<16, 32, 16, 2, 8, 16, 5>; // 2 groups of 128 threads, 2×2 each; 51
 };
-template <> struct GemmTiles<double> : GemmTiles<float> {};
+template <> struct GemmTiles<double> {
+  using Wide = TileCfg<64, 64, 16, 1, 16, 16, 2>;  // 128 registers
+  using Narrow = TileCfg<16, 32, 16, 2, 8, 16, 4>; // 64 registers
+};
 
 constexpr int64_t kWideTilesWanted = 264;  // about two waves of a 132-SM H100
 

@@ -25,3 +25,22 @@ def backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normali
 
 def supports(image: torch.Tensor, *_) -> Optional[str]:
     return rows_reason("InfoNCE", image, "the CUDA InfoNCE kernels need at least one feature per row (d >= 1)")
+
+
+# One direction on a rectangular block (the distributed loss): the same tile kernels with a
+# diagonal offset and no column statistics.
+
+def rows_forward(queries, keys, logit_scale, offset, normalize):
+    """-> (part: 0-d, lse: [m]) in the compute dtype (as reference.infonce.rows_forward)."""
+    return ops().infonce_rows_fwd_cuda(rows(queries), rows(keys), logit_scale, int(offset), bool(normalize))
+
+
+def rows_backward(gpart, queries, keys, logit_scale, lse, offset, normalize,
+                  need_dqueries: bool, need_dkeys: bool, need_dscale: bool):
+    """-> (d queries, d keys, d logit_scale); empty placeholders for those not needed."""
+    return ops().infonce_rows_bwd_cuda(gpart, rows(queries), rows(keys), logit_scale,
+                                       lse.to(compute_dtype(queries.dtype)).contiguous(), int(offset),
+                                       bool(normalize), need_dqueries, need_dkeys, need_dscale)
+
+
+rows_supports = supports

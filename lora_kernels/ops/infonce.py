@@ -108,10 +108,12 @@ def infonce(image, text, logit_scale, lambda_=0.5, normalize=False):
 
 ROWS_IMPLS = {"torch": backend.Impl(ref.rows_forward, ref.rows_backward)}
 ROWS_IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.infonce", prefix="rows_")
+ROWS_IMPLS["cuda"] = backend.lazy_impl("lora_kernels.cuda.infonce", prefix="rows_")
 
 
 def _rows_forward(queries, keys, logit_scale, offset, normalize):
-    return backend.select("infonce", ROWS_IMPLS, queries).forward(queries, keys, logit_scale, offset, normalize)
+    impl = backend.select("infonce_rows", ROWS_IMPLS, queries)
+    return impl.forward(queries, keys, logit_scale, offset, normalize)
 
 
 @torch.library.custom_op("lora_kernels::infonce_rows_fwd", mutates_args=())
@@ -127,7 +129,7 @@ def _(queries, keys, logit_scale, offset, normalize):
 
 
 def _rows_backward_impl(gpart, queries, keys, logit_scale, lse, offset, normalize, need_dq, need_dk, need_dc):
-    impl = backend.select("infonce", ROWS_IMPLS, queries)
+    impl = backend.select("infonce_rows", ROWS_IMPLS, queries)
     return impl.backward(gpart, queries, keys, logit_scale, lse, offset, normalize, need_dq, need_dk, need_dc)
 
 
