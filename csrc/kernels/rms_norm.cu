@@ -59,9 +59,14 @@ __device__ __forceinline__ void scale_of(const T* weight, int64_t u, A offset, A
   for (int k = 0; k < V; ++k) s[k] = offset + to_acc<A>(pw.v[k]);
 }
 
+// Threads per block of the row kernels, at most: with __launch_bounds__(1024) ptxas held the
+// 16-bit dx kernel to 32 registers on sm_80 and it spilled 20-24 B (as layer_norm.cu's kernels
+// did; rerun: python benchmarks/cuda_ptx_check.py). Wider rows give each of 512 threads more vectors.
+constexpr int kMaxRowThreads = 512;
+
 // x: [M, N] (row stride ldx); weight: [N] or nullptr; y: [M, N]; rstd: [M] or nullptr.
 template <typename T, int V>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxRowThreads)
 rms_fwd_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ weight, T* __restrict__ y,
                acc_t<T>* __restrict__ rstd, int64_t M, int64_t N, acc_t<T> eps, acc_t<T> offset) {
   using A = acc_t<T>;
@@ -105,7 +110,7 @@ rms_fwd_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ weigh
 
 // dx = rstd·(s⊙g − x̂·mean_N(s⊙g⊙x̂)), x̂ = x·rstd, s = offset + γ (1 without weight).
 template <typename T, int V>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxRowThreads)
 rms_bwd_dx_kernel(const T* __restrict__ g, const T* __restrict__ x, int64_t ldx,
                   const T* __restrict__ weight, const acc_t<T>* __restrict__ rstd, T* __restrict__ dx,
                   int64_t M, int64_t N, acc_t<T> offset) {
@@ -218,11 +223,11 @@ struct RowLaunch {
   unsigned grid;
 };
 
-// Threads per row: enough that each handles at most ~8 vector units, 32..1024; rows per block
+// Threads per row: enough that each handles at most ~8 vector units, 32..kMaxRowThreads; rows per block
 // fill 256 threads when the row needs fewer.
 RowLaunch row_launch(int64_t M, int64_t units) {
   int tx = 32;
-  while (tx < 1024 && static_cast<int64_t>(tx) * 8 < units) tx *= 2;
+  while (tx < kMaxRowThreads && static_cast<int64_t>(tx) * 8 < units) tx *= 2;
   const int ty = tx >= 256 ? 1 : 256 / tx;
   const int64_t groups = ceil_div(M, ty);
   const int64_t max_grid = int64_t(1) << 20;  // the kernels loop over the remaining rows
