@@ -7,6 +7,7 @@ their modules and model surgery. Every op runs on the backend chosen by ``set_ba
 from .backend import BackendUnavailable, get_backend, set_backend, use_backend
 from .nn import BottleneckAdapter, FusedLayerNorm, InfoNCELoss, LoRALinear
 from .ops.adapter import adapter
+from .ops.dora import dora_linear
 from .ops.infonce import infonce
 from .ops.layer_norm import layer_norm
 from .ops.lora import lora_linear
@@ -15,7 +16,7 @@ from .surgery import add_adapters, apply_lora, bitfit, from_peft, ln_tuning, loa
 __version__ = "0.1.0"
 
 __all__ = [
-    "lora_linear", "adapter", "layer_norm", "infonce",
+    "lora_linear", "dora_linear", "adapter", "layer_norm", "infonce",
     "LoRALinear", "BottleneckAdapter", "FusedLayerNorm", "InfoNCELoss",
     "apply_lora", "add_adapters", "ln_tuning", "bitfit", "from_peft", "save_adapter", "load_adapter",
     "set_backend", "get_backend", "use_backend", "BackendUnavailable",
