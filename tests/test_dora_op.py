@@ -200,3 +200,53 @@ def test_bad_cached_norm_is_rejected():
     x, w, b, a, bb, m = (t.detach() for t in make_args((4,), 8, 6, 2))
     with pytest.raises(ValueError, match="weight_sq_norm"):
         lk.dora_linear(x, w, b, a, bb, m, 1.0, weight_sq_norm=torch.ones(5, dtype=torch.float64, device=DEVICE))
+
+
+# The torch reference computes half inputs on an fp32 copy of W0 (for its GEMMs, not the norm): fp32 only there.
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in BACKENDS for d in (torch.float32, torch.bfloat16)
+                                           if b != "torch" or d == torch.float32], ids=str)
+def test_no_out_by_in_temporary(backend, dtype):
+    """The forward allocates nothing of W0's size (PEFT builds W0 + s·BA, N×K, every step)."""
+    if DEVICE.type != "cpu":
+        pytest.skip("counts CPU allocations with the profiler")
+    from torch.profiler import ProfilerActivity, profile
+    x, w, b, a, bb, m = (t.detach().to(dtype) for t in make_args((4,), 512, 384, 8))
+    m.requires_grad_()
+    with lk.use_backend(backend), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        lk.dora_linear(x, w, b, a, bb, m, 0.5, dropout_p=0.1)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest < w.numel() * w.element_size() // 4, f"an allocation of {largest} B in the forward"
+
+
+# ---- Triton kernel paths: u fused or from torch (r > 64), dropout's two base products, r limit ----
+
+TRITON = [b for b in BACKENDS if b == "triton"]
+KERNEL_CASES = [  # (leading dims, K, N, r, dtype, dropout_p)
+    ((37,), 70, 33, 80, torch.float32, 0.0),    # r > 64: u computed before the GEMM
+    ((2, 20), 33, 40, 100, torch.bfloat16, 0.2),
+    ((37,), 70, 33, 5, torch.float16, 0.3),     # fused u from drop(x), two accumulators
+    ((1,), 129, 70, 16, torch.float64, 0.5),
+]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("lead,k,n,r,dtype,p", KERNEL_CASES, ids=str)
+def test_kernel_paths(backend, lead, k, n, r, dtype, p):
+    m = 1
+    for d in lead:
+        m *= d
+    mask = dropout_mask((m, k), p, _seed_of(3), DEVICE) if p else None
+
+    def fn(*t):
+        torch.manual_seed(3)
+        return lk.dora_linear(*t, scaling=0.75, dropout_p=p)
+    ref_fn = lambda *t: ref.dora_linear(t[0].reshape(m, k), *t[1:], 0.75, mask=mask, dropout_p=p).reshape(*lead, n)  # noqa: E731
+    with lk.use_backend(backend):
+        check_against_reference(fn, ref_fn, make_args(lead, k, n, r, grad_base=p > 0), dtype, f"r={r} p={p}")
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_kernel_rank_limit_is_explained(backend):
+    args = [t.detach() for t in make_args((3,), 16, 8, 130)]
+    with lk.use_backend(backend), pytest.raises(lk.BackendUnavailable, match="ranks up to 128"):
+        lk.dora_linear(*args, 1.0)

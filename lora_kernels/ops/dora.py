@@ -16,7 +16,7 @@ IMPLS["triton"] = backend.lazy_impl("lora_kernels.triton.dora")
 
 
 def _forward(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed, save_z):
-    impl = backend.select("dora_linear", IMPLS, x)
+    impl = backend.select("dora_linear", IMPLS, x, lora_A)
     return impl.forward(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p,
                         int(seed), save_z)
 
@@ -37,7 +37,7 @@ def _(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropo
 
 def _backward_impl(g, x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, seed,
                    need_dx, need_dW, need_db, need_dm):
-    impl = backend.select("dora_linear", IMPLS, x)
+    impl = backend.select("dora_linear", IMPLS, x, lora_A)
     return impl.backward(g.contiguous(), x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, int(seed),
                          need_dx, need_dW, need_db, need_dm)
 

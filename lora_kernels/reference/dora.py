@@ -18,16 +18,16 @@ from .lora import apply_dropout, dropout_mask
 
 def weight_sq_norm(weight: torch.Tensor) -> torch.Tensor:
     """‖W0_n‖² per output row in the compute dtype: W0 is frozen, so a module may cache it."""
-    w = weight.to(compute_dtype(weight.dtype))
-    return (w * w).sum(1)
+    return torch.linalg.vector_norm(weight, dim=1, dtype=compute_dtype(weight.dtype)).square()
 
 
 def row_norm(weight, lora_A, lora_B, scaling, w_sq=None):
     """‖W0 + s·BA‖ per output row [N], from the low-rank structure, in the compute dtype."""
     ct = compute_dtype(weight.dtype)
-    w, a, b = weight.to(ct), lora_A.to(ct), lora_B.to(ct)
+    a, b = lora_A.to(ct), lora_B.to(ct)
     sq = weight_sq_norm(weight) if w_sq is None else w_sq.to(ct)
-    wa = w @ a.T                                   # [N, r]
+    # [N, r] in the input dtype: an fp32 copy of a half W0 would be an N×K temporary
+    wa = (weight @ lora_A.T).to(ct)
     cross = (b * wa).sum(1)
     low = ((b @ (a @ a.T)) * b).sum(1)             # ‖s·(BA)_n‖² / s²
     # Rounding can push a (near-)zero norm² below zero; the true value never is.
