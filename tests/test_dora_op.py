@@ -138,7 +138,7 @@ def test_cached_weight_norm_and_frozen_magnitude(backend):
     m.requires_grad_(False)
     w_sq = ref.weight_sq_norm(w)
     with lk.use_backend(backend):
-        y = lk.dora_linear(x, w, b, a, bb, m, 0.5, weight_sq_norm=w_sq)
+        y = op.dora_linear_cached(x, w, b, a, bb, m, 0.5, weight_sq_norm=w_sq)
         y.sum().backward()
     assert_close(y, ref.dora_linear(x, w, b, a, bb, m, 0.5), torch.float64, "cached ‖W0‖²")
     assert m.grad is None and a.grad is not None and x.grad is not None
@@ -199,7 +199,7 @@ def test_bad_input_is_rejected(what, mutate, exc, text):
 def test_bad_cached_norm_is_rejected():
     x, w, b, a, bb, m = (t.detach() for t in make_args((4,), 8, 6, 2))
     with pytest.raises(ValueError, match="weight_sq_norm"):
-        lk.dora_linear(x, w, b, a, bb, m, 1.0, weight_sq_norm=torch.ones(5, dtype=torch.float64, device=DEVICE))
+        op.dora_linear_cached(x, w, b, a, bb, m, 1.0, weight_sq_norm=torch.ones(5, dtype=torch.float64, device=DEVICE))
 
 
 # The torch reference computes half inputs on an fp32 copy of W0 (for its GEMMs, not the norm): fp32 only there.
@@ -250,3 +250,10 @@ def test_kernel_rank_limit_is_explained(backend):
     args = [t.detach() for t in make_args((3,), 16, 8, 130)]
     with lk.use_backend(backend), pytest.raises(lk.BackendUnavailable, match="ranks up to 128"):
         lk.dora_linear(*args, 1.0)
+
+
+def test_public_signature():
+    import inspect
+    assert str(inspect.signature(lk.dora_linear)) == (
+        "(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=True)")
+    assert "dora_linear" in lk.__all__

@@ -82,8 +82,13 @@ dora_linear_fwd.register_autograd(_backward, setup_context=_setup)
 _FUNCTION = _direct.autograd_function("DoRALinearFunction", _forward, _setup, _backward)
 
 
-def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=True, *,
-                weight_sq_norm=None):
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=True):
+    """DoRA (PEFT's semantics); see ``dora_linear_cached``, which also takes ‖W0_n‖² cached."""
+    return dora_linear_cached(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
+
+
+def dora_linear_cached(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=True,
+                       weight_sq_norm=None):
     """DoRA (PEFT's semantics): y = W0 x + b + (c − 1)⊙W0 drop(x) + c⊙s·(drop(x) Aᵀ) Bᵀ for x of
     shape [..., K], with c = magnitude / ‖W0 + s·BA‖ per output row, detached; without dropout
     y = c⊙(x W0ᵀ + s·(x Aᵀ) Bᵀ) + b.

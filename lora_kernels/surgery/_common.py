@@ -54,7 +54,8 @@ def _freeze_all_but(model: nn.Module, keep) -> None:
 
 
 def _lora_parameters(model: nn.Module) -> list:
-    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)]
+    return [p for m in model.modules() if isinstance(m, LoRALinear)
+            for p in (m.lora_A, m.lora_B) + ((m.lora_magnitude_vector,) if m.use_dora else ())]
 
 
 def _some_names(names, limit=6) -> str:
