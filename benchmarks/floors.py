@@ -11,6 +11,8 @@ The counts (elements × the dtype's size; "weights" are the op's parameters):
   lora_linear  fwd   FLOPs 2MNK + 2Mr(K+N)      bytes x + W + A + B + y (+ bias)
                bwd   FLOPs 2MNK + 4Mr(K+N)      bytes g + x + W + A + B + dx + dA + dB
                      (dx = gW + s(gB)A, dA = vᵀx, dB = s gᵀu; W frozen, x needs its gradient)
+  dora_linear  fwd   lora_linear's + 2NKr (W Aᵀ for the row norms)  bytes lora's + m
+               bwd   lora_linear's                          bytes lora's + m + d m
   adapter      fwd   FLOPs 4MKr                 bytes x + y + weights
                bwd   FLOPs 8MKr                 bytes g + x + dx + weights + their gradients
   layer_norm   fwd   (no matmul)                bytes x + y + γ + β
@@ -96,6 +98,18 @@ def lora(M: int, K: int, N: int, r: int, mode: str = "fwd", dtype=torch.bfloat16
     return Cost(2 * M * N * K + 4 * M * r * (K + N), e * (M * N + M * K + weights + M * K + r * K + N * r))
 
 
+def dora(M: int, K: int, N: int, r: int, mode: str = "fwd", dtype=torch.bfloat16, bias: bool = False) -> Cost:
+    """DoRA: lora_linear's work, the row norms ‖W + s·BA‖ (W Aᵀ: 2NKr FLOPs, W read once in all:
+    the compulsory count, a fused kernel reads it twice) and the magnitude m [N] (and d m)."""
+    _check_mode(mode)
+    if mode == "fwd+bwd":
+        return dora(M, K, N, r, "fwd", dtype, bias) + dora(M, K, N, r, "bwd", dtype, bias)
+    base, e = lora(M, K, N, r, mode, dtype, bias), _size(dtype)
+    if mode == "fwd":
+        return base + Cost(2 * N * K * r, e * N)
+    return base + Cost(0, 2 * e * N)
+
+
 def adapter(M: int, d: int, r: int, mode: str = "fwd", dtype=torch.bfloat16) -> Cost:
     """y = x + s (act(x W_dᵀ + b_d) W_uᵀ + b_u) with x [M, d], W_d [r, d], W_u [d, r]."""
     _check_mode(mode)
@@ -133,7 +147,7 @@ def infonce(N: int, d: int, mode: str = "fwd", dtype=torch.bfloat16) -> Cost:
     return Cost(6 * N * N * d, e * 4 * N * d)
 
 
-COSTS = {"lora": lora, "adapter": adapter, "layer_norm": layer_norm, "infonce": infonce}
+COSTS = {"lora": lora, "dora": dora, "adapter": adapter, "layer_norm": layer_norm, "infonce": infonce}
 
 
 # ----------------------------------------------------------------------------- the rates
