@@ -205,17 +205,19 @@ def test_bad_cached_norm_is_rejected():
 # The torch reference computes half inputs on an fp32 copy of W0 (for its GEMMs, not the norm): fp32 only there.
 @pytest.mark.parametrize("backend,dtype", [(b, d) for b in BACKENDS for d in (torch.float32, torch.bfloat16)
                                            if b != "torch" or d == torch.float32], ids=str)
-def test_no_out_by_in_temporary(backend, dtype):
-    """The forward allocates nothing of W0's size (PEFT builds W0 + s·BA, N×K, every step)."""
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_no_out_by_in_temporary(backend, dtype, p):
+    """Forward and backward allocate nothing of W0's size (PEFT builds W0 + s·BA, N×K, every step)."""
     if DEVICE.type != "cpu":
         pytest.skip("counts CPU allocations with the profiler")
     from torch.profiler import ProfilerActivity, profile
-    x, w, b, a, bb, m = (t.detach().to(dtype) for t in make_args((4,), 512, 384, 8))
-    m.requires_grad_()
+    x, w, b, a, bb, m = (t.detach().to(dtype) for t in make_args((4,), 256, 192, 8))
+    for t in (x, a, bb, m):
+        t.requires_grad_()
     with lk.use_backend(backend), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        lk.dora_linear(x, w, b, a, bb, m, 0.5, dropout_p=0.1)
+        lk.dora_linear(x, w, b, a, bb, m, 0.5, dropout_p=p).sum().backward()
     largest = max(e.cpu_memory_usage for e in prof.events())
-    assert 0 < largest < w.numel() * w.element_size() // 4, f"an allocation of {largest} B in the forward"
+    assert 0 < largest < w.numel() * w.element_size() // 4, f"an allocation of {largest} B"
 
 
 # ---- Triton kernel paths: u fused or from torch (r > 64), dropout's two base products, r limit ----
@@ -257,3 +259,19 @@ def test_public_signature():
     assert str(inspect.signature(lk.dora_linear)) == (
         "(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=True)")
     assert "dora_linear" in lk.__all__
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_casts_like_f_linear(backend):
+    """Under autocast every tensor goes to the autocast dtype (as F.linear's); gradients come back
+    in each input's own dtype (fp32 here)."""
+    x, w, b, a, bb, m = (t.detach().float() for t in make_args((2, 5), 24, 16, 4))
+    for t in (x, a, bb, m):
+        t.requires_grad_()
+    with lk.use_backend(backend), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = lk.dora_linear(x, w, b, a, bb, m, 0.5)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (x, a, bb, m))
+    assert_close(y, ref.dora_linear(*(t.detach().double() for t in (x, w, b, a, bb, m)), 0.5),
+                 torch.bfloat16, "autocast")

@@ -12,8 +12,11 @@ Forward, two launches and no N×K temporary:
 Backward without dropout: one pass over g writes gc = g⊙c and per-row-chunk partials of
 Σ g⊙z (d magnitude, summed in a fixed order: deterministic); the rest is exactly LoRA's backward
 with g replaced by gc (dx = gc W0 + vA, dA, dB, dW0 = gcᵀx), run by lora_kernels.triton.lora's
-public ``backward``; db = Σg. Backward with dropout runs the reference (cuBLAS GEMMs) with the
-same regenerated mask; the forward's x' = drop(x) comes from the reference's torch mask too.
+public ``backward``; db = Σg. With dropout the same pass also writes g⊙(c − 1); dA and dB are
+LoRA's on x'; dx = gW0 + drop'(g⊙(c−1) W0 + vA) adds two base GEMMs (torch, in x's dtype, as PEFT's
+autograd runs them). The keep-mask is the reference's (torch's generator seeded per call),
+regenerated in the backward, and x' = drop(x) is materialised (M×K) for the kernel and for dA.
+Nothing of W0's size is ever allocated.
 """
 from typing import Optional
 
@@ -179,9 +182,11 @@ def _dora_bwd_scale_kernel(
     Z,        # [M, N] saved z, contiguous (unused without NEED_DM)
     C,        # [N] c, compute dtype
     GC,       # [M, N] out, contiguous, g's dtype: g⊙c
+    GM,       # [M, N] out, contiguous, g's dtype: g⊙(c − 1) (dropout's second base product; WRITE_GM)
     DM_PART,  # [S, N] out, compute dtype: row chunk s's share of Σ g⊙z
     M, N, M_CHUNK,
-    NEED_DM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NEED_DM: tl.constexpr, WRITE_GM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # grid (column tiles, row chunks S): g is read once, gc written once.
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
@@ -197,6 +202,8 @@ def _dora_bwd_scale_kernel(
         offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
         g = tl.load(G + offs, mask=ok, other=0.0).to(ACC)
         tl.store(GC + offs, (g * c).to(GC.dtype.element_ty), mask=ok)
+        if WRITE_GM:
+            tl.store(GM + offs, (g * (c - 1.0)).to(GM.dtype.element_ty), mask=ok)
         if NEED_DM:
             dm += tl.sum(g * tl.load(Z + offs, mask=ok, other=0.0).to(ACC), axis=0)
     if NEED_DM:
@@ -336,23 +343,37 @@ def _row_chunks(M: int, programs: int, device: torch.device):
 def backward(g, x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, seed,
              need_dx: bool, need_dW: bool, need_db: bool, need_dm: bool):
     """Same contract as reference.dora.backward: (dx, dA, dB, d magnitude, dW, db)."""
-    M, K = x.shape
-    N = weight.shape[0]
-    if dropout_p > 0.0 or M == 0 or N == 0:
+    M, N = x.shape[0], weight.shape[0]
+    if M == 0 or N == 0:
         return ref.backward(g, x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, seed,
                             need_dx, need_dW, need_db, need_dm)
-    ct = compute_dtype(x.dtype)
+    ct, dropout = compute_dtype(x.dtype), dropout_p > 0.0
     gc = _common.empty((M, N), g.dtype, g.device)
+    gm = _common.empty((M, N), g.dtype, g.device) if dropout and (need_dx or need_dW) else gc
     col_tiles = -(-N // _SCALE_BLOCK_N)
     m_chunk, S = _row_chunks(M, col_tiles, g.device)
     dm_parts = _common.empty((S, N), ct, g.device) if need_dm else c
     kernel = _dora_bwd_scale_kernel[(col_tiles, S)]
-    kernel(g, z if need_dm else g, c, gc, dm_parts, M, N, m_chunk, NEED_DM=need_dm, ACC=_ACC[x.dtype],
-           BLOCK_M=_SCALE_BLOCK_M, BLOCK_N=_SCALE_BLOCK_N, num_warps=4)
+    kernel(g, z if need_dm else g, c, gc, gm, dm_parts, M, N, m_chunk, NEED_DM=need_dm, WRITE_GM=gm is not gc,
+           ACC=_ACC[x.dtype], BLOCK_M=_SCALE_BLOCK_M, BLOCK_N=_SCALE_BLOCK_N, num_warps=4)
     dm = (dm_parts.sum(0) * rnorm).to(weight.dtype) if need_dm else empty_grad(weight)
-    dx, dA, dB, dW, _ = _lora.backward(gc, x, weight, lora_A, lora_B, u, scaling, 0.0, 0, need_dx, need_dW, False)
     db = g.sum(0, dtype=ct).to(weight.dtype) if need_db else empty_grad(weight)
-    return dx, dA, dB, dm, dW, db
+    if not dropout:  # exactly LoRA's backward with g⊙c for g
+        dx, dA, dB, dW, _ = _lora.backward(gc, x, weight, lora_A, lora_B, u, scaling, 0.0, 0, need_dx, need_dW, False)
+        return dx, dA, dB, dm, dW, db
+    # Dropout: dA = vᵀx', dB = s·gcᵀu are LoRA's on x' = drop(x); dx = gW0 + drop'(g(c−1)W0 + vA)
+    # and dW0 = gᵀx + (g(c−1))ᵀx' take two more base GEMMs (in x's dtype, as PEFT's autograd does).
+    mask = dropout_mask(x.shape, dropout_p, seed, x.device)
+    xd = apply_dropout(x, mask, dropout_p)
+    _, dA, dB, _, _ = _lora.backward(gc, xd, weight, lora_A, lora_B, u, scaling, 0.0, 0, False, False, False)
+    dx = dW = empty_grad(x)
+    if need_dx:
+        v = torch.matmul(gc, lora_B) * scaling
+        low = torch.addmm(torch.matmul(v, lora_A), gm, weight)
+        dx = torch.matmul(g, weight).add_(apply_dropout(low, mask, dropout_p))
+    if need_dW:
+        dW = torch.matmul(g.t(), x).addmm_(gm.t(), xd)
+    return dx, dA, dB, dm, dW if need_dW else empty_grad(weight), db
 
 
 def supports(x, lora_A=None, *tensors) -> Optional[str]:
