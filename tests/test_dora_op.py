@@ -122,6 +122,19 @@ def test_dropout_matches_reference_with_the_same_mask(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_without_bias_y_stands_for_z(backend, dtype):
+    """No bias, no dropout: d magnitude comes from the output y = c⊙z (no M×N tensor saved)."""
+    args = make_args((2, 19), 33, 40, 8, bias=False)
+    with lk.use_backend(backend):
+        check_against_reference(lambda *t: lk.dora_linear(*t, scaling=0.75), lambda *t: ref.dora_linear(*t, 0.75),
+                                args, dtype, "no bias")
+        x, w, a, bb, m = (t.detach() for t in args if t is not None)
+        outs = op.dora_linear_fwd(x.reshape(-1, 33), w, None, a, bb, m, None, 0.75, 0.0, torch.tensor(0), False)
+    assert outs[4].numel() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     x = randn(12, 40)[:, ::2].requires_grad_()
     w = randn(20, 18).T                                     # [18, 20] transposed view (GPT-2 Conv1D)
@@ -163,8 +176,11 @@ def test_opcheck(backend):
         torch.library.opcheck(op.dora_linear_fwd, (x, w, None, a, bb, m, ref.weight_sq_norm(w), 0.5, 0.0, seed, False))
         _, u, c, rn, z = op.dora_linear_fwd(x, w, b, a, bb, m, None, 0.5, 0.25, seed, True)
         g = randn(5, 7)
-        for needs in [(True, True, True, True), (False, False, False, False)]:
+        for needs in [(True, True, True, True, False), (False, False, False, False, False)]:
             torch.library.opcheck(op.dora_linear_bwd, (g, x, w, a, bb, u, c, rn, z, 0.5, 0.25, seed, *needs))
+        y = op.dora_linear_fwd(x, w, None, a, bb, m, None, 0.5, 0.0, seed, False)[0]
+        torch.library.opcheck(op.dora_linear_bwd, (g, x, w, a, bb, u, c, rn, y, 0.5, 0.0, seed, True, True, True,
+                                                   True, True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -275,3 +291,20 @@ def test_autocast_casts_like_f_linear(backend):
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (x, a, bb, m))
     assert_close(y, ref.dora_linear(*(t.detach().double() for t in (x, w, b, a, bb, m)), 0.5),
                  torch.bfloat16, "autocast")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_magnitude_entry_is_loud_without_bias(backend):
+    """The documented limit of the y-for-z saving: an entry of m exactly 0 gets a NaN gradient
+    (never a plausible wrong number); with a bias z is saved and the gradient is exact."""
+    x, w, b, a, bb, m = make_args((6,), 12, 5, 2)
+    with torch.no_grad():
+        m[1] = 0.0
+    with lk.use_backend(backend):
+        lk.dora_linear(x, w, None, a, bb, m, 0.5).sum().backward()
+        assert torch.isnan(m.grad[1]) and torch.isfinite(m.grad[[0, 2, 3, 4]]).all()
+        m.grad = None
+        lk.dora_linear(x, w, b, a, bb, m, 0.5).sum().backward()
+    want = m.detach().clone().requires_grad_()
+    ref.dora_linear(x.detach(), w, b, a.detach(), bb.detach(), want, 0.5).sum().backward()
+    assert_close(m.grad, want.grad, torch.float64, "d magnitude with a zero entry, bias")

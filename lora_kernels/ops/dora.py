@@ -36,22 +36,24 @@ def _(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropo
 
 
 def _backward_impl(g, x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, seed,
-                   need_dx, need_dW, need_db, need_dm):
+                   need_dx, need_dW, need_db, need_dm, z_is_y):
     impl = backend.select("dora_linear", IMPLS, x, lora_A)
     return impl.backward(g.contiguous(), x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, int(seed),
-                         need_dx, need_dW, need_db, need_dm)
+                         need_dx, need_dW, need_db, need_dm, z_is_y)
 
 
 @torch.library.custom_op("lora_kernels::dora_linear_bwd", mutates_args=())
 def dora_linear_bwd(g: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor, c: Tensor,
                     rnorm: Tensor, z: Tensor, scaling: float, dropout_p: float, seed: Tensor, need_dx: bool,
-                    need_dW: bool, need_db: bool, need_dm: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    need_dW: bool, need_db: bool, need_dm: bool,
+                    z_is_y: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _backward_impl(g, x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, seed,
-                          need_dx, need_dW, need_db, need_dm)
+                          need_dx, need_dW, need_db, need_dm, z_is_y)
 
 
 @dora_linear_bwd.register_fake
-def _(g, x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, seed, need_dx, need_dW, need_db, need_dm):
+def _(g, x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, seed, need_dx, need_dW, need_db, need_dm,
+      z_is_y):
     empty = lambda: x.new_empty(0)  # noqa: E731  (fresh each: outputs must not alias)
     n = weight.shape[0]
     return (x.new_empty(x.shape) if need_dx else empty(), torch.empty_like(lora_A), torch.empty_like(lora_B),
@@ -59,9 +61,19 @@ def _(g, x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, seed, ne
             weight.new_empty(n) if need_db else empty())
 
 
+def _z_from_y(bias, dropout_p) -> bool:
+    """Without bias and dropout y = c⊙z: the output itself stands for z (d magnitude's input), so
+    nothing M×N is saved beyond y, which the next layer often keeps anyway. (A magnitude entry of
+    exactly 0 then makes its gradient NaN, loudly; magnitudes start at ‖W0_n‖ > 0.)"""
+    return bias is None and dropout_p == 0.0
+
+
 def _setup(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p, seed, save_z = inputs
-    _, u, c, rnorm, z = output
+    y, u, c, rnorm, z = output
+    ctx.z_is_y = _z_from_y(bias, dropout_p)
+    if ctx.z_is_y and ctx.needs_input_grad[5]:
+        z = y
     ctx.save_for_backward(x, weight, lora_A, lora_B, u, c, rnorm, z, seed)
     ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend.get_backend()
 
@@ -72,7 +84,7 @@ def _backward(ctx, gy, _gu, _gc, _gr, _gz):
     if need_dm and z.numel() != x.shape[0] * weight.shape[0]:
         raise RuntimeError("dora_linear: magnitude needs a gradient but the forward ran with save_z=False")
     args = (gy, x, weight, lora_A, lora_B, u, c, rnorm, z, ctx.scaling, ctx.dropout_p, seed,
-            need_dx, need_dW, need_db, need_dm)
+            need_dx, need_dW, need_db, need_dm, ctx.z_is_y)
     dx, dA, dB, dm, dW, db = _direct.backward(ctx, dora_linear_bwd, _backward_impl, args, n_tensors=9)
     return (check.grad_or_none(dx, need_dx), check.grad_or_none(dW, need_dW), check.grad_or_none(db, need_db),
             dA, dB, check.grad_or_none(dm, need_dm), None, None, None, None, None)
@@ -124,7 +136,8 @@ def dora_linear_cached(x, weight, bias, lora_A, lora_B, magnitude, scaling, drop
     scaling = check.finite_float("scaling", scaling)
     p = check.probability("dropout_p", dropout_p)
     p = p if training else 0.0
-    save_z = _direct.records_graph(magnitude)  # z = W0 x' + s·uBᵀ only feeds d magnitude
+    # z = W0 x' + s·uBᵀ only feeds d magnitude
+    save_z = _direct.records_graph(magnitude) and not _z_from_y(bias, p)
     args = (check.rows(x, k), weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, p, _seed(p), save_z)
     y = _direct.run(dora_linear_fwd, _forward, _FUNCTION, args, n_tensors=7)[0]
     return y if x.ndim == 2 else y.reshape(*x.shape[:-1], n)

@@ -68,8 +68,9 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, w_sq, scaling, dropout_p
 
 
 def backward(g, x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, seed,
-             need_dx: bool, need_dW: bool, need_db: bool, need_dm: bool):
-    """Gradients (dx, dA, dB, d magnitude, dW, db); the ones not needed come back empty."""
+             need_dx: bool, need_dW: bool, need_db: bool, need_dm: bool, z_is_y: bool = False):
+    """Gradients (dx, dA, dB, d magnitude, dW, db); the ones not needed come back empty.
+    ``z_is_y``: ``z`` holds y = c⊙z (no bias, no dropout), so z = y / c."""
     ct = compute_dtype(x.dtype)
     gc_, xc, w, A, B = g.to(ct), x.to(ct), weight.to(ct), lora_A.to(ct), lora_B.to(ct)
     mask = dropout_mask(x.shape, dropout_p, seed, x.device)
@@ -78,7 +79,9 @@ def backward(g, x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, s
     dB = scaling * (gc.T @ u)
     v = scaling * (gc @ B)
     dA = v.T @ xd
-    dm = ((gc_ * z.to(ct)).sum(0) * rnorm).to(weight.dtype) if need_dm else empty_grad(weight)
+    dm = empty_grad(weight)
+    if need_dm:
+        dm = ((gc_ * z.to(ct)).sum(0) * (rnorm / c if z_is_y else rnorm)).to(weight.dtype)
     dx = dW = empty_grad(x)
     if mask is None:
         if need_dx:

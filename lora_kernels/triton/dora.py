@@ -8,7 +8,8 @@ Forward, two launches and no N×K temporary:
   2. the LoRA GEMM (u = x'Aᵀ accumulated in the same K loop for r ≤ 64) with c in its epilogue:
      y = c⊙(xW0ᵀ + s·uBᵀ) + b. With dropout, PEFT's y = W0x + (c−1)⊙W0x' + c⊙s·uBᵀ + b needs two
      base products: both accumulate in the same K loop from one load of each W0 tile.
-     z = W0x' + s·uBᵀ is stored too when the magnitude needs a gradient.
+     z = W0x' + s·uBᵀ is stored too when the magnitude needs a gradient and there is a bias or
+     dropout (else y = c⊙z stands for it: ops/dora.py).
 Backward without dropout: one pass over g writes gc = g⊙c and per-row-chunk partials of
 Σ g⊙z (d magnitude, summed in a fixed order: deterministic); the rest is exactly LoRA's backward
 with g replaced by gc (dx = gc W0 + vA, dA, dB, dW0 = gcᵀx), run by lora_kernels.triton.lora's
@@ -179,7 +180,7 @@ def _dora_fwd_kernel(
 @triton.jit
 def _dora_bwd_scale_kernel(
     G,        # [M, N] upstream gradient, contiguous
-    Z,        # [M, N] saved z, contiguous (unused without NEED_DM)
+    Z,        # [M, N] saved z (or y = c⊙z), contiguous (unused without NEED_DM)
     C,        # [N] c, compute dtype
     GC,       # [M, N] out, contiguous, g's dtype: g⊙c
     GM,       # [M, N] out, contiguous, g's dtype: g⊙(c − 1) (dropout's second base product; WRITE_GM)
@@ -341,12 +342,12 @@ def _row_chunks(M: int, programs: int, device: torch.device):
 
 
 def backward(g, x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, seed,
-             need_dx: bool, need_dW: bool, need_db: bool, need_dm: bool):
+             need_dx: bool, need_dW: bool, need_db: bool, need_dm: bool, z_is_y: bool = False):
     """Same contract as reference.dora.backward: (dx, dA, dB, d magnitude, dW, db)."""
     M, N = x.shape[0], weight.shape[0]
     if M == 0 or N == 0:
         return ref.backward(g, x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, seed,
-                            need_dx, need_dW, need_db, need_dm)
+                            need_dx, need_dW, need_db, need_dm, z_is_y)
     ct, dropout = compute_dtype(x.dtype), dropout_p > 0.0
     gc = _common.empty((M, N), g.dtype, g.device)
     gm = _common.empty((M, N), g.dtype, g.device) if dropout and (need_dx or need_dW) else gc
@@ -356,7 +357,8 @@ def backward(g, x, weight, lora_A, lora_B, u, c, rnorm, z, scaling, dropout_p, s
     kernel = _dora_bwd_scale_kernel[(col_tiles, S)]
     kernel(g, z if need_dm else g, c, gc, gm, dm_parts, M, N, m_chunk, NEED_DM=need_dm, WRITE_GM=gm is not gc,
            ACC=_ACC[x.dtype], BLOCK_M=_SCALE_BLOCK_M, BLOCK_N=_SCALE_BLOCK_N, num_warps=4)
-    dm = (dm_parts.sum(0) * rnorm).to(weight.dtype) if need_dm else empty_grad(weight)
+    # z_is_y: the pass summed g⊙y = c⊙(g⊙z)
+    dm = (dm_parts.sum(0) * (rnorm / c if z_is_y else rnorm)).to(weight.dtype) if need_dm else empty_grad(weight)
     db = g.sum(0, dtype=ct).to(weight.dtype) if need_db else empty_grad(weight)
     if not dropout:  # exactly LoRA's backward with g⊙c for g
         dx, dA, dB, dW, _ = _lora.backward(gc, x, weight, lora_A, lora_B, u, scaling, 0.0, 0, need_dx, need_dW, False)
