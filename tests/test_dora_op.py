@@ -94,14 +94,14 @@ def test_gradcheck_fp64(backend, p):
     """gradcheck over x, bias and magnitude: W0, A and B also move the norm, which the op holds
     constant (detached, as DoRA §4.3), so finite differences in them cannot agree by design; their
     gradients are checked against the reference's autograd above."""
-    x, w, b, a, bb, m = make_args((5,), 7, 6, 3, grad_base=True)
+    x, w, b, a, bb, m = make_args((4,), 6, 5, 3, grad_base=True)
     w, a, bb = w.detach(), a.detach(), bb.detach()
 
     def fn(x, b, m):
         torch.manual_seed(0)
         return lk.dora_linear(x, w, b, a, bb, m, scaling=1.5, dropout_p=p)
-    with lk.use_backend(backend):
-        assert torch.autograd.gradcheck(fn, (x, b, m))
+    with lk.use_backend(backend):  # fast mode (random projections) in the slow interpreter
+        assert torch.autograd.gradcheck(fn, (x, b, m), fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -258,7 +258,8 @@ def test_kernel_paths(backend, lead, k, n, r, dtype, p):
     def fn(*t):
         torch.manual_seed(3)
         return lk.dora_linear(*t, scaling=0.75, dropout_p=p)
-    ref_fn = lambda *t: ref.dora_linear(t[0].reshape(m, k), *t[1:], 0.75, mask=mask, dropout_p=p).reshape(*lead, n)  # noqa: E731
+    def ref_fn(x, *t):
+        return ref.dora_linear(x.reshape(m, k), *t, 0.75, mask=mask, dropout_p=p).reshape(*lead, n)
     with lk.use_backend(backend):
         check_against_reference(fn, ref_fn, make_args(lead, k, n, r, grad_base=p > 0), dtype, f"r={r} p={p}")
 
