@@ -239,17 +239,25 @@ def test_no_out_by_in_temporary(backend, dtype, p):
 # ---- Triton kernel paths: u fused or from torch (r > 64), dropout's two base products, r limit ----
 
 TRITON = [b for b in BACKENDS if b == "triton"]
-KERNEL_CASES = [  # (leading dims, K, N, r, dtype, dropout_p)
-    ((37,), 70, 33, 80, torch.float32, 0.0),    # r > 64: u computed before the GEMM
-    ((2, 20), 33, 40, 100, torch.bfloat16, 0.2),
-    ((37,), 70, 33, 5, torch.float16, 0.3),     # fused u from drop(x), two accumulators
-    ((1,), 129, 70, 16, torch.float64, 0.5),
+KERNEL_CASES = [  # (leading dims, K, N, r, dtype, dropout_p, u fused in the GEMM)
+    ((37,), 70, 33, 80, torch.float32, 0.0, False),    # r > 64: u computed before the GEMM
+    ((2, 20), 33, 40, 100, torch.bfloat16, 0.2, False),
+    ((37,), 70, 33, 5, torch.float16, 0.3, True),      # fused u from drop(x), two accumulators
+    ((37,), 70, 33, 5, torch.float16, 0.3, False),
+    ((1,), 129, 70, 16, torch.float64, 0.5, True),
+    ((40,), 33, 70, 16, torch.bfloat16, 0.0, False),
 ]
 
 
+@pytest.fixture
+def kernels():
+    return pytest.importorskip("lora_kernels.triton.dora")
+
+
 @pytest.mark.parametrize("backend", TRITON)
-@pytest.mark.parametrize("lead,k,n,r,dtype,p", KERNEL_CASES, ids=str)
-def test_kernel_paths(backend, lead, k, n, r, dtype, p):
+@pytest.mark.parametrize("lead,k,n,r,dtype,p,fused", KERNEL_CASES, ids=str)
+def test_kernel_paths(backend, kernels, monkeypatch, lead, k, n, r, dtype, p, fused):
+    monkeypatch.setattr(kernels, "_fuse_u", lambda M, N, K, r, esize: fused and r <= 64)
     m = 1
     for d in lead:
         m *= d

@@ -5,7 +5,8 @@ Forward, two launches and no N×K temporary:
      being frozen) and W0 Aᵀ accumulate over K; its epilogue forms
      ‖W0_n + s·(BA)_n‖² = ‖W0_n‖² + 2s·Σ_j B[n,j](W0Aᵀ)[n,j] + s²·((B·AAᵀ)⊙B)[n,:].sum()
      and writes c = m/‖·‖ and 1/‖·‖ (fp32 for half inputs);
-  2. the LoRA GEMM (u = x'Aᵀ accumulated in the same K loop for r ≤ 64) with c in its epilogue:
+  2. the LoRA GEMM (u = x'Aᵀ accumulated in the same K loop when that is cheaper than one cuBLAS
+     GEMM first: small M·N, r ≤ 64; ``_fuse_u``) with c in its epilogue:
      y = c⊙(xW0ᵀ + s·uBᵀ) + b. With dropout, PEFT's y = W0x + (c−1)⊙W0x' + c⊙s·uBᵀ + b needs two
      base products: both accumulate in the same K loop from one load of each W0 tile.
      z = W0x' + s·uBᵀ is stored too when the magnitude needs a gradient and there is a bias or
@@ -34,7 +35,20 @@ from . import lora as _lora
 _ACC = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32,
         torch.float64: tl.float64}
 _MAX_R = 128          # rank one program holds whole (norm epilogue, GEMM epilogue)
-_MAX_FUSED_R = 64     # above this u = x'Aᵀ comes from one torch GEMM before the kernel
+_MAX_FUSED_R = 64     # above this u = x'Aᵀ always comes from one torch GEMM before the kernel
+# Crude H100 figures for the fused-or-not choice of u (as triton/lora.py's; awaiting GPU measurement).
+_HBM_BYTES_PER_S, _LAUNCH_S = 3.0e12, 4e-6
+_FLOPS = {2: 6.0e14, 4: 5.0e13, 8: 5.0e13}  # dense rate by element size (fp32 without tf32)
+
+
+def _fuse_u(M: int, N: int, K: int, r: int, esize: int) -> bool:
+    """True: accumulate u = x'Aᵀ in the GEMM's K loop (every column tile recomputes it: FLOPs);
+    False: one cuBLAS GEMM first (one more read of x' and a launch). Large M·N favours the latter."""
+    r_pad = _rank_block(r)
+    if r_pad > _MAX_FUSED_R:
+        return False
+    fused = 2.0 * M * K * r_pad * -(-N // 128) / _FLOPS[esize]
+    return fused <= M * K * esize / _HBM_BYTES_PER_S + _LAUNCH_S
 
 
 @triton.jit
@@ -313,8 +327,9 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, w_sq, scaling, dropout_p
     c, rnorm = row_scale(weight, lora_A, lora_B, magnitude, w_sq, scaling)
     dual = dropout_p > 0.0
     xd = apply_dropout(x, dropout_mask(x.shape, dropout_p, seed, x.device), dropout_p) if dual else x
-    fused = _rank_block(r) <= _MAX_FUSED_R
-    u = _common.empty((M, r), ct, x.device) if fused else (xd.to(ct) @ lora_A.to(ct).T).contiguous()
+    fused = _fuse_u(M, N, K, r, x.element_size())
+    # not fused: u in x's dtype from cuBLAS (fp32 accumulation), as PEFT's eager lora_A(x); no fp32 copy of x
+    u = _common.empty((M, r), ct, x.device) if fused else torch.matmul(xd, lora_A.t()).to(ct).contiguous()
     y = _common.empty((M, N), x.dtype, x.device)
     z = _common.empty((M, N), x.dtype, x.device) if save_z else empty_grad(x)
     scale_hi, scale_lo = _fp32_halves(float(scaling), x.dtype)
