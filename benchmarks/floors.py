@@ -12,6 +12,8 @@ The counts (elements × the dtype's size; "weights" are the op's parameters):
                bwd   FLOPs 2MNK + 4Mr(K+N)      bytes g + x + W + A + B + dx + dA + dB
                      (dx = gW + s(gB)A, dA = vᵀx, dB = s gᵀu; W frozen, x needs its gradient)
   lora_multi   as lora_linear, with A and B (and dA, dB) counted once per adapter the rows use
+  dora_linear  fwd   lora_linear's + 2NKr (W Aᵀ for the row norms)  bytes lora's + m
+               bwd   lora_linear's                          bytes lora's + m + d m
   adapter      fwd   FLOPs 4MKr                 bytes x + y + weights
                bwd   FLOPs 8MKr                 bytes g + x + dx + weights + their gradients
   layer_norm   fwd   (no matmul)                bytes x + y + γ + β
@@ -109,6 +111,17 @@ def lora_multi(M: int, K: int, N: int, r: int, adapters: int, mode: str = "fwd",
     one = lora(M, K, N, r, mode, dtype)
     extra = (adapters - 1) * (r * K + N * r) * _size(dtype) * (1 if mode == "fwd" else 2 if mode == "bwd" else 3)
     return Cost(one.flops, one.bytes + extra)
+def dora(M: int, K: int, N: int, r: int, mode: str = "fwd", dtype=torch.bfloat16, bias: bool = False) -> Cost:
+    """DoRA: lora_linear's work, the row norms ‖W + s·BA‖ (W Aᵀ: 2NKr FLOPs, W read once in all:
+    the compulsory count, a fused kernel reads it twice) and the magnitude m [N] (and d m)."""
+    _check_mode(mode)
+    if mode == "fwd+bwd":
+        return dora(M, K, N, r, "fwd", dtype, bias) + dora(M, K, N, r, "bwd", dtype, bias)
+    base, e = lora(M, K, N, r, mode, dtype, bias), _size(dtype)
+    if mode == "fwd":
+        return base + Cost(2 * N * K * r, e * N)
+    return base + Cost(0, 2 * e * N)
+
 
 def adapter(M: int, d: int, r: int, mode: str = "fwd", dtype=torch.bfloat16) -> Cost:
     """y = x + s (act(x W_dᵀ + b_d) W_uᵀ + b_u) with x [M, d], W_d [r, d], W_u [d, r]."""
@@ -162,8 +175,8 @@ def infonce(N: int, d: int, mode: str = "fwd", dtype=torch.bfloat16) -> Cost:
     return Cost(6 * N * N * d, e * 4 * N * d)
 
 
-COSTS = {"lora": lora, "lora_multi": lora_multi, "adapter": adapter, "layer_norm": layer_norm, "rms_norm": rms_norm,
-         "infonce": infonce}
+COSTS = {"lora": lora, "dora": dora, "lora_multi": lora_multi, "adapter": adapter, "layer_norm": layer_norm,
+         "rms_norm": rms_norm, "infonce": infonce}
 
 
 # ----------------------------------------------------------------------------- the rates

@@ -21,7 +21,7 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-OPS = ("lora", "lora_multi", "adapter", "layer_norm", "rms_norm", "infonce")
+OPS = ("lora", "dora", "lora_multi", "adapter", "layer_norm", "rms_norm", "infonce")
 MODE_ORDER = {"fwd": 0, "bwd-params": 1, "bwd": 2, "fwd+bwd": 3}
 
 

@@ -183,6 +183,7 @@ def _why_not(name: str, op: str, impls: Mapping[str, Impl], tensors) -> Optional
 AUTO_ORDER = {
     "lora_linear": ("triton", "cuda", "torch"),
     "lora_linear_multi": ("triton", "cuda", "torch"),  # no cuda kernel yet: auto skips it
+    "dora_linear": ("triton", "cuda", "torch"),  # no cuda impl yet: auto skips it (CUDA issue)
     "adapter": ("triton", "cuda", "torch"),
     "layer_norm": ("triton", "cuda", "torch"),
     "rms_norm": ("triton", "cuda", "torch"),

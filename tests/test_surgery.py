@@ -396,8 +396,6 @@ def test_from_peft_errors():
         lk.from_peft(build("bert"))
     with pytest.raises(TypeError, match="Embedding"):
         lk.from_peft(_peft_model("bert", ["word_embeddings"]))
-    with pytest.raises(ValueError, match="Dora"):
-        lk.from_peft(_peft_model("bert", ["query"], use_dora=True))
     pm = _peft_model("bert", ["query"])
     pm.merge_adapter()
     with pytest.raises(ValueError, match="merged"):

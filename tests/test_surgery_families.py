@@ -143,6 +143,15 @@ def test_all_linear_skips_the_output_projection_of_multihead_attention():
         lk.apply_lora(eval64(MHABlock()), ["out_proj"], r=2)
 
 
+def test_dora_on_multihead_attention_is_refused_and_the_model_left_alone():
+    model = eval64(MHABlock())
+    with pytest.raises(ValueError, match="DoRA on nn.MultiheadAttention"):
+        lk.apply_lora(model, ["self_attn", "fc2"], r=2, use_dora=True)
+    assert not any(isinstance(m, (lk.LoRALinear, lk.surgery.LoRAMultiheadAttention)) for m in model.modules())
+    lk.apply_lora(model, ["fc2"], r=2, use_dora=True)  # its linear layers take DoRA
+    assert model.mlp.fc2.use_dora and model.mlp.fc2.lora_magnitude_vector.requires_grad
+
+
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
 def test_hand_built_mha_block(placement):
     model = eval64(nn.Sequential(MHABlock(), MHABlock()))

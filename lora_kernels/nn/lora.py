@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..ops import _validate as check
+from . import dora
 from ..ops.lora import lora_linear
 
 
@@ -23,12 +24,13 @@ class LoRALinear(nn.Module):
     while merged); ``unmerge()`` takes it out again. ``enable_adapters(False)`` (PEFT's switch)
     sets ``disable_adapters``: the layer then runs its base product only, and, as PEFT's
     layers do, unmerges itself first if it was merged.
+    ``use_dora=True``: DoRA (PEFT's), with a trainable magnitude ``lora_magnitude_vector`` ([out]).
     """
 
     disable_adapters = False  # class default: instances pickled before the switch existed load enabled
 
     def __init__(self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True,
-                 use_rslora=False, *, fan_in_fan_out=False, device=None, dtype=None):
+                 use_rslora=False, *, fan_in_fan_out=False, use_dora=False, device=None, dtype=None):
         super().__init__()
         in_features, out_features = check.positive_int("in_features", in_features), check.positive_int(
             "out_features", out_features)
@@ -47,7 +49,9 @@ class LoRALinear(nn.Module):
             self.register_parameter("bias", None)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
-        self.merged = False
+        self.merged, self.use_dora = False, bool(use_dora)
+        if self.use_dora:
+            dora.new_magnitude(self, **factory)
         self.reset_parameters()
 
     @property
@@ -62,9 +66,12 @@ class LoRALinear(nn.Module):
                 nn.init.uniform_(self.bias, -bound, bound)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if getattr(self, "use_dora", False):
+            dora.reset_magnitude(self)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, r=8, alpha=16, dropout=0.0, use_rslora=False) -> "LoRALinear":
+    def from_linear(cls, linear: nn.Module, r=8, alpha=16, dropout=0.0, use_rslora=False,
+                    use_dora=False) -> "LoRALinear":
         """Wrap an ``nn.Linear`` (or GPT-2 ``Conv1D``), sharing — not copying — its weight and bias."""
         conv1d = _is_conv1d(linear)
         if not (isinstance(linear, nn.Linear) or conv1d):
@@ -72,7 +79,7 @@ class LoRALinear(nn.Module):
         w = linear.weight
         in_f, out_f = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
         module = cls(in_f, out_f, r=r, alpha=alpha, dropout=dropout, bias=False, use_rslora=use_rslora,
-                     fan_in_fan_out=conv1d, device="meta", dtype=w.dtype)
+                     fan_in_fan_out=conv1d, use_dora=use_dora, device="meta", dtype=w.dtype)
         w.requires_grad_(False)
         module.weight = w
         module.bias = linear.bias
@@ -80,6 +87,8 @@ class LoRALinear(nn.Module):
             linear.bias.requires_grad_(False)
         module.lora_A = nn.Parameter(torch.empty(r, in_f, device=w.device, dtype=w.dtype))
         module.lora_B = nn.Parameter(torch.empty(out_f, r, device=w.device, dtype=w.dtype))
+        if use_dora:
+            dora.new_magnitude(module, device=w.device, dtype=w.dtype)
         module.reset_parameters(base=False)
         return module
 
@@ -94,6 +103,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if not self.merged and self.use_dora:
+            dora.merge(self)
+            self.merged = True
         if not self.merged:
             w = self.base_weight()
             w.copy_((w.to(torch.promote_types(w.dtype, torch.float32)) + self.delta_weight()).to(w.dtype))
@@ -101,6 +113,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        if self.merged and self.use_dora:
+            dora.unmerge(self)
+            self.merged = False
         if self.merged:
             w = self.base_weight()
             w.copy_((w.to(torch.promote_types(w.dtype, torch.float32)) - self.delta_weight()).to(w.dtype))
@@ -116,10 +131,13 @@ class LoRALinear(nn.Module):
             return nn.functional.linear(x, self.base_weight(), self.bias)
         if self.merged:
             return nn.functional.linear(x, self.base_weight(), self.bias)
+        if self.use_dora:
+            return dora.forward(self, x)
         return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self.scaling,
                            dropout_p=self.dropout, training=self.training)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, "
-                f"use_rslora={self.use_rslora}, fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}")
+                f"use_rslora={self.use_rslora}, fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}"
+                + (", use_dora=True" if self.use_dora else ""))

@@ -55,7 +55,8 @@ def _freeze_all_but(model: nn.Module, keep) -> None:
 
 def _lora_parameters(model: nn.Module) -> list:
     from .mha import lora_layers  # mha imports nothing from surgery; keeps _common import-light
-    return [p for m in lora_layers(model) for p in (m.lora_A, m.lora_B)]
+    return [p for m in lora_layers(model) for p in (m.lora_A, m.lora_B)
+            + ((m.lora_magnitude_vector,) if getattr(m, "use_dora", False) else ())]
 
 
 def _some_names(names, limit=6) -> str:

@@ -8,13 +8,15 @@ from .mha import LoRAMultiheadAttention
 from .structure import check_on_forward_path, keep_fast_paths_off, off_path_reason
 
 
-def apply_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, use_rslora=False) -> nn.Module:
+def apply_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, use_rslora=False,
+               use_dora=False) -> nn.Module:
     """Replace each targeted ``nn.Linear`` / ``Conv1D`` by a ``LoRALinear`` sharing its weight.
 
     ``target_modules="all-linear"`` targets every one of them but the output head, as PEFT's keyword.
-    Afterwards only the ``lora_A`` / ``lora_B`` parameters of the model are trainable. An
+    Afterwards only the ``lora_A`` / ``lora_B`` parameters of the model are trainable (and, with
+    ``use_dora``, the DoRA magnitudes ``lora_magnitude_vector``). An
     ``nn.MultiheadAttention`` target becomes a ``LoRAMultiheadAttention`` (LoRA on its in- and
-    out-projections, PEFT's layout; no dropout there, so ``dropout`` > 0 is refused for it).
+    out-projections, PEFT's layout; no dropout and no DoRA there, so those are refused for it).
     An MHA's ``out_proj`` alone is refused with a ValueError: the MHA reads its weight directly
     and never calls it, so a LoRALinear there would never run.
     """
@@ -30,7 +32,10 @@ def apply_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, use
     if dropout and mha:
         raise ValueError(f"dropout={dropout}: LoRA on nn.MultiheadAttention ({_some_names(mha)}) is merged into "
                          f"its weights for each call and takes no dropout (as PEFT's); use dropout=0.0")
-    _inject_lora(model, {name: (r, alpha) for name in names}, dropout, use_rslora)
+    if use_dora and mha:
+        raise ValueError(f"use_dora=True: DoRA on nn.MultiheadAttention ({_some_names(mha)}) is not supported; "
+                         f"target its linear layers or use plain LoRA there")
+    _inject_lora(model, {name: (r, alpha) for name in names}, dropout, use_rslora, use_dora)
     _freeze_all_but(model, _lora_parameters(model))
     return model
 
@@ -51,7 +56,7 @@ def _all_linear_names(model: nn.Module) -> list:
             and off_path_reason(model, name) is None]
 
 
-def _inject_lora(model: nn.Module, plan: dict, dropout: float, use_rslora: bool) -> None:
+def _inject_lora(model: nn.Module, plan: dict, dropout: float, use_rslora: bool, use_dora: bool = False) -> None:
     """``plan``: {qualified name: (r, alpha)}. Checks every target before replacing any (atomic)."""
     for name in plan:
         module = model.get_submodule(name)
@@ -71,7 +76,8 @@ def _inject_lora(model: nn.Module, plan: dict, dropout: float, use_rslora: bool)
         if isinstance(base, nn.MultiheadAttention):
             lora = LoRAMultiheadAttention(base, r=r, alpha=alpha, use_rslora=use_rslora)
         else:
-            lora = LoRALinear.from_linear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+            lora = LoRALinear.from_linear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                          use_dora=use_dora)
         lora.train(base.training)
         _set_submodule(model, name, lora)
     keep_fast_paths_off(model, plan)

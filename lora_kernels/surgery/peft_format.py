@@ -17,7 +17,8 @@ from .mha import LoRAMultiheadAttention
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
-KEY_SUFFIXES = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
+KEY_SUFFIXES = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight",
+                "magnitude": ".lora_magnitude_vector"}  # DoRA (PEFT writes no ".weight" there)
 
 
 def _most_common(values):
@@ -41,6 +42,8 @@ def save_adapter(model: nn.Module, path, base_model_name_or_path=None) -> nn.Mod
         raise ValueError(f"save_adapter: {type(model).__name__} has no LoRALinear layer")
     if len({m.use_rslora for m in layers.values()}) > 1:
         raise ValueError("save_adapter: layers mix use_rslora True and False, which PEFT's config cannot express")
+    if len({getattr(m, "use_dora", False) for m in layers.values()}) > 1:
+        raise ValueError("save_adapter: layers mix use_dora True and False, which PEFT's config cannot express")
     r = _most_common(m.r for m in layers.values())
     alpha = _most_common(m.alpha for m in layers.values())
     first = next(iter(layers.values()))
@@ -56,12 +59,14 @@ def save_adapter(model: nn.Module, path, base_model_name_or_path=None) -> nn.Mod
         "lora_dropout": _most_common(m.dropout for m in linear.values()) if linear else 0.0,
         # PEFT corrects this per layer (Conv1D needs True, Linear False); record what GPT-2-style layers use.
         "fan_in_fan_out": any(m.fan_in_fan_out for m in linear.values()),
-        "use_rslora": first.use_rslora, "bias": "none", "lora_bias": False, "use_dora": False,
+        "use_rslora": first.use_rslora, "bias": "none", "lora_bias": False,
+        "use_dora": bool(getattr(first, "use_dora", False)),
         "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
     }
     tensors = {}
     for name, m in {**layers, **inner}.items():
-        for key, param in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
+        for key, param in (("lora_A", m.lora_A), ("lora_B", m.lora_B)) + (
+                (("magnitude", m.lora_magnitude_vector),) if getattr(m, "use_dora", False) else ()):
             tensors[KEY_PREFIX + name + KEY_SUFFIXES[key]] = param.detach().to("cpu").contiguous()
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
@@ -71,7 +76,7 @@ def save_adapter(model: nn.Module, path, base_model_name_or_path=None) -> nn.Mod
 
 
 # Config fields whose non-default value means something this loader cannot reproduce.
-UNSUPPORTED_CONFIG = ("use_dora", "lora_bias", "modules_to_save", "layers_to_transform", "target_parameters",
+UNSUPPORTED_CONFIG = ("lora_bias", "modules_to_save", "layers_to_transform", "target_parameters",
                       "trainable_token_indices", "layer_replication", "alora_invocation_tokens", "arrow_config",
                       "use_bdlora", "velora_config", "monteclora_config", "kasa_config", "use_qalora")
 
@@ -147,11 +152,12 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         raise ValueError(f"load_adapter: {path} does not fit {type(root).__name__}: "
                          f"LoRA layers without weights: [{_some_names(missing)}]; "
                          f"weights for no targeted layer: [{_some_names(unexpected)}]")
-    _check_weight_shapes(root, plan, weights)
+    _check_weight_shapes(root, plan, weights, bool(config.get("use_dora", False)))
 
     existing = {n for n in plan if isinstance(root.get_submodule(n), (LoRALinear, LoRAMultiheadAttention))}
+    use_dora = bool(config.get("use_dora", False))
     _inject_lora(root, {n: ra for n, ra in plan.items() if n not in existing}, config.get("lora_dropout", 0.0),
-                 config.get("use_rslora", False))
+                 config.get("use_rslora", False), use_dora)
     with torch.no_grad():
         for name, (r, alpha) in plan.items():
             lora = root.get_submodule(name)
@@ -164,16 +170,22 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
                 part.alpha, part.use_rslora = alpha, config.get("use_rslora", False)
                 part.lora_A.copy_(weights[part_name]["lora_A"])
                 part.lora_B.copy_(weights[part_name]["lora_B"])
+            if use_dora:
+                lora.lora_magnitude_vector.copy_(weights[name]["magnitude"])
     _freeze_all_but(model, _lora_parameters(model))
     return model
 
 
-def _check_weight_shapes(root: nn.Module, plan: dict, weights: dict) -> None:
-    """Each layer needs lora_A [r, in] and lora_B [out, r]; a LoRALinear already there fixes r itself."""
+def _check_weight_shapes(root: nn.Module, plan: dict, weights: dict, use_dora: bool = False) -> None:
+    """Each layer needs lora_A [r, in] and lora_B [out, r] (and, for DoRA, lora_magnitude_vector [out]);
+    a LoRALinear already there fixes r itself, and must be DoRA exactly when the adapter is."""
     problems = []
     for name, (r, _) in plan.items():
         module = root.get_submodule(name)
         if isinstance(module, (nn.MultiheadAttention, LoRAMultiheadAttention)):
+            if use_dora:
+                raise ValueError(f"load_adapter: '{name}' is an nn.MultiheadAttention; DoRA is not supported there "
+                                 f"(the adapter has use_dora=True)")
             if isinstance(module, LoRAMultiheadAttention):
                 if module.merged:
                     raise ValueError(f"load_adapter: '{name}' is merged; unmerge() it before loading weights")
@@ -190,15 +202,22 @@ def _check_weight_shapes(root: nn.Module, plan: dict, weights: dict) -> None:
         if isinstance(module, LoRALinear):
             if module.merged:
                 raise ValueError(f"load_adapter: '{name}' is merged; unmerge() it before loading weights")
+            if module.use_dora != use_dora:
+                problems.append(f"{name} is a LoRALinear with use_dora={module.use_dora}, the adapter has "
+                                f"use_dora={use_dora}")
             r = module.r
         elif not _is_linear(module):
             raise TypeError(f"load_adapter: target '{name}' is a {type(module).__name__}, not nn.Linear/Conv1D")
         in_f, out_f = _in_out_features(module)
-        for kind, shape in (("lora_A", (r, in_f)), ("lora_B", (out_f, r))):
+        expected = (("lora_A", (r, in_f)), ("lora_B", (out_f, r))) + ((("magnitude", (out_f,)),) if use_dora else ())
+        if not use_dora and "magnitude" in weights[name]:
+            problems.append(f"{name}.lora_magnitude_vector present but the config has use_dora=False")
+        for kind, shape in expected:
             tensor = weights[name].get(kind)
+            label = f"{name}.{kind}" if kind != "magnitude" else f"{name}.lora_magnitude_vector"
             if tensor is None:
-                problems.append(f"{name}.{kind} missing")
+                problems.append(f"{label} missing" + (" (the config has use_dora=True)" if kind == "magnitude" else ""))
             elif tuple(tensor.shape) != shape:
-                problems.append(f"{name}.{kind} has shape {list(tensor.shape)}, expected {list(shape)}")
+                problems.append(f"{label} has shape {list(tensor.shape)}, expected {list(shape)}")
     if problems:
         raise ValueError("load_adapter: weights do not fit the model: " + "; ".join(problems))

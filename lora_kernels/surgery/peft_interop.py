@@ -53,9 +53,11 @@ def _lora_from_peft_layer(name: str, layer: nn.Module):
     if adapter not in layer.lora_A:
         return None
     variant = getattr(layer, "lora_variant", {}).get(adapter)
-    if variant is not None or getattr(layer, "use_dora", {}).get(adapter, False):
-        kind = type(variant).__name__ if variant is not None else "DoRA"
-        raise ValueError(f"{name}: LoRA variant {kind} is not supported by from_peft (plain LoRA only)")
+    use_dora = bool(getattr(layer, "use_dora", {}).get(adapter, False))
+    if variant is not None and not (use_dora and type(variant).__name__ == "DoraLinearVariant"):
+        raise ValueError(f"{name}: LoRA variant {type(variant).__name__} is not supported by from_peft "
+                         "(plain LoRA and DoRA on Linear/Conv1D only)")
+    magnitude = layer.lora_magnitude_vector[adapter].weight if use_dora else None
     if layer.merged:
         raise ValueError(f"{name}: the PEFT adapter is merged; unmerge it before from_peft")
     lin_A, lin_B = layer.lora_A[adapter], layer.lora_B[adapter]
@@ -67,7 +69,7 @@ def _lora_from_peft_layer(name: str, layer: nn.Module):
     if not isinstance(drop, (nn.Dropout, nn.Identity)):
         raise TypeError(f"{name}: unsupported lora_dropout module {type(drop).__name__}")
     w, A, B = base.weight, lin_A.weight, lin_B.weight
-    if (A.dtype, A.device) != (w.dtype, w.device) or (B.dtype, B.device) != (w.dtype, w.device):
+    if any((t.dtype, t.device) != (w.dtype, w.device) for t in (A, B) + ((magnitude,) if use_dora else ())):
         raise ValueError(f"{name}: LoRA weights are {A.dtype} on {A.device} but the base weight is {w.dtype} on "
                          f"{w.device}; the fused layer needs one dtype (create the PEFT model with "
                          f"autocast_adapter_dtype=False, or cast the model)")
@@ -76,10 +78,13 @@ def _lora_from_peft_layer(name: str, layer: nn.Module):
     in_f, out_f = _in_out_features(base)
     lora = LoRALinear(in_f, out_f, r=r, alpha=layer.lora_alpha[adapter],
                       dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0, bias=False,
-                      use_rslora=use_rslora, fan_in_fan_out=_is_conv1d(base), device="meta", dtype=w.dtype)
+                      use_rslora=use_rslora, fan_in_fan_out=_is_conv1d(base), use_dora=use_dora, device="meta",
+                      dtype=w.dtype)
     lora.alpha = _alpha_for_scaling(r, lora.alpha, use_rslora, layer.scaling[adapter], name)
     # The very same Parameter objects: optimizer state and requires_grad flags carry over.
     lora.weight, lora.bias, lora.lora_A, lora.lora_B = w, base.bias, A, B
+    if use_dora:
+        lora.lora_magnitude_vector = magnitude
     lora.train(drop.training)  # PEFT's dropout module decides whether its dropout is active
     lora.enable_adapters(not layer.disable_adapters)
     return lora
@@ -272,6 +277,7 @@ def _set_adapter(peft_model, lora_model, adapter, adapter_name, inference_mode=F
         warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
     for lora in loras:
         lora.unmerge()
-        lora.lora_A.requires_grad_(not inference_mode)
-        lora.lora_B.requires_grad_(not inference_mode)
+        trainable = (lora.lora_A, lora.lora_B) + ((lora.lora_magnitude_vector,) if getattr(lora, "use_dora", False) else ())
+        for p in trainable:
+            p.requires_grad_(not inference_mode)
     type(lora_model).set_adapter(lora_model, adapter_name, inference_mode=inference_mode)
