@@ -243,7 +243,7 @@ def print_backends(device, ops) -> dict:
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (host: {cpu_name()}, {os.cpu_count()} cores)"
-    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()}"
 
 
 def cpu_name() -> str:
