@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[test,hf,bench]"
+	$(PY) -m pip install -e ".[test,hf,bench,examples]"
 	touch $@
 
 # The whole suite, then the Triton kernels again through the CPU interpreter (on a GPU

@@ -95,7 +95,7 @@ def test_lora_finetune_example(tmp_path):
                  "--eval-every", "80", "--latency-reps", "5"])
     _outputs_written(tmp_path, ex.NAME)
     assert r["copy_exact_match"] > 0.5
-    # Seed 0 on this CPU: shift exact match 0.0 -> 0.6.
+    # Seeds 0, 1, 2 on this CPU: shift exact match 0.0 -> 0.63/0.67/0.63 (on 256 held-out prompts).
     assert r["after"] > r["before"] + 0.25
     assert 0 < r["trainable"] < 0.2 * r["total"]
     assert r["peft_same_tokens"] and r["peft_exact_match"] == r["after"]
