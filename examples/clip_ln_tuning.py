@@ -21,7 +21,6 @@ that cross-entropy with the batch's captions as the classes.
     python examples/clip_ln_tuning.py                  # CPU, small sizes, a few minutes at most
     python examples/clip_ln_tuning.py --device cuda    # larger model and longer runs on a GPU
 """
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -42,9 +41,7 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    eu.common_arguments(p, NAME)
+    p = eu.parser(__doc__, NAME)
     p.add_argument("--width", type=int, help="hidden size of both towers (small 64, large 256)")
     p.add_argument("--layers", type=int, help="transformer layers per tower (small 2, large 6)")
     p.add_argument("--groups", type=int, help="contrastive groups per step, each one image of every digit "
@@ -56,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--ln-lr", type=float, default=1e-2, help="LN-tuning learning rate (few parameters: a larger step)")
     p.add_argument("--full-lr", type=float, default=5e-4, help="full fine-tuning learning rate (the paper's 5e-4)")
     p.add_argument("--shift", choices=("rotate", "invert", "noise"), default="noise",
-                   help="the distribution shift of the tuning/test images (default: noise: Gaussian pixel noise, σ = 0.375 of the pixel range; rotate: 90° plus σ = 0.15 noise; invert: 1 − x plus σ = 0.15 noise)")
+                   help="the shift of the tuning/test images. noise (default): Gaussian pixel noise, σ = 0.375 "
+                        "of the pixel range; rotate: 90° plus σ = 0.15 noise; invert: 1 − x plus σ = 0.15 noise")
     return p.parse_args(argv)
 
 
@@ -186,7 +184,7 @@ def load_ln(model, path: Path):
     from safetensors.torch import load_file
 
     lk.ln_tuning(model)
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    _, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     if unexpected:
         raise ValueError(f"unexpected keys in {path}: {unexpected}")
     return model
@@ -243,7 +241,8 @@ def report(args, device, used, seconds, pre_losses, frozen, clean, runs, frozen_
     lines = [f"Tiny CLIP pretrained contrastively on clean 8×8 digits ({args.pretrain_steps} steps), then tuned "
              f"for {args.tune_steps} steps on shifted digits (`--shift {args.shift}`); metrics on the shifted test "
              "set (recall@1: a hit is an item of the query's digit). Seed 003 §3.1, §4.1, §4.4.", "",
-             "| method | trainable params | zero-shot acc | image→text R@1 | text→image R@1 | zero-shot acc, clean digits |",
+             "| method | trainable params | zero-shot acc | image→text R@1 | text→image R@1 "
+             "| zero-shot acc, clean digits |",
              "|---|---|---|---|---|---|"]
     for name, (tr, tot), m, c in rows:
         lines.append(f"| {name} | {tr:,} ({100 * tr / tot:.2f}%) | {eu.pct(m['zero_shot'])} | {eu.pct(m['i2t_r1'])} | "

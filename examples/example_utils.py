@@ -18,7 +18,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built from a
 import numpy as np
 import torch
 
-import lora_kernels as lk
+# Run against the checkout the examples live in (an editable install elsewhere, or none at all,
+# would otherwise decide which lora_kernels is imported).
+if (Path(__file__).resolve().parents[1] / "lora_kernels" / "__init__.py").is_file():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lora_kernels as lk  # noqa: E402
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = EXAMPLES_DIR / "results"
@@ -173,6 +177,15 @@ def cosine_lr(optimizer, steps: int, warmup: int = 0):
 
 # ----------------------------------------------------------------------------- run setup and report
 
+def parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The script's parser: its docstring's first paragraph as the description, the rest as the
+    epilog, and the options every example shares."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog="\n\n".join(doc.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_arguments(p, name)
+    return p
+
+
 def common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu). On a GPU the "
                         "defaults grow (see --size)")
@@ -295,6 +308,8 @@ def environment_lines(args, device, used: dict, seconds: float) -> list:
     import transformers
 
     load = load_average()
+    script = sys.argv[0]
+    command = f"python {' '.join([Path(script).name] + sys.argv[1:])}" if script.endswith(".py") else "(in-process)"
     return [
         f"- machine: {machine()}; device `{device}`"
         + (f"; 1-min load average at the end {load}" if load is not None else ""),
@@ -302,7 +317,7 @@ def environment_lines(args, device, used: dict, seconds: float) -> list:
         + ", ".join(f"{k}: {v}" for k, v in used.items() if k != "requested"),
         f"- commit {git_commit()}, {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; torch "
         f"{torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
-        f"- command: `python {' '.join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv[0].endswith('.py') else '(in-process)'}`"
+        f"- command: `{command}`"
         f" ({args.size} sizes, seed {args.seed}); wall time {seconds:.0f} s",
     ]
 

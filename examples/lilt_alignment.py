@@ -19,7 +19,6 @@ only = linear-probe alignment (c), LiLT_LN (d), adapters without LN (h) and LiLT
     python examples/lilt_alignment.py                  # CPU, small sizes, a few minutes at most
     python examples/lilt_alignment.py --device cuda    # larger towers and longer runs on a GPU
 """
-import argparse
 import copy
 import math
 import sys
@@ -48,9 +47,7 @@ METHODS = (("frozen (a)", False, False, False), ("LN only (b)", False, True, Fal
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    eu.common_arguments(p, NAME)
+    p = eu.parser(__doc__, NAME)
     p.add_argument("--width", type=int, help="hidden size of both towers (small 64, large 256)")
     p.add_argument("--layers", type=int, help="transformer layers per tower (small 2, large 6)")
     p.add_argument("--bottleneck", type=int, help="adapter bottleneck (small 16, large 64)")
@@ -295,13 +292,16 @@ def main(argv=None) -> dict:
 
 def report(args, device, used, seconds, image_losses, text_losses, runs) -> dict:
     lines = [f"Two towers pretrained apart (ViT: {args.image_steps} steps of digit classification; BERT: "
-             f"{args.text_steps} steps of unsupervised SimCSE on the captions), locked, then aligned for {args.align_steps} "
-             f"steps with the fused symmetric InfoNCE (λ = {args.lambda_}) on held-out digits; metrics on a test split "
+             f"{args.text_steps} steps of unsupervised SimCSE on the captions), locked, then aligned for "
+             f"{args.align_steps} steps with the fused symmetric InfoNCE (λ = {args.lambda_}) on held-out digits; "
+             "metrics on a test split "
              "(recall@1: a hit is an item of the query's digit). LiLT (seed 002) §2, Table 1's rows in parentheses.",
-             "", "| method | trainable params | image→text R@1 | text→image R@1 | zero-shot acc |", "|---|---|---|---|---|"]
+             "", "| method | trainable params | image→text R@1 | text→image R@1 | zero-shot acc |",
+             "|---|---|---|---|---|"]
     for name, r in runs.items():
         m = r["evals"][-1][1]
-        lines.append(f"| {name} | {r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%) | {eu.pct(m['i2t_r1'])} | "
+        share = 100 * r["trainable"] / r["total"]
+        lines.append(f"| {name} | {r['trainable']:,} ({share:.2f}%) | {eu.pct(m['i2t_r1'])} | "
                      f"{eu.pct(m['t2i_r1'])} | {eu.pct(m['zero_shot'])} |")
     lines += ["", f"![curves]({NAME}.png)", ""] + eu.environment_lines(args, device, used, seconds)
     eu.write_summary(args.out_dir / f"{NAME}.md", "LiLT-style alignment of two frozen towers", lines)

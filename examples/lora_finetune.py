@@ -7,7 +7,8 @@ applied to the attention projections; no added inference latency once BA is merg
 
 1. "Pretrain" a tiny HF GPT-2 (built from a config) on a copy task: "abcd>" -> "abcd".
 2. Freeze it and fine-tune LoRA (``lk.apply_lora``, or ``--surgery peft``: PEFT's
-   ``get_peft_model`` then ``lk.from_peft``) on a new task: each letter shifted by one, "abcd>" -> "bcde" (``--task reverse``: "dcba").
+   ``get_peft_model`` then ``lk.from_peft``) on a new task: each letter shifted by one,
+   "abcd>" -> "bcde" (``--task reverse``: "dcba").
    Greedy-decoding exact match on held-out prompts is measured along the way.
 3. ``lk.save_adapter`` writes PEFT's format; ``peft.PeftModel.from_pretrained`` loads it on a
    fresh copy of the base model and must generate the same tokens.
@@ -17,7 +18,6 @@ A PNG of the curves and a markdown summary go to examples/results/.
     python examples/lora_finetune.py                  # CPU, small sizes, a few minutes at most
     python examples/lora_finetune.py --device cuda    # a larger model and longer runs on a GPU
 """
-import argparse
 import copy
 import statistics
 import sys
@@ -44,9 +44,7 @@ LENGTHS = range(3, 7)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    eu.common_arguments(p, NAME)
+    p = eu.parser(__doc__, NAME)
     p.add_argument("--width", type=int, help="GPT-2 n_embd (small 64, large 512)")
     p.add_argument("--layers", type=int, help="GPT-2 n_layer (small 2, large 8)")
     p.add_argument("--batch", type=int, help="sequences per step (small 64, large 256)")
@@ -89,7 +87,7 @@ def lm_loss(model, prompts, answers, device) -> torch.Tensor:
     ids = torch.cat([prompts, answers], 1).to(device)
     labels = ids.clone()
     labels[:, : prompts.shape[1]] = -100
-    return model(input_ids=ids, labels=labels).loss
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
 
 
 @torch.no_grad()
@@ -164,12 +162,12 @@ def reload_with_peft(base_dir: Path, adapter_dir: Path, device):
 def latency_ms(model, ids, reps: int) -> tuple:
     """Median and interquartile range of a batch-1 forward, after warm-up (quartiles, not the
     standard deviation: on a shared CPU a few preempted calls would dominate it)."""
-    times = []
+    times, mask = [], torch.ones_like(ids)
     for i in range(reps + 10):
         if ids.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model(input_ids=ids)
+        model(input_ids=ids, attention_mask=mask)
         if ids.is_cuda:
             torch.cuda.synchronize()
         if i >= 10:
@@ -213,7 +211,8 @@ def main(argv=None) -> dict:
 
         tuned = add_lora(copy.deepcopy(base), args)
         trainable, total = eu.count_parameters(tuned)
-        losses, evals = train(tuned, args.task, args, device, args.tune_steps, args.lr, f"LoRA r={args.rank} ({args.task})",
+        losses, evals = train(tuned, args.task, args, device, args.tune_steps, args.lr,
+                              f"LoRA r={args.rank} ({args.task})",
                               tests=task_tests)
         print(f"LoRA: {args.task} exact match {eu.pct(evals[0][1])} -> {eu.pct(evals[-1][1])} "
               f"({trainable:,} of {total:,} parameters trained)", flush=True)
@@ -238,16 +237,20 @@ def main(argv=None) -> dict:
 
 
 def report(args, device, used, seconds, r) -> None:
-    lines = [f"Tiny GPT-2 pretrained on copying ({args.pretrain_steps} steps: exact match {eu.pct(r['copy_exact_match'])}), "
+    lines = [f"Tiny GPT-2 pretrained on copying ({args.pretrain_steps} steps: exact match "
+             f"{eu.pct(r['copy_exact_match'])}), "
              f"then LoRA (r = {args.rank}, α = {args.alpha}, targets `{args.targets}`, surgery `{args.surgery}`) on "
-             f"the `{args.task}` task for {args.tune_steps} steps; loss on the answer tokens only (the conditional LM objective). "
+             f"the `{args.task}` task for {args.tune_steps} steps; loss on the answer tokens only "
+             "(the conditional LM objective). "
              f"Exact match of greedy decoding on {sum(len(a) for _, a in r['tests'].values())} held-out prompts.", "",
              f"| model | trainable params | {args.task} exact match |", "|---|---|---|",
              f"| pretrained base (frozen) | 0 | {eu.pct(r['before'])} |",
              f"| + LoRA | {r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%) | {eu.pct(r['after'])} |",
-             f"| saved with `lk.save_adapter`, loaded by `peft.PeftModel.from_pretrained` | - | {eu.pct(r['peft_exact_match'])} "
+             "| saved with `lk.save_adapter`, loaded by `peft.PeftModel.from_pretrained` | - | "
+             f"{eu.pct(r['peft_exact_match'])} "
              f"(same tokens as the lora_kernels model: {'yes' if r['peft_same_tokens'] else 'NO'}) |", "",
-             f"Batch-1 forward latency ({max(LENGTHS) * 2 + 3} tokens; median and quartiles of {args.latency_reps} calls, "
+             f"Batch-1 forward latency ({max(LENGTHS) * 2 + 3} tokens; median and quartiles of "
+             f"{args.latency_reps} calls, "
              "one process, this machine):", "", "| variant | median (quartiles) |", "|---|---|"]
     lines += [f"| {row} | {med:.3f} ms ({q1:.3f}–{q3:.3f}) |" for row, (med, q1, q3) in r["latency_ms"].items()]
     if device.type == "cpu":
