@@ -276,7 +276,9 @@ def git_commit() -> str:
         head = git("rev-parse", "--short", "HEAD")
         if head.returncode != 0:
             return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        # The results a run rewrites are tracked too: they do not make the code dirty.
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                    ":(top,exclude)examples/results").stdout.strip()
         return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
