@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[test,hf,bench]"
+	$(PY) -m pip install -e ".[test,hf,bench,examples]"
 	# Model families for the surgery tests, without their torchvision requirement: PyPI's
 	# torchvision is a CUDA build that pulls a CUDA torch and does not import beside the CPU one.
 	$(PY) -m pip install --no-deps "timm>=1.0.17,<2" "open-clip-torch>=3,<4"
