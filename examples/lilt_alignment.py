@@ -168,22 +168,15 @@ class TwoTower(nn.Module):
 
 
 def prepare(model: TwoTower, projections: bool, layer_norms: bool, adapters: bool, bottleneck: int) -> TwoTower:
-    """Lock everything, then unlock / insert the method's parameters with lora_kernels' surgery.
-
-    add_adapters and ln_tuning each leave only their own parameters trainable, so the adapters'
-    flags are set again after ln_tuning when a method uses both."""
-    keep = []
-    for tower in (model.vit, model.bert):
-        if adapters:
-            lk.add_adapters(tower, placement="houlsby", bottleneck=bottleneck)
-            keep += [p for m in tower.modules() if isinstance(m, lk.BottleneckAdapter) for p in m.parameters()]
-        if layer_norms:
-            lk.ln_tuning(tower)
-            keep += [p for p in tower.parameters() if p.requires_grad]
+    """Lock everything, then unlock / insert the method's parameters with lora_kernels' surgery
+    (``freeze_others=False``: each method leaves the other's parameters trainable)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in keep:
-        p.requires_grad_(True)
+    for tower in (model.vit, model.bert):
+        if adapters:
+            lk.add_adapters(tower, placement="houlsby", bottleneck=bottleneck, freeze_others=False)
+        if layer_norms:
+            lk.ln_tuning(tower, freeze_others=False)
     if projections:
         for p in (*model.image_proj.parameters(), *model.text_proj.parameters(), model.logit_scale):
             p.requires_grad_(True)

@@ -552,3 +552,34 @@ def test_load_adapter_errors(tmp_path):
     with pytest.raises(ValueError):
         lk.load_adapter(untouched, tmp_path / "a")
     assert not loras(untouched)  # nothing was replaced before the error
+
+
+def test_methods_combine_with_freeze_others_false():
+    """LiLT's recipe: adapters in every layer plus unlocked LayerNorms. By default each method
+    leaves only its own parameters trainable; freeze_others=False keeps the other method's."""
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+
+    def trainable(model):
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    default = BertModel(config)
+    lk.add_adapters(default, "houlsby", bottleneck=4)
+    lk.ln_tuning(default)
+    assert trainable(default) and all("LayerNorm" in n for n in trainable(default))
+
+    combined = BertModel(config)
+    for p in combined.parameters():
+        p.requires_grad_(False)
+    lk.add_adapters(combined, "houlsby", bottleneck=4, freeze_others=False)
+    lk.ln_tuning(combined, freeze_others=False)
+    names = trainable(combined)
+    adapters = {n for n in names if ".adapter." in n}
+    norms = {n for n in names if "LayerNorm" in n}
+    assert adapters and norms and names == adapters | norms
+    lk.bitfit(combined, freeze_others=False)
+    assert names < trainable(combined) and all(n in names or n.endswith("bias") for n in trainable(combined))

@@ -46,11 +46,16 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), attr, new)
 
 
-def _freeze_all_but(model: nn.Module, keep) -> None:
-    """requires_grad = True exactly for the parameters in ``keep`` (compared by identity)."""
+def _freeze_all_but(model: nn.Module, keep, freeze_others: bool = True) -> None:
+    """requires_grad = True for the parameters in ``keep`` (compared by identity); every other
+    parameter of the model is frozen, unless ``freeze_others=False`` leaves its flag as it is
+    (methods combined, e.g. LiLT's adapters plus unlocked LayerNorms)."""
     keep_ids = {id(p) for p in keep}
     for p in model.parameters():
-        p.requires_grad_(id(p) in keep_ids)
+        if id(p) in keep_ids:
+            p.requires_grad_(True)
+        elif freeze_others:
+            p.requires_grad_(False)
 
 
 def _lora_parameters(model: nn.Module) -> list:

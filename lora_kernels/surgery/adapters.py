@@ -39,13 +39,15 @@ class AdapterAfter(nn.Module):
 PLACEMENTS = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",)}
 
 
-def add_adapters(model: nn.Module, placement="houlsby", bottleneck=64, activation="gelu", scale=1.0) -> nn.Module:
+def add_adapters(model: nn.Module, placement="houlsby", bottleneck=64, activation="gelu", scale=1.0,
+                 freeze_others=True) -> nn.Module:
     """Insert a ``BottleneckAdapter`` after sub-layer outputs, before the residual add.
 
     "houlsby": after the attention output and the FFN output of every layer; "pfeiffer": after
     the FFN output only. The places are found by structure (``structure.sublayer_outputs``);
     where the attention is an ``nn.MultiheadAttention`` the adapter wraps that module (its
-    ``out_proj`` is never called). Afterwards only the adapters' parameters are trainable.
+    ``out_proj`` is never called). Afterwards only the adapters' parameters are trainable
+    (``freeze_others=False``: the other parameters keep their flags, to combine methods).
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {placement!r}")
@@ -73,5 +75,5 @@ def add_adapters(model: nn.Module, placement="houlsby", bottleneck=64, activatio
         _set_submodule(model, name, AdapterAfter(module, adapter))
         adapters.append(adapter)
     keep_fast_paths_off(model, names)
-    _freeze_all_but(model, [p for a in adapters for p in a.parameters()])
+    _freeze_all_but(model, [p for a in adapters for p in a.parameters()], freeze_others)
     return model

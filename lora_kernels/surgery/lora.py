@@ -9,7 +9,7 @@ from .structure import check_on_forward_path, keep_fast_paths_off, off_path_reas
 
 
 def apply_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, use_rslora=False,
-               use_dora=False) -> nn.Module:
+               use_dora=False, freeze_others=True) -> nn.Module:
     """Replace each targeted ``nn.Linear`` / ``Conv1D`` by a ``LoRALinear`` sharing its weight.
 
     ``target_modules="all-linear"`` targets every one of them but the output head, as PEFT's keyword.
@@ -18,7 +18,8 @@ def apply_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, use
     ``nn.MultiheadAttention`` target becomes a ``LoRAMultiheadAttention`` (LoRA on its in- and
     out-projections, PEFT's layout; no dropout and no DoRA there, so those are refused for it).
     An MHA's ``out_proj`` alone is refused with a ValueError: the MHA reads its weight directly
-    and never calls it, so a LoRALinear there would never run.
+    and never calls it, so a LoRALinear there would never run. ``freeze_others=False`` leaves the
+    flags of the model's other parameters as they were (the frozen base weights stay frozen).
     """
     _check_rank(r)
     _check_targets(target_modules)
@@ -36,7 +37,7 @@ def apply_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, use
         raise ValueError(f"use_dora=True: DoRA on nn.MultiheadAttention ({_some_names(mha)}) is not supported; "
                          f"target its linear layers or use plain LoRA there")
     _inject_lora(model, {name: (r, alpha) for name in names}, dropout, use_rslora, use_dora)
-    _freeze_all_but(model, _lora_parameters(model))
+    _freeze_all_but(model, _lora_parameters(model), freeze_others)
     return model
 
 

@@ -61,10 +61,11 @@ def _fused_rms_norm(name: str, module: nn.Module, rule: _RMSRule) -> FusedRMSNor
     return FusedRMSNorm.from_module(module, eps=getattr(module, rule.eps_attr), offset=rule.offset)
 
 
-def ln_tuning(model: nn.Module) -> nn.Module:
+def ln_tuning(model: nn.Module, freeze_others=True) -> nn.Module:
     """Replace every ``nn.LayerNorm`` by a ``FusedLayerNorm`` and every RMSNorm (``torch.nn.RMSNorm``,
     the Hugging Face classes above, any registered with ``register_rms_norm``) by a ``FusedRMSNorm``,
-    each sharing the original's Parameter objects and eps, and train only those parameters."""
+    each sharing the original's Parameter objects and eps, and train only those parameters.
+    ``freeze_others=False`` leaves the other parameters' flags as they were (LiLT: adapters + LNs)."""
     for name, module in list(model.named_modules()):
         if not name or isinstance(module, (FusedLayerNorm, FusedRMSNorm)):
             continue
@@ -81,14 +82,16 @@ def ln_tuning(model: nn.Module) -> nn.Module:
     if not norms:
         raise ValueError(f"ln_tuning: {type(model).__name__} has no nn.LayerNorm or RMSNorm submodule "
                          f"(another RMSNorm class can be registered with lora_kernels.surgery.register_rms_norm)")
-    _freeze_all_but(model, [p for m in norms for p in (m.weight, getattr(m, "bias", None)) if p is not None])
+    _freeze_all_but(model, [p for m in norms for p in (m.weight, getattr(m, "bias", None)) if p is not None],
+                    freeze_others)
     return model
 
 
-def bitfit(model: nn.Module) -> nn.Module:
-    """Train only the parameters whose name ends in 'bias'."""
+def bitfit(model: nn.Module, freeze_others=True) -> nn.Module:
+    """Train only the parameters whose name ends in 'bias' (``freeze_others=False``: also those
+    already trainable)."""
     biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
     if not biases:
         raise ValueError(f"bitfit: {type(model).__name__} has no parameter whose name ends in 'bias'")
-    _freeze_all_but(model, biases)
+    _freeze_all_but(model, biases, freeze_others)
     return model
