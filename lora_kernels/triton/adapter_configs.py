@@ -7,35 +7,64 @@ import triton
 from . import _common, adapter_kernels
 
 
+# Register and shared-memory rules, from what ptxas made of every config for sm_90 (Triton 3.6,
+# ptxas 12.8: benchmarks/triton_sm90.py; rerun `python benchmarks/triton_sm90.py --ops adapter`, the
+# table for all shapes is benchmarks/results/triton-sm90-3.6.0.md). Counted in 4-byte values a
+# thread keeps live:
+# - rows kernels, 16-bit (tensor cores): the [BLOCK_M, BLOCK_R] accumulator within 32 a thread
+#   (none spilled up to bottleneck 1024). fp32 (CUDA cores, operands in registers): the accumulator
+#   within 8 and accumulator + weight tile + output chunk within 48; 64 and up spilled 4-3940 B a
+#   thread (BM32 BK64 w4, BM64 BK64 w4/w8 at bottleneck 64-256), and so did an accumulator of 16 at
+#   BLOCK_R = 128 (BM32 BK32 w8: 20 B, ptxas held it at 128 registers).
+# - weights kernel, 16-bit: its two [BLOCK_R, BLOCK_K] accumulators plus a [BLOCK_M, BLOCK_R + BLOCK_K]
+#   operand share within 224 (272 spilled 8-372 B: BR256 BK32 BM64 w4, BR64 BK128 BM128 w4). fp32:
+#   4 warps only (with 8, ptxas held the kernel to 128 registers and spilled 4-128 B). 3 stages only
+#   with 8 warps: BR16 BK128 BM32 w4 s3 spilled 8 B in bf16 (held at 128 registers; 130 in fp16).
+# - all adapter kernels are memory-bound (~r FLOP a byte): pipelined tiles within MEMORY_BOUND_SMEM,
+#   so that two blocks share an SM (BR256 BM16 BK128 took 141 KB, one block per SM).
+MEMORY_BOUND_SMEM = 96 << 10
+
+
 def _rows_configs(block_r: int, itemsize: int):
-    """Configs of the two rows kernels: the [BLOCK_M, BLOCK_R] accumulators must fit in registers.
-    Per thread, an accumulator may take 32 registers with 16-bit inputs and 64 otherwise: in
-    offline sm_90 builds (Triton 3.6, bottleneck 512) the 16-bit backward spilled 240 to 3056
-    bytes a thread above that, the fp32 one nothing at 64."""
-    per_thread = 32 if itemsize < 4 else 64
+    """Configs of the two rows kernels (fixed BLOCK_R: one autotuner per block_r and input size),
+    within the register and shared-memory rules above."""
     configs = []
     for bm in (16, 32, 64):
         for bk in (32, 64, 128):
-            if bm * block_r * max(itemsize, 4) > 64 * 1024 or bm * bk > 64 * 64:
+            if bm * bk > 64 * 64 or (bm * bk + bk * block_r) * itemsize * 3 > MEMORY_BOUND_SMEM:
                 continue
             for warps in (4, 8):
-                if bm * block_r <= per_thread * 32 * warps:
+                threads = 32 * warps
+                if itemsize < 4:
+                    fits = bm * block_r <= 32 * threads
+                else:
+                    fits = bm * block_r <= 8 * threads and bm * block_r + bk * block_r + bm * bk <= 48 * threads
+                if fits:
                     configs.append(triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=warps, num_stages=3))
-    return configs
+    # (never empty for the block_r the launcher uses: BM16 BK32 with 8 warps fits every rule)
+    return configs or [triton.Config(dict(BLOCK_M=16, BLOCK_K=32), num_warps=8, num_stages=3)]
 
 
 def _weights_configs():
     return [triton.Config(dict(BLOCK_M=bm), num_warps=w, num_stages=st)
-            for bm in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+            for bm in (32, 64, 128) for w, st in ((4, 2), (8, 2), (8, 3))]
 
 
 def _prune_weights_configs(configs, named_args, **kwargs):
-    """Autotuner pre-filter: drops configs whose g, x, act(h) and dh tiles times num_stages
-    exceed shared memory (at or above what sm_90 builds allocate, so the configs that cannot
-    launch go, and a few that could); BLOCK_M = 32 with 2 stages always fits."""
+    """Autotuner pre-filter of the weights kernel: the rules above; when none passes (never seen),
+    the config with the least shared memory."""
     esize = named_args["G"].element_size()
-    stage = lambda c: c.kwargs["BLOCK_M"] * 2 * (kwargs["BLOCK_K"] + kwargs["BLOCK_R"]) * esize  # noqa: E731
-    kept = [c for c in configs if stage(c) * c.num_stages <= _common.SMEM_BYTES]
+    bk, br = kwargs["BLOCK_K"], kwargs["BLOCK_R"]
+    stage = lambda c: c.kwargs["BLOCK_M"] * 2 * (bk + br) * esize  # noqa: E731
+
+    def ok(c):
+        threads = 32 * c.num_warps
+        if esize < 4:
+            regs = 2 * br * bk + c.kwargs["BLOCK_M"] * (br + bk) <= 224 * threads
+        else:
+            regs = c.num_warps == 4
+        return regs and stage(c) * c.num_stages <= MEMORY_BOUND_SMEM
+    kept = [c for c in configs if ok(c)]
     return kept or [min(configs, key=lambda c: stage(c) * c.num_stages)]
 
 

@@ -6,14 +6,24 @@ from . import _common
 from .infonce_kernels import _infonce_bwd_tile_kernel, _infonce_fwd_kernel, _infonce_gemm_kernel
 
 
-def _pruner(stage_bytes, tunable_tile):
-    """Autotuner pre-filter: the tuner never compiles a config that cannot launch or that
-    spilled registers when every config was compiled for sm_90 offline (Triton 3.6, ptxas
-    resource usage). Kept: pipelined tiles (stage_bytes a stage) within shared memory; 8 warps
-    for 128×128 output tiles; and where the dot runs on CUDA cores with every operand in
-    registers (fp64, fp32 without TF32), 8 warps for tiles of 64×128 and up, BK = 32 in fp32
-    and, when the tile is tunable (the GEMM), no tile above 64×128. The smallest config stays
-    when none survives."""
+# Rules from what ptxas made of every config for sm_90 (Triton 3.6, ptxas 12.8:
+# benchmarks/triton_sm90.py; rerun `python benchmarks/triton_sm90.py --ops infonce`, the table for all
+# shapes is benchmarks/results/triton-sm90-3.6.0.md). The S tiles are 128 x 128 (BM = BN, fixed by
+# the launcher) and need 8 warps. The forward keeps that tile, its exponentials and the row and
+# column statistics live and sits at 255 registers: with 16-bit inputs BK = 64 or 4 stages of
+# BK = 32 spilled 40-60 B a thread, so it has its own list (_FWD_CONFIGS), and in fp32 on CUDA cores
+# only BK = 32 with 3 stages stayed clean (BK16 s4 and BK32 s2 spilled 4-12 B). Where the dot runs
+# on CUDA cores (fp32 without TF32, fp64) every operand tile is in registers: the GEMM keeps its
+# accumulator and operand tiles (B's twice when HAS_SCALE rescales it) within FMA_GEMM_LIVE = 56
+# values a thread; at 64 and more fp32 spilled 420-592 B (BM64 BN128 BK32 w8 with HAS_SCALE).
+FMA_GEMM_LIVE = 56
+
+
+def _pruner(stage_bytes, tunable_tile, forward=False):
+    """Autotuner pre-filter: pipelined tiles (stage_bytes a stage) within shared memory; 8 warps for
+    128×128 output tiles; on CUDA cores, 8 warps for tiles of 64×128 and up, BK = 32 in fp32, the
+    forward's BK32 s3 and, for the GEMM (tunable tile), no tile above 64×128 and the live-values
+    rule above. The smallest config stays when none survives (fp64 only)."""
     def prune(configs, named_args, **kwargs):
         esize = named_args["A" if tunable_tile else "I"].element_size()
         fma = esize >= 4 and kwargs.get("PREC", "ieee") == "ieee"
@@ -26,7 +36,14 @@ def _pruner(stage_bytes, tunable_tile):
             area = meta["BM"] * meta["BN"]
             if smem(c) > _common.SMEM_BYTES or (c.num_warps < 8 and area >= (64 * 128 if fma else 128 * 128)):
                 return False
-            return not fma or ((esize > 4 or meta["BK"] <= 32) and (not tunable_tile or area <= 64 * 128))
+            if not fma:
+                return True
+            if esize == 4 and (meta["BK"] > 32 or (forward and c.num_stages != 3)):
+                return False
+            if not tunable_tile:
+                return True
+            live = area + meta["BK"] * (meta["BM"] + meta["BN"] * (2 if meta["HAS_SCALE"] else 1))
+            return area <= 64 * 128 and live <= FMA_GEMM_LIVE * 32 * c.num_warps
         return [c for c in configs if ok(c)] or [min(configs, key=smem)]
     return prune
 
@@ -53,12 +70,14 @@ def _cfgs(space):
 
 
 _TILE_CONFIGS = _cfgs([({"BK": bk}, w, s) for bk in (32, 64) for w in (4, 8) for s in (3, 4)])
+_FWD_CONFIGS = _cfgs([({"BK": 32}, 8, 3), ({"BK": 32}, 8, 2), ({"BK": 16}, 8, 4)])
 _GEMM_CONFIGS = _cfgs([({"BM": bm, "BN": bn, "BK": bk}, w, s)
                        for bm, bn in ((128, 128), (64, 128), (128, 64), (64, 64))
                        for bk, w, s in ((32, 4, 4), (64, 4, 3), (64, 8, 3), (32, 8, 4))])
 
 _TILE_PRUNE, _GEMM_PRUNE = _pruner(_tile_stage, tunable_tile=False), _pruner(_gemm_stage, tunable_tile=True)
-fwd = _autotuned(_infonce_fwd_kernel, _TILE_CONFIGS, ["M", "NC", "D"], _TILE_PRUNE)
+fwd = _autotuned(_infonce_fwd_kernel, _FWD_CONFIGS, ["M", "NC", "D"],
+                 _pruner(_tile_stage, tunable_tile=False, forward=True))
 # These two read-modify-write buffers across launches (Σ Ĝ⊙S/c per column, the dT accumulator):
 # the tuner's trial runs must not apply their update several times.
 bwd_tile = _autotuned(_infonce_bwd_tile_kernel, _TILE_CONFIGS, ["M_s", "NC", "D"], _TILE_PRUNE,

@@ -185,7 +185,9 @@ def backward(g, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
     if _common.INTERPRET:
         block_n = _INTERP_BLOCK
     else:
-        block_n = {2: 256 if block_r <= 32 else 128, 4: 64, 8: 32}[g.element_size()]
+        # B's tile and dB's accumulator ([BLOCK_N, BLOCK_R] each) stay in registers: fp32 (on CUDA
+        # cores, operands in registers too) spilled at BLOCK_N = 64 with BLOCK_R = 64 in sm_90 builds.
+        block_n = {2: 256 if block_r <= 32 else 128, 4: 32, 8: 32}[g.element_size()]
     block_n = min(block_n, max(16, _common.next_pow2(N)))
     col_tiles = -(-N // block_n)
     m_chunk, S = _split(M, _M_GRANULE, col_tiles * rank_chunks, target)
