@@ -419,7 +419,7 @@ def run_jobs(jobs, n_workers, cache_dir):
     else:
         for i in todo:
             store(i, compile_job(jobs[i]))
-    return results
+    return results, len(todo)
 
 
 
@@ -461,7 +461,7 @@ def main():
     if not ARGS.no_cache:
         cache_dir = os.path.join(ARGS.cache_dir, triton.__version__)
         os.makedirs(cache_dir, exist_ok=True)
-    results = run_jobs(jobs, max(1, ARGS.jobs), cache_dir)
+    results, compiled = run_jobs(jobs, max(1, ARGS.jobs), cache_dir)
     rows = [report.analyse(j, r, shapes.COMPUTE_BOUND) for j, r in zip(jobs, results)]
     order = {op: i for i, op in enumerate(shapes.OPS)}
     dorder = {"fp16": 0, "bf16": 1, "fp32": 2, "fp64": 3}
@@ -477,7 +477,8 @@ def main():
     for r in rows:
         if "SPILL" in r["flags"]:
             by_dtype[r["dtype"]] = by_dtype.get(r["dtype"], 0) + 1
-    detail = (f"triton {triton.__version__}: {n} configs compiled for sm_90 in {time.time() - t0:.0f} s; "
+    detail = (f"triton {triton.__version__}: {n} configs compiled for sm_90 ({compiled} in this run, "
+              f"{n - compiled} from --cache-dir, {time.time() - t0:.0f} s); "
               f"spilling by dtype {by_dtype or '{}'}; {no_dot} have no tl.dot; {low_occ} below 8 warps/SM; "
               f"{counts['SMEM>227K']} over 227 KB shared memory; {counts['1BLK-SMEM']} memory-bound at one "
               f"block per SM (shared memory); {counts['compile-error']} failed to compile")
@@ -494,10 +495,10 @@ def main():
             json.dump(dict(triton=triton.__version__, versions=versions, level=level,
                            rows=[{k: v for k, v in r.items()} for r in rows], first_call=first_call), f, indent=1)
     if ARGS.markdown:
-        cmd = "python benchmarks/triton_sm90.py " + " ".join(a for a in sys.argv[1:])
+        cmd = " ".join(["python benchmarks/triton_sm90.py", f"--{level}", f"--dtypes {ARGS.dtypes}"]
+                       + (["--tf32"] if ARGS.tf32 else []) + ([f"--ops {ARGS.ops}"] if ARGS.ops else []))
         with open(ARGS.markdown, "w") as f:
-            f.write(report.markdown(rows, first_call, [f"`{cmd}` ({versions}; {level} shapes, "
-                                                       f"dtypes {ARGS.dtypes}).", "", detail], totals))
+            f.write(report.markdown(rows, first_call, [f"`{cmd}` ({versions}).", "", detail], totals))
     failed = sum(counts.values())
     if failed:
         print(f"FAILED: {failed} flagged configs ({', '.join(f'{k} {v}' for k, v in counts.items() if v)})")

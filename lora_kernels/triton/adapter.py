@@ -87,12 +87,15 @@ def _num_sms(device: torch.device) -> int:
     return _common.sm_count(device)
 
 
-def _weights_blocks(r: int, k: int, dtype: torch.dtype):
-    """(BLOCK_R, BLOCK_K) of the weights kernel: two [BLOCK_R, BLOCK_K] accumulators in registers."""
+def _weights_blocks(r: int, k: int, dtype: torch.dtype, misaligned: bool = False):
+    """(BLOCK_R, BLOCK_K) of the weights kernel: two [BLOCK_R, BLOCK_K] accumulators in registers.
+    fp32 with misaligned rows (element-wise loads) gets fp64's budget: with 16384 elements it
+    spilled 436 B a thread in sm_90 builds (adapter_configs.py)."""
     block_r = _block_r(r, dtype)
     if _common.INTERPRET:
         return block_r, _INTERPRET_BLOCKS["BLOCK_K"]
-    budget = 16384 if dtype != torch.float64 else 8192  # accumulator elements per program
+    small = dtype == torch.float64 or (dtype == torch.float32 and misaligned)
+    budget = 8192 if small else 16384  # accumulator elements per program
     block_k = max(16, min(128, budget // (2 * block_r), _common.next_pow2(k)))
     return block_r, block_k
 
@@ -136,7 +139,8 @@ def backward(g, x, w_down, w_up, h, activation, scale,
     _launch(_adapter_bwd_rows_kernel, lambda c: (_common.cdiv(m, c["BLOCK_M"]),), args, meta,
             block_r, x.element_size())
 
-    block_r, block_k = _weights_blocks(r, k, dtype)
+    ints = dict(k=k, g=g.stride(0), x=x.stride(0))
+    block_r, block_k = _weights_blocks(r, k, dtype, _common.misaligned(ints, ints))
     r_tiles, k_tiles = _common.cdiv(r, block_r), max(1, _common.cdiv(k, block_k))
     splits, rows_per_split = _row_splits(m, r, r_tiles * k_tiles, dev)
     if splits == 1:

@@ -40,11 +40,16 @@ _K_GRANULE = 32 if _INTERP else 64   # split-k chunks are multiples of every BK 
 _ROW_BLOCK = 128 if _INTERP else 32  # rows per program of the O(N·d) row-wise kernels
 
 
-def _tile_block(dtype: torch.dtype) -> int:
-    """BM = BN of the S tiles (fixed: the partial buffers' shapes depend on it)."""
+def _tile_block(image, text) -> int:
+    """BM = BN of the S tiles (fixed: the partial buffers' shapes depend on it). fp32 with misaligned
+    rows (d or a row stride not a multiple of 16) takes 64: at 128 its tile kernels (CUDA-core dots,
+    element-wise loads) spilled 64-640 B a thread in sm_90 builds (infonce_configs.py)."""
     if _INTERP:
         return 64
-    return 32 if dtype == torch.float64 else 128
+    if image.dtype == torch.float64:
+        return 32
+    ints = dict(d=image.shape[1], si=image.stride(0), st=text.stride(0))
+    return 64 if image.dtype == torch.float32 and _common.misaligned(ints, ints) else 128
 
 
 def _num_sms(device: torch.device) -> int:
@@ -137,7 +142,7 @@ def _forward(image, text, logit_scale, lambda_, normalize, offset, cols):
     rinv_i = rinv_i if normalize else diag
     rinv_t = rinv_t if normalize else diag
 
-    bm = _tile_block(image.dtype)
+    bm = _tile_block(image, text)
     r_split, c_split = _splits(m, nc, d, image.element_size(), torch.finfo(ct).bits // 8, bm, dev)
     row_m, row_l = (_common.empty((c_split, m), ct, dev) for _ in range(2))
     col_m, col_l = (_common.empty((r_split, nc), ct, dev) if cols else row_m for _ in range(2))
@@ -229,7 +234,7 @@ def _backward(gloss, image, text, logit_scale, lse_row, lse_col, lambda_, normal
     else:
         rinv_i = rinv_t = lse_row   # never read
 
-    bm = _tile_block(image.dtype)
+    bm = _tile_block(image, text)
     stripe = _stripe_rows(m, bm)
     n_cb = _common.cdiv(n, bm)
     n_slots = stripe // bm

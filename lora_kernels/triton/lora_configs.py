@@ -59,20 +59,28 @@ _GB_TILES = [_config(4, 3, BLOCK_M=32), _config(4, 3, BLOCK_M=64), _config(8, 3,
 # blocks share an SM: at 110 KB and more (BM16 BK256 s4 at r = 64, g's BN256 BM64) ptxas placed
 # 118-164 KB, one block per SM.
 LIVE_TC, LIVE_FMA, LIVE_FMA_EPILOGUE = 144, 64, 96
+# Misaligned operands (a size or stride not a multiple of 16: K = N = 1000) are loaded element by
+# element, each with its own address: then the output tile plus one stage of operand tiles stays
+# within LIVE_MISALIGNED = 80 values a thread on tensor cores (96 and up spilled 24-1584 B: BM64 BN64
+# BK64 w4, BM128 BN128 BK64 w8 s4) and the main loop within 48 on CUDA cores (64 spilled 8 B).
+LIVE_MISALIGNED, LIVE_FMA_MISALIGNED = 80, 48
 MEMORY_BOUND_SMEM = 96 << 10
 
 
-def _pruner(first_arg, stage_elems, tall, live, memory_bound=False, out=None, fma_rows=None):
+def _pruner(first_arg, stage_elems, tall, live, memory_bound=False, out=None, fma_rows=None, ints=(), streamed=None):
     """Autotuner pre-filter. stage_elems(blocks, kwargs): elements one pipeline stage holds;
     live(blocks, kwargs, fma): (main loop, epilogue) elements the program keeps in registers.
     Keeps configs whose row tile suits the row count (``tall``: GEMMs, where many rows want tiles
     of 64+ rows), that fit the register and shared-memory rules above (fma_rows: the tallest row
-    tile on CUDA cores); when none does, the one with the fewest live values among those of a
-    suitable row tile."""
+    tile on CUDA cores); ints: the size and stride arguments whose misalignment
+    (_common.misaligned) brings in LIVE_MISALIGNED, streamed(blocks, kwargs): the output tile plus
+    one stage of operand tiles; when none passes, the one with the fewest live values among those
+    of a suitable row tile."""
     def prune(configs, named_args, **kwargs):
         esize, m = named_args[first_arg].element_size(), named_args["M_BUCKET"]
         fma = esize >= 4 and kwargs.get("PRECISION", "ieee") == "ieee"
         smem_budget = MEMORY_BOUND_SMEM if memory_bound else _SMEM_BUDGET
+        loose = _common.misaligned(named_args, ints)
 
         def rows(c):
             bm = c.kwargs["BLOCK_M"]
@@ -88,10 +96,12 @@ def _pruner(first_arg, stage_elems, tall, live, memory_bound=False, out=None, fm
             if esize == 8:
                 regs = out is None or c.kwargs["BLOCK_M"] * c.kwargs[out] <= 64 * 64
             elif fma:
-                regs = (main <= LIVE_FMA * threads and epilogue <= LIVE_FMA_EPILOGUE * threads
+                regs = (main <= (LIVE_FMA_MISALIGNED if loose else LIVE_FMA) * threads
+                        and epilogue <= LIVE_FMA_EPILOGUE * threads
                         and (fma_rows is None or c.kwargs["BLOCK_M"] <= fma_rows))
             else:
-                regs = max(main, epilogue) <= LIVE_TC * threads
+                regs = max(main, epilogue) <= LIVE_TC * threads and (
+                    not loose or streamed is None or streamed(c.kwargs, kwargs) <= LIVE_MISALIGNED * threads)
             return rows(c) and regs and stage_elems(c.kwargs, kwargs) * esize * c.num_stages <= smem_budget
         kept = [c for c in configs if ok(c)]
         return kept or [min(configs, key=lambda c: (not rows(c), cost(c)))]
@@ -138,11 +148,13 @@ _TUNE_KEY = ["M_BUCKET", "N", "K", "R", "HAS_DROPOUT"]
 fwd = _autotuned(  # stage: x, Wᵀ and (fused) Aᵀ tiles
     _lora_fwd_kernel, _gemm_configs("BLOCK_N", "BLOCK_K"), _TUNE_KEY + ["FUSED"],
     _pruner("X", lambda b, k: (b["BLOCK_M"] + b["BLOCK_N"] + (k["BLOCK_R"] if k["FUSED"] else 0)) * b["BLOCK_K"],
-            tall=True, live=_fwd_live, out="BLOCK_N"))
+            tall=True, live=_fwd_live, out="BLOCK_N", ints=("K", "N", "stride_xm", "stride_xk", "stride_wn", "stride_wk"),
+            streamed=lambda b, k: b["BLOCK_M"] * b["BLOCK_N"] + b["BLOCK_K"] * (b["BLOCK_M"] + b["BLOCK_N"])))
 dx = _autotuned(  # stage: g and W tiles
     _lora_bwd_dx_kernel, _gemm_configs("BLOCK_K", "BLOCK_N"), _TUNE_KEY,
     _pruner("G", lambda b, k: (b["BLOCK_M"] + b["BLOCK_K"]) * b["BLOCK_N"], tall=True, live=_dx_live,
-            out="BLOCK_K"))
+            out="BLOCK_K", ints=("N", "K", "stride_gm", "stride_gn", "stride_wn", "stride_wk"),
+            streamed=lambda b, k: b["BLOCK_M"] * b["BLOCK_K"] + b["BLOCK_N"] * (b["BLOCK_M"] + b["BLOCK_K"])))
 down = _autotuned(  # stage: x and Aᵀ tiles
     _lora_down_kernel, _stream_configs(_STREAM_TILES), ["M_BUCKET", "K", "R", "HAS_DROPOUT"],
     _pruner("X", lambda b, k: (b["BLOCK_M"] + k["BLOCK_R"]) * b["BLOCK_K"], tall=False, live=_stream_live,
@@ -154,4 +166,5 @@ da = _autotuned(  # stage: x and v tiles (v in fp32)
 gb = _autotuned(  # stage: g and u tiles (u in fp32)
     _lora_bwd_gb_kernel, _GB_TILES, ["M_BUCKET", "N", "R", "BLOCK_N"],
     _pruner("G", lambda b, k: b["BLOCK_M"] * (k["BLOCK_N"] + 2 * k["BLOCK_R"]), tall=False, live=_gb_live,
-            memory_bound=True, fma_rows=64))
+            memory_bound=True, fma_rows=64, ints=("N", "stride_gm", "stride_gn"),
+            streamed=lambda b, k: k["BLOCK_N"] * k["BLOCK_R"] + b["BLOCK_M"] * (k["BLOCK_N"] + k["BLOCK_R"])))
