@@ -44,7 +44,7 @@ _GB_TILES = [_config(4, 3, BLOCK_M=32), _config(4, 3, BLOCK_M=64), _config(8, 3,
 # ptxas 12.8: benchmarks/triton_sm90.py; rerun `python benchmarks/triton_sm90.py --ops lora`, the table
 # for all shapes is benchmarks/results/triton-sm90-3.6.0.md). A thread keeps its share of some tiles
 # live; the rules count those tiles in 4-byte values per thread ("live") and keep a config when
-# - 16-bit, or tf32, on tensor cores (the operands stay in shared memory): the fp32 accumulator
+# - 16-bit (and tf32, by the same rule, not measured) on tensor cores, operands in shared memory: the fp32 accumulator
 #   plus the [BLOCK_M, BLOCK_R] low-rank tile fit in LIVE_TC = 144 values. The split forward
 #   counts its rank tile twice (it is loaded, with a pointer tile, not accumulated): at 160 and more
 #   (BM128 BN128 w4, BM256 BN128 w8) the forward spilled 224-508 B a thread, at 144 and less none.
