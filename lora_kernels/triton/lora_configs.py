@@ -33,7 +33,6 @@ def _stream_configs(shapes):
     return [_config(w, s, BLOCK_M=bm, BLOCK_K=bk) for bm, bk, w, s in shapes]
 
 
-# (BLOCK_K = 256 spilled 4 B at 56 registers with BLOCK_R = 32 in 16-bit: ptxas' doing, not a tile's)
 _STREAM_TILES = [(16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3),
                  (16, 64, 4, 3), (128, 128, 8, 3), (32, 32, 4, 2)]
 _GB_TILES = [_config(4, 3, BLOCK_M=32), _config(4, 3, BLOCK_M=64), _config(8, 3, BLOCK_M=64),
@@ -65,17 +64,21 @@ LIVE_TC, LIVE_FMA, LIVE_FMA_EPILOGUE = 144, 64, 96
 # BK64 w4, BM128 BN128 BK64 w8 s4) and the main loop within 48 on CUDA cores (64 spilled 8 B).
 LIVE_MISALIGNED, LIVE_FMA_MISALIGNED = 80, 48
 MEMORY_BOUND_SMEM = 96 << 10
+# The down projection and dA read rows of BLOCK_K elements: on tensor cores 512 B of them (16-bit
+# BK256, tf32 BK128) spilled 4 B at 56 registers with BLOCK_R = 32; 256 B never did.
+STREAM_ROW_BYTES = 256
 
 
-def _pruner(first_arg, stage_elems, tall, live, memory_bound=False, out=None, fma_rows=None, ints=(), streamed=None):
+def _pruner(first_arg, stage_elems, tall, live, memory_bound=False, out=None, fma_rows=None, ints=(), streamed=None,
+            row_bytes=None):
     """Autotuner pre-filter. stage_elems(blocks, kwargs): elements one pipeline stage holds;
     live(blocks, kwargs, fma): (main loop, epilogue) elements the program keeps in registers.
     Keeps configs whose row tile suits the row count (``tall``: GEMMs, where many rows want tiles
     of 64+ rows), that fit the register and shared-memory rules above (fma_rows: the tallest row
     tile on CUDA cores); ints: the size and stride arguments whose misalignment
     (_common.misaligned) brings in LIVE_MISALIGNED, streamed(blocks, kwargs): the output tile plus
-    one stage of operand tiles; when none passes, the one with the fewest live values among those
-    of a suitable row tile."""
+    one stage of operand tiles; row_bytes: the widest BLOCK_K x element size on tensor cores. When
+    none passes, the one with the fewest live values among those of a suitable row tile."""
     def prune(configs, named_args, **kwargs):
         esize, m = named_args[first_arg].element_size(), named_args["M_BUCKET"]
         fma = esize >= 4 and kwargs.get("PRECISION", "ieee") == "ieee"
@@ -101,7 +104,8 @@ def _pruner(first_arg, stage_elems, tall, live, memory_bound=False, out=None, fm
                         and (fma_rows is None or c.kwargs["BLOCK_M"] <= fma_rows))
             else:
                 regs = max(main, epilogue) <= LIVE_TC * threads and (
-                    not loose or streamed is None or streamed(c.kwargs, kwargs) <= LIVE_MISALIGNED * threads)
+                    not loose or streamed is None or streamed(c.kwargs, kwargs) <= LIVE_MISALIGNED * threads) and (
+                    row_bytes is None or c.kwargs["BLOCK_K"] * esize <= row_bytes)
             return rows(c) and regs and stage_elems(c.kwargs, kwargs) * esize * c.num_stages <= smem_budget
         kept = [c for c in configs if ok(c)]
         return kept or [min(configs, key=lambda c: (not rows(c), cost(c)))]
@@ -148,7 +152,8 @@ _TUNE_KEY = ["M_BUCKET", "N", "K", "R", "HAS_DROPOUT"]
 fwd = _autotuned(  # stage: x, Wᵀ and (fused) Aᵀ tiles
     _lora_fwd_kernel, _gemm_configs("BLOCK_N", "BLOCK_K"), _TUNE_KEY + ["FUSED"],
     _pruner("X", lambda b, k: (b["BLOCK_M"] + b["BLOCK_N"] + (k["BLOCK_R"] if k["FUSED"] else 0)) * b["BLOCK_K"],
-            tall=True, live=_fwd_live, out="BLOCK_N", ints=("K", "N", "stride_xm", "stride_xk", "stride_wn", "stride_wk"),
+            tall=True, live=_fwd_live, out="BLOCK_N",
+            ints=("K", "N", "stride_xm", "stride_xk", "stride_wn", "stride_wk"),
             streamed=lambda b, k: b["BLOCK_M"] * b["BLOCK_N"] + b["BLOCK_K"] * (b["BLOCK_M"] + b["BLOCK_N"])))
 dx = _autotuned(  # stage: g and W tiles
     _lora_bwd_dx_kernel, _gemm_configs("BLOCK_K", "BLOCK_N"), _TUNE_KEY,
@@ -158,11 +163,11 @@ dx = _autotuned(  # stage: g and W tiles
 down = _autotuned(  # stage: x and Aᵀ tiles
     _lora_down_kernel, _stream_configs(_STREAM_TILES), ["M_BUCKET", "K", "R", "HAS_DROPOUT"],
     _pruner("X", lambda b, k: (b["BLOCK_M"] + k["BLOCK_R"]) * b["BLOCK_K"], tall=False, live=_stream_live,
-            memory_bound=True))
+            memory_bound=True, row_bytes=STREAM_ROW_BYTES))
 da = _autotuned(  # stage: x and v tiles (v in fp32)
     _lora_bwd_da_kernel, _stream_configs(_STREAM_TILES), ["M_BUCKET", "K", "R", "HAS_DROPOUT"],
     _pruner("X", lambda b, k: b["BLOCK_M"] * (b["BLOCK_K"] + 2 * k["BLOCK_R"]), tall=False, live=_stream_live,
-            memory_bound=True))
+            memory_bound=True, row_bytes=STREAM_ROW_BYTES))
 gb = _autotuned(  # stage: g and u tiles (u in fp32)
     _lora_bwd_gb_kernel, _GB_TILES, ["M_BUCKET", "N", "R", "BLOCK_N"],
     _pruner("G", lambda b, k: b["BLOCK_M"] * (k["BLOCK_N"] + 2 * k["BLOCK_R"]), tall=False, live=_gb_live,
