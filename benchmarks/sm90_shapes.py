@@ -23,7 +23,7 @@ LEVELS = ("quick", "default", "full")
 # Module-level functions through which launchers learn the SM count (they fall back to a few
 # "programs" off CUDA); the gate replaces each one a launcher module defines.
 SM_HOOKS = {
-    "_target_programs": lambda device: 2 * H100_SMS,            # lora, dora
+    "_target_programs": lambda device: 2 * H100_SMS,            # lora
     "_num_sms": lambda device: H100_SMS,                        # adapter, infonce
     "_max_programs": lambda device, per_sm: H100_SMS * per_sm,  # layer_norm
 }
