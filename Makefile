@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-triton bench clean
+.PHONY: setup test test-triton bench gate-sm90 clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,13 @@ test-triton: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/latency_table.py
+
+# The static sm_90 gate under Triton 3.6 (README: Benchmarks), in a fresh venv made and removed here.
+gate-sm90:
+	venv=$$(mktemp -d /tmp/lora_kernels_sm90.XXXXXX) && trap 'rm -rf "$$venv"' EXIT && \
+	$(PYTHON) -m venv "$$venv" && \
+	"$$venv/bin/pip" install -q torch==2.13.0 triton==3.6.0 "numpy<2.4" && \
+	"$$venv/bin/python" benchmarks/triton_sm90.py --quick --no-cache --only-flagged
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -101,3 +101,10 @@ def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
         return "tf32"
     return "ieee"
+
+
+def misaligned(named_args, names) -> bool:
+    """Whether any of the int arguments ``names`` (sizes, strides) is neither 1 nor a multiple of 16:
+    Triton then cannot prove the loads aligned and issues one narrow load, with its own address,
+    per element, which sm_90 builds pay for in registers (the pruners' stricter rules)."""
+    return any(named_args[n] % 16 and named_args[n] != 1 for n in names if isinstance(named_args.get(n), int))
