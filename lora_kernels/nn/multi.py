@@ -19,6 +19,7 @@ Mixed batches (``lk.adapter_batch`` sets ``_batch_names``, one name or None per 
     gradient, and it costs n·r·(K + N) copied elements beside the base GEMM's N·K weight reads
     (r/N of them per adapter: 16/4096 for r = 16 at N = K = 4096). Not measured on a GPU yet.
 """
+import contextlib
 import math
 
 import torch
@@ -111,12 +112,16 @@ def adapter_names(self) -> list:
 
 # ------------------------------------------------------------------ add / set / delete
 
-def _check_new_name(module, name) -> None:
+def check_name(name) -> None:
     if not isinstance(name, str):
         raise TypeError(f"adapter name must be a str, got {type(name).__name__}")
     if not name or "." in name or name == "__base__" or hasattr(nn.ModuleDict, name):
         raise ValueError(f"adapter name {name!r} is not allowed (non-empty, no '.', not '__base__' "
                          f"nor a ModuleDict attribute)")
+
+
+def _check_new_name(module, name) -> None:
+    check_name(name)
     if name in module._adapter_cfg:
         raise ValueError(f"adapter {name!r} already exists (adapters: {module.adapter_names})")
 
@@ -194,6 +199,48 @@ def delete_adapter(self, name: str) -> None:
     if not len(container):
         del self._modules[CONTAINER]
     self.__dict__["_stack_cache"] = None
+
+
+def rename(module, old: str, new: str) -> None:
+    """Adapter ``old`` is called ``new`` from now on (its tensors move to the new keys)."""
+    if new == old:
+        return
+    _check_new_name(module, new)
+    cfg = module._adapter_cfg
+    module.__dict__["_adapter_cfg"] = {new if n == old else n: v for n, v in cfg.items()}
+    if old != module._first:
+        container = module._modules[CONTAINER]
+        holder = container[old]
+        del container[old]
+        container[new] = holder
+    d = module.__dict__
+    d["_first"] = new if d["_first"] == old else d["_first"]
+    d["_active"] = new if d["_active"] == old else d["_active"]
+
+
+@contextlib.contextmanager
+def activated(modules, name: str):
+    """Inside, each LoRALinear of ``modules`` that holds adapter ``name`` has it active, without
+    unmerging (to read or write its tensors and settings); yields the ids of those layers."""
+    saved = [(m, m._active) for m in modules if name in m._adapter_cfg]
+    try:
+        for m, _ in saved:
+            m.__dict__["_active"] = name
+        yield {id(m) for m, _ in saved}
+    finally:
+        for m, active in saved:
+            m.__dict__["_active"] = active
+
+
+def adapter_parameters(module, name: str) -> list:
+    """Adapter ``name``'s trainable tensors (lora_A, lora_B, and DoRA's magnitude)."""
+    params = module._parameters if name == module._first else module._modules[CONTAINER][name]._parameters
+    return [params[kind] for kind in ROUTED if params.get(kind) is not None]
+
+
+def all_parameters(module) -> list:
+    """Every adapter's trainable tensors."""
+    return [p for name in module._adapter_cfg for p in adapter_parameters(module, name)]
 
 
 # ------------------------------------------------------------------ mixed batches
