@@ -302,8 +302,8 @@ def _active(lora_model) -> str:
 def _merge_adapter(peft_model, lora_model, adapter_names=None, safe_merge=False) -> None:
     adapter = _active(lora_model)
     if adapter_names is not None and list(adapter_names) != [adapter]:
-        raise ValueError(f"merge_adapter(adapter_names={adapter_names!r}): after from_peft only the active adapter, "
-                         f"{adapter!r}, can be merged")
+        raise ValueError(f"merge_adapter(adapter_names={adapter_names!r}): after from_peft the model merges "
+                         f"only adapter {adapter!r}, the active one")
     getattr(lora_model, "_check_merge_allowed", lambda: None)()
     loras = [m for m in _loras(peft_model) if not m.merged]
     if safe_merge:
@@ -334,7 +334,8 @@ def _set_adapter(peft_model, lora_model, adapter_name, inference_mode=False) -> 
     name = names[0]
     configs = getattr(peft_model, "peft_config", {})
     if configs and name not in configs:
-        raise ValueError(f"Adapter {name} not found in {list(configs)}")
+        raise ValueError(f"set_adapter({name!r}): the model holds no such adapter (from_peft converted "
+                         f"only the adapter that was active and those loaded beside it: {list(configs)})")
     loras = _loras(peft_model)
     for mha in (m for m in loras if isinstance(m, LoRAMultiheadAttention)):
         if name != mha.__dict__.get("_peft_adapter", name):
