@@ -196,6 +196,35 @@ def test_adapter_batch_errors_nesting_and_restore():
         dora(x)
 
 
+def test_layer_pickled_before_named_adapters_loads_as_default():
+    m = _layer(1)
+    state = dict(m.__dict__)
+    cfg = state.pop("_adapter_cfg")["default"]
+    for key in ("_first", "_active", "_batch_names", "_stack_cache"):
+        state.pop(key)
+    state.update(cfg)  # the old layout: r, alpha, dropout, use_rslora as plain attributes
+    old = lk.LoRALinear.__new__(lk.LoRALinear)
+    old.__setstate__(state)
+    x = randn(3, 13)
+    assert (old.adapter_names, old.r, old.alpha) == (["default"], 2, 4.0) and torch.equal(old(x), m(x))
+
+
+def test_compile_fullgraph_switched_adapter_and_mixed_batch():
+    torch._dynamo.reset()
+    m = _layer(3)
+    m.set_adapter("b")
+    x = randn(4, 2, 13, requires_grad=True)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    assert rel_err(compiled(x), _expected(m, x, ["b"] * 4)) <= 1e-12
+    names = ["c", None, "b", "default"]
+    with lk.adapter_batch(m, names):
+        y = compiled(x)
+    assert rel_err(y, _expected(m, x, names)) <= 1e-12
+    y.sum().backward()
+    assert all(p.grad is not None for p in multi.all_parameters(m))
+    torch._dynamo.reset()
+
+
 TRITON = [b for b in backends_for(multi_op.IMPLS) if b == "triton"]
 
 
@@ -311,6 +340,8 @@ def test_from_peft_generate_and_set_adapter_match_peft(saved_adapters, model_nam
     kw = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         want = pm.generate(input_ids=ids, adapter_names=names, **kw)
+        want_beams = pm.generate(input_ids=ids, adapter_names=names, num_beams=2, max_new_tokens=2,
+                                 do_sample=False, pad_token_id=0)
         per_adapter = {}
         for name in ("b", "c", "a"):
             pm.set_adapter(name)
@@ -321,8 +352,12 @@ def test_from_peft_generate_and_set_adapter_match_peft(saved_adapters, model_nam
         for name in ("c", "b", "a"):
             pm.set_adapter(name)
             assert rel_err(pm(input_ids=ids).logits, per_adapter[name]) <= FP32_TOL
+        beams = {"num_beams": 2, "max_new_tokens": 2, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(pm.generate(input_ids=ids, adapter_names=names, **beams), want_beams)
     lora = next(m for m in pm.modules() if isinstance(m, lk.LoRALinear) and "b" in m.adapter_names)
     assert not any(p.requires_grad for p in multi.adapter_parameters(lora, "b"))  # PEFT's: only the active trains
+    with torch.no_grad():  # merge_and_unload folds in the active adapter ("a"), as PEFT's
+        assert rel_err(pm.merge_and_unload()(input_ids=ids).logits, per_adapter["a"]) <= FP32_TOL
 
 
 @pytest.mark.parametrize("model_name", sorted(PEFT_SPECS))
@@ -382,3 +417,56 @@ def test_save_and_load_adapter_per_name_round_trip(saved_adapters, model_name, t
         assert rel_err(back(input_ids=ids).logits, pm(input_ids=ids).logits) <= FP32_TOL
     with pytest.raises(ValueError, match="no LoRALinear layer holds"):
         lk.save_adapter(pm, str(tmp_path / "zz"), adapter_name="zz")
+
+
+def test_from_peft_several_dora_adapters_switch_like_peft():
+    pm = peft.get_peft_model(_gpt2(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], use_dora=True,
+                                                      fan_in_fan_out=True), adapter_name="x")
+    pm.add_adapter("y", peft.LoraConfig(r=3, lora_alpha=2, target_modules=["c_attn", "c_fc"], use_dora=True,
+                                        fan_in_fan_out=True))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for key, p in pm.named_parameters():
+            if "lora_B" in key or "lora_magnitude_vector" in key:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    ids, want = _ids(2), {}
+    with torch.no_grad():
+        for name in ("y", "x"):
+            pm.set_adapter(name)
+            want[name] = pm.eval()(input_ids=ids).logits
+    lk.from_peft(pm)
+    with torch.no_grad():
+        for name in ("y", "x", "y"):
+            pm.set_adapter(name)
+            assert rel_err(pm(input_ids=ids).logits, want[name]) <= FP32_TOL
+        with pytest.raises(NotImplementedError, match="DoRA"):
+            pm(input_ids=ids, adapter_names=["x", "y"])
+
+
+def test_gradient_checkpointing_with_backward_inside_the_block():
+    """The checkpointed forward is recomputed during backward: inside the block it is routed too."""
+    pm = _two_adapter_gpt2()
+    names = ["b", None, "a"]
+    ids = _ids(3)
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(pm)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        with lk.adapter_batch(model.train(), names):
+            model(input_ids=ids).logits.square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 16
+    for key, want in grads[0].items():
+        assert rel_err(grads[1][key], want) <= FP32_TOL, key
+
+
+def _two_adapter_gpt2():
+    model = lk.apply_lora(_gpt2(), ["c_attn", "c_fc"], r=2, alpha=4)
+    for lora in (m for m in model.modules() if isinstance(m, lk.LoRALinear)):
+        lora.add_adapter("b", 3, 5)
+        multi.rename(lora, "default", "a")
+        with torch.no_grad():
+            for name in lora.adapter_names:
+                multi.param(lora, name, "lora_B").normal_()
+    return model

@@ -27,7 +27,9 @@ def adapter_batch(model: nn.Module, names):
     A layer that does not hold ``names[b]`` gives its base output there (PEFT's rule). Blocks
     nest (the inner names win) and each layer's previous routing comes back on exit, exception
     or not. Refused: names no layer holds, merged layers, LoRA on nn.MultiheadAttention; a batch
-    whose first dim differs from ``len(names)`` fails in the layer's forward.
+    whose first dim differs from ``len(names)`` fails in the layer's forward. With activation
+    checkpointing, call backward inside the block: the recomputed forward must be routed too
+    (outside, torch's non-reentrant checkpoint raises a CheckpointError on the mismatch).
     """
     names = _check_names(names)
     if any(isinstance(m, LoRAMultiheadAttention) for m in model.modules()):
