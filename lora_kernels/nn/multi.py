@@ -16,8 +16,11 @@ Mixed batches (``lk.adapter_batch`` sets ``_batch_names``, one name or None per 
     restacks nothing whatever the mix of requests;
   * with autograd (training), only the adapters present in the batch are stacked, on every call:
     the stack must be part of this step's graph for each adapter's own Parameters to get their
-    gradient, and it costs n·r·(K + N) copied elements beside the base GEMM's N·K weight reads
-    (r/N of them per adapter: 16/4096 for r = 16 at N = K = 4096). Not measured on a GPU yet.
+    gradient. It copies n·r·(K + N) elements beside the base GEMM's N·K weight reads (r/N of
+    them per adapter: 16/4096 for r = 16 at N = K = 4096) in two kernels when the ranks are
+    equal (plus one pad per smaller-rank adapter), small beside a training step's GEMMs; the
+    alternative, Parameters that are views of one stacked tensor, would change every adapter's
+    keys and Parameter identity. Not measured on a GPU yet.
 """
 import contextlib
 import math
@@ -258,8 +261,9 @@ def _stacked(module, names: list):
             return cached[1]
     r = max(a.shape[0] for a in As)
     pad = nn.functional.pad
-    stack = (torch.stack([pad(a, (0, 0, 0, r - a.shape[0])) for a in As]),
-             torch.stack([pad(b, (0, r - b.shape[1])) for b in Bs]))
+    # Only smaller ranks are padded: with equal ranks each stack is one copy kernel.
+    stack = (torch.stack([a if a.shape[0] == r else pad(a, (0, 0, 0, r - a.shape[0])) for a in As]),
+             torch.stack([b if b.shape[1] == r else pad(b, (0, r - b.shape[1])) for b in Bs]))
     if key is not None:
         module.__dict__["_stack_cache"] = (key, stack)
     return stack
