@@ -8,11 +8,12 @@ import pickle
 
 import pytest
 import torch
-from conftest import backends_for, randn, rel_err
 
 import lora_kernels as lk
 from lora_kernels.nn import multi
 from lora_kernels.ops import lora_multi as multi_op
+
+from conftest import backends_for, randn, rel_err
 
 F64 = torch.float64
 FP32_TOL = 1e-5
