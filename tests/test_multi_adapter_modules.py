@@ -198,7 +198,7 @@ def test_layer_pickled_before_named_adapters_loads_as_default():
     m = _layer(1)
     state = dict(m.__dict__)
     cfg = state.pop("_adapter_cfg")["default"]
-    for key in ("_first", "_active", "_batch_names", "_stack_cache"):
+    for key in ("_first", "_active", "_batch_names", "_stack_cache", "_routing_cache"):
         state.pop(key)
     state.update(cfg)  # the old layout: r, alpha, dropout, use_rslora as plain attributes
     old = lk.LoRALinear.__new__(lk.LoRALinear)

@@ -31,6 +31,7 @@ from torch import nn
 from ..ops import _validate as check
 from ..ops.lora import lora_linear
 from ..ops.lora_multi import lora_linear_multi
+from ..reference import compute_dtype
 from . import dora
 
 ROUTED = ("lora_A", "lora_B", "lora_magnitude_vector")
@@ -54,7 +55,7 @@ def init_adapters(module, **settings) -> None:
     d = module.__dict__
     d["_adapter_cfg"] = {"default": dict(settings)}
     d["_first"] = d["_active"] = "default"
-    d["_batch_names"], d["_stack_cache"] = None, None
+    d["_batch_names"], d["_stack_cache"], d["_routing_cache"] = None, None, None
 
 
 def per_adapter(key: str) -> property:
@@ -95,14 +96,14 @@ def setstate(self, state) -> None:
         d["_adapter_cfg"] = {"default": {k: d.pop(k) for k in SETTINGS}}
         d["_first"] = d["_active"] = "default"
     d.setdefault("_batch_names", None)
-    d["_stack_cache"] = None
+    d["_stack_cache"] = d["_routing_cache"] = None
 
 
 def param(module, adapter: str, kind: str) -> torch.Tensor:
-    """Adapter ``adapter``'s ``kind`` tensor, whichever adapter is active."""
-    if adapter == module._first:
-        return nn.Module.__getattr__(module, kind)
-    return getattr(module._modules[CONTAINER][adapter], kind)
+    """Adapter ``adapter``'s ``kind`` tensor, whichever adapter is active (read from the
+    modules' parameter dicts: a serving step reads 2n of them per layer)."""
+    holder = module if adapter == module._first else module._modules[CONTAINER]._modules[adapter]
+    return holder._parameters[kind]
 
 
 def scaling_of(settings: dict) -> float:
@@ -253,9 +254,10 @@ def _stacked(module, names: list):
     As = [param(module, n, "lora_A") for n in names]
     Bs = [param(module, n, "lora_B") for n in names]
     key = None
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # A new data pointer or version counter means the tensor was replaced or written in place.
         key = (tuple(names), torch.is_inference_mode_enabled(),
-               tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in As + Bs))
+               tuple((t.data_ptr(), t._version, t.shape) for t in As + Bs))
         cached = module.__dict__.get("_stack_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -267,6 +269,24 @@ def _stacked(module, names: list):
     if key is not None:
         module.__dict__["_stack_cache"] = (key, stack)
     return stack
+
+
+def _routing(module, names: tuple, present: list, x: torch.Tensor):
+    """(adapter ids [M] on the host, scalings [n] on x's device), kept while names, adapters and
+    scalings stay the same (decode steps of one batch): host ids keep the op's range check free
+    of device syncs, and the scalings are copied to the device once."""
+    cfg = module._adapter_cfg
+    scalings = tuple(scaling_of(cfg[n]) for n in present)
+    key = (names, tuple(present), scalings, x.device, x.dtype)
+    cached = module.__dict__.get("_routing_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    index = {n: i for i, n in enumerate(present)}
+    routing = (torch.tensor([index.get(n, -1) for n in names]),
+               torch.tensor(scalings, dtype=torch.float64).to(x.device, compute_dtype(x.dtype)))
+    if not torch.compiler.is_compiling():
+        module.__dict__["_routing_cache"] = (key, routing)
+    return routing
 
 
 def mixed_forward(module, x: torch.Tensor, names: tuple) -> torch.Tensor:
@@ -295,8 +315,7 @@ def mixed_forward(module, x: torch.Tensor, names: tuple) -> torch.Tensor:
                          f"{sorted(dropouts)}; one batch draws one dropout mask (use one dropout, or eval())")
     if not torch.is_grad_enabled():
         present = list(cfg)  # serving: the whole layer's stack, cached
-    index = {n: i for i, n in enumerate(present)}
-    ids = torch.tensor([index.get(n, -1) for n in names])
+    ids, scalings = _routing(module, names, present, x)
     A, B = _stacked(module, present)
-    return lora_linear_multi(x, module.base_weight(), module.bias, A, B, [scaling_of(cfg[n]) for n in present],
-                             ids, dropout_p=dropouts.pop(), training=module.training)
+    return lora_linear_multi(x, module.base_weight(), module.bias, A, B, scalings, ids, dropout_p=dropouts.pop(),
+                             training=module.training)
