@@ -338,6 +338,7 @@ def test_from_peft_generate_and_set_adapter_match_peft(saved_adapters, model_nam
     kw = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         want = pm.generate(input_ids=ids, adapter_names=names, **kw)
+        base_rows = pm.generate(input_ids=ids, adapter_names=["__base__"] * 4, **kw)
         want_beams = pm.generate(input_ids=ids, adapter_names=names, num_beams=2, max_new_tokens=2,
                                  do_sample=False, pad_token_id=0)
         per_adapter = {}
@@ -354,6 +355,15 @@ def test_from_peft_generate_and_set_adapter_match_peft(saved_adapters, model_nam
         assert torch.equal(pm.generate(input_ids=ids, adapter_names=names, **beams), want_beams)
     lora = next(m for m in pm.modules() if isinstance(m, lk.LoRALinear) and "b" in m.adapter_names)
     assert not any(p.requires_grad for p in multi.adapter_parameters(lora, "b"))  # PEFT's: only the active trains
+    pm.set_adapter("c")
+    pm.delete_adapter("c")  # the active one: "a" (the first left, sorted) becomes active
+    assert pm.active_adapter == "a" and list(pm.peft_config) == ["a", "b"]
+    assert all("c" not in m.adapter_names for m in pm.modules() if isinstance(m, lk.LoRALinear))
+    assert not any("lora_adapters.c" in key for key in pm.state_dict())
+    with torch.no_grad():
+        assert rel_err(pm(input_ids=ids).logits, per_adapter["a"]) <= FP32_TOL
+        assert torch.equal(pm.generate(input_ids=ids, adapter_names=["__base__", "a", "__base__", "b"], **kw),
+                           torch.cat([base_rows[:1], want[1:2], base_rows[2:3], want[3:]]))
     with torch.no_grad():  # merge_and_unload folds in the active adapter ("a"), as PEFT's
         assert rel_err(pm.merge_and_unload()(input_ids=ids).logits, per_adapter["a"]) <= FP32_TOL
 

@@ -156,8 +156,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     PEFT's switches act on PEFT's layers only and, finding none, raise "No adapter layers found"
     or do nothing; so ``disable_adapter()`` (context manager), ``disable_adapter_layers()`` /
-    ``enable_adapter_layers()``, ``merge_adapter()`` / ``unmerge_adapter()`` and
-    ``set_adapter(name)`` are routed to the ``LoRALinear`` layers too, with PEFT's outputs; and
+    ``enable_adapter_layers()``, ``merge_adapter()`` / ``unmerge_adapter()``,
+    ``set_adapter(name)`` and ``delete_adapter(name)`` are routed to the ``LoRALinear`` layers too, with PEFT's outputs; and
     PEFT's mixed batches, ``peft_model(..., adapter_names=[...])`` and ``generate(...,
     adapter_names=...)``, run through ``lk.adapter_batch`` (in training mode too, which PEFT refuses).
     """
@@ -255,6 +255,8 @@ def _route_peft_switches(peft_model: nn.Module, adapter: str) -> None:
     lora_model.merge_adapter = functools.partial(_merge_adapter, peft_model, lora_model)
     lora_model.unmerge_adapter = functools.partial(_unmerge_adapter, peft_model, lora_model)
     lora_model.set_adapter = functools.partial(_set_adapter, peft_model, lora_model)
+    if callable(getattr(lora_model, "delete_adapter", None)):
+        lora_model.delete_adapter = functools.partial(_delete_adapter, peft_model, lora_model)
     if callable(getattr(peft_model, "disable_adapter", None)) and peft_model is not lora_model:
         peft_model.disable_adapter = functools.partial(_disable_adapter, peft_model, lora_model)
     if callable(getattr(lora_model, "_enable_peft_forward_hooks", None)):
@@ -354,6 +356,35 @@ def _set_adapter(peft_model, lora_model, adapter_name, inference_mode=False) -> 
             for p in params:
                 p.requires_grad_(a == name and not inference_mode)
     type(lora_model).set_adapter(lora_model, adapter_name, inference_mode=inference_mode)
+
+
+def _delete_adapter(peft_model, lora_model, adapter_name: str) -> None:
+    """PEFT's ``delete_adapter``: the adapter leaves every LoRALinear (a layer left with none
+    becomes its base layer again); if it was active, the first remaining adapter (sorted, as
+    PEFT picks it) becomes active everywhere."""
+    configs = getattr(lora_model, "peft_config", {})
+    if adapter_name not in configs:
+        raise ValueError(f"Adapter {adapter_name} does not exist")
+    if any(getattr(m, "_peft_adapter", None) == adapter_name for m in _loras(peft_model)):
+        raise ValueError(f"delete_adapter({adapter_name!r}): it is the adapter of a LoRA on nn.MultiheadAttention, "
+                         f"which cannot be left without one; use unload()")
+    holding = [(name, m) for name, m in peft_model.named_modules()
+               if isinstance(m, LoRALinear) and adapter_name in m.adapter_names]
+    if any(m.merged and m.active_adapter == adapter_name for _, m in holding):
+        raise ValueError(f"Cannot delete adapter {adapter_name!r}: it is merged; call unmerge_adapter() first")
+    was_active = _active(lora_model) == adapter_name
+    for name, lora in holding:
+        if lora.adapter_names == [adapter_name]:
+            lora.unmerge()
+            _set_submodule(peft_model, name, _base_layer(lora))
+        else:
+            lora.delete_adapter(adapter_name)
+    type(lora_model).delete_adapter(lora_model, adapter_name)  # the config, and PEFT layers from_peft left alone
+    remaining = sorted(configs)
+    if was_active and remaining:
+        warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                      f"{remaining[0]}.")
+        _set_adapter(peft_model, lora_model, remaining[0])
 
 
 @contextlib.contextmanager
