@@ -478,3 +478,27 @@ def _two_adapter_gpt2():
             for name in lora.adapter_names:
                 multi.param(lora, name, "lora_B").normal_()
     return model
+
+
+def test_from_peft_encoder_decoder_beam_search_with_adapter_names(tmp_path):
+    """T5: beam search repeats the decoder's samples, not the encoder's (PEFT's rule)."""
+    def t5():
+        torch.manual_seed(0)
+        return transformers.T5ForConditionalGeneration(transformers.T5Config(
+            d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=2, vocab_size=100, dropout_rate=0.0,
+            decoder_start_token_id=0)).eval()
+    for i, (name, r) in enumerate((("a", 2), ("b", 3))):
+        pm = peft.get_peft_model(t5(), peft.LoraConfig(r=r, lora_alpha=4, target_modules=["q", "v", "wo"]))
+        with torch.no_grad():
+            for key, p in pm.named_parameters():
+                if "lora_B" in key:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.5)
+        pm.save_pretrained(str(tmp_path / name))
+    pm = peft.PeftModel.from_pretrained(t5(), str(tmp_path / "a"), adapter_name="a")
+    pm.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    ids, names = _ids(3), ["b", "__base__", "a"]
+    kw = {"num_beams": 2, "max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        want = pm.generate(input_ids=ids, adapter_names=names, **kw)
+        lk.from_peft(pm)
+        assert torch.equal(pm.generate(input_ids=ids, adapter_names=names, **kw), want)

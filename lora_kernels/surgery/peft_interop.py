@@ -401,20 +401,37 @@ def _forward_hooks(peft_model, lora_model, *args, **kwargs):
     unknown = sorted({n for n in adapter_names if n != "__base__"} - set(configs))
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
-    beams = kwargs.get("num_beams")
+    per_sample, beams = list(adapter_names), kwargs.get("num_beams")
     if isinstance(beams, int) and beams > 1:
         adapter_names = [n for n in adapter_names for _ in range(beams)]
     # PEFT layers from_peft left alone (the active adapter does not touch them) get PEFT's own hook.
     handles = [m.register_forward_pre_hook(functools.partial(_names_hook, names=list(adapter_names)),
                                            with_kwargs=True)
                for m in peft_model.modules() if _is_peft_lora_layer(m)]
-    held = {a for m in _loras(peft_model) if isinstance(m, LoRALinear) for a in m.adapter_names}
     try:
-        with adapter_batch(peft_model, [n if n in held else None for n in adapter_names]):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(adapter_batch(peft_model, _held_or_none(peft_model, adapter_names)))
+            encoder = _encoder(lora_model)
+            if adapter_names != per_sample and encoder is not None and any(
+                    isinstance(m, LoRALinear) for m in encoder.modules()):
+                # An encoder runs on the samples before beam search repeats them (PEFT's rule too).
+                stack.enter_context(adapter_batch(encoder, _held_or_none(encoder, per_sample)))
             yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _held_or_none(model: nn.Module, names: list) -> list:
+    """PEFT's names for adapter_batch: None for "__base__" and for adapters no LoRALinear of model holds."""
+    held = {a for m in model.modules() if isinstance(m, LoRALinear) for a in m.adapter_names}
+    return [n if n in held else None for n in names]
+
+
+def _encoder(lora_model):
+    model = getattr(lora_model, "model", None)
+    encoder = model.get_encoder() if callable(getattr(model, "get_encoder", None)) else None
+    return None if encoder is model else encoder
 
 
 def _names_hook(_module, args, kwargs, names):
