@@ -335,7 +335,7 @@ def test_from_peft_adapter_names_forward_matches_peft(saved_adapters, model_name
 def test_from_peft_generate_and_set_adapter_match_peft(saved_adapters, model_name):
     pm = _peft_model(saved_adapters, model_name, 3)
     ids, names = _ids(4), ["c", "a", "__base__", "b"]
-    kw = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    kw = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         want = pm.generate(input_ids=ids, adapter_names=names, **kw)
         base_rows = pm.generate(input_ids=ids, adapter_names=["__base__"] * 4, **kw)
