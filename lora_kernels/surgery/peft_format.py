@@ -9,8 +9,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ..nn import LoRALinear
-from ..nn import multi
+from ..nn import LoRALinear, multi
 from ._common import (_check_targets, _freeze_all_but, _import_optional, _in_out_features, _is_linear,
                       _lora_parameters, _matching_names, _peft_root, _some_names)
 from .lora import _inject_lora

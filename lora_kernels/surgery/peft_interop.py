@@ -9,8 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..nn import LoRALinear
-from ..nn import multi
+from ..nn import LoRALinear, multi
 from ..nn.lora import _is_conv1d
 from ._common import _import_optional, _in_out_features, _is_linear, _set_submodule
 from .mha import LoRAMultiheadAttention, lora_layers
@@ -173,7 +172,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     converted = [m for (_, m), (_, lora) in zip(layers, replacements) if lora is not None]
     if converted:
         _route_peft_methods(peft_model)
-        _route_peft_switches(peft_model, converted[0].active_adapters[0])
+        _route_peft_switches(peft_model)
     return peft_model
 
 
@@ -242,7 +241,7 @@ def _base_layer(lora: LoRALinear) -> nn.Module:
 
 # --------------------------------------------------------------------------- PEFT's switches
 
-def _route_peft_switches(peft_model: nn.Module, adapter: str) -> None:
+def _route_peft_switches(peft_model: nn.Module) -> None:
     """PEFT's adapter switches as instance attributes of the LoraModel (PeftModel forwards its
     merge/enable/... calls there) and of the PeftModel (``disable_adapter``, ``set_adapter``),
     and PEFT's ``adapter_names=`` (its forward-hook context) routed to ``adapter_batch``."""
