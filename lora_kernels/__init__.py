@@ -13,6 +13,7 @@ from .ops.layer_norm import layer_norm
 from .ops.lora import lora_linear
 from .ops.lora_multi import lora_linear_multi
 from .ops.rms_norm import rms_norm
+from .surgery.batching import adapter_batch
 from .surgery import add_adapters, apply_lora, bitfit, from_peft, ln_tuning, load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -21,5 +22,5 @@ __all__ = [
     "lora_linear", "lora_linear_multi", "dora_linear", "adapter", "layer_norm", "rms_norm", "infonce",
     "LoRALinear", "BottleneckAdapter", "FusedLayerNorm", "FusedRMSNorm", "InfoNCELoss",
     "apply_lora", "add_adapters", "ln_tuning", "bitfit", "from_peft", "save_adapter", "load_adapter",
-    "set_backend", "get_backend", "use_backend", "BackendUnavailable",
+    "adapter_batch", "set_backend", "get_backend", "use_backend", "BackendUnavailable",
 ]

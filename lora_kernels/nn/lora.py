@@ -7,6 +7,7 @@ from torch import nn
 from ..ops import _validate as check
 from . import dora
 from ..ops.lora import lora_linear
+from . import multi
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -25,9 +26,23 @@ class LoRALinear(nn.Module):
     sets ``disable_adapters``: the layer then runs its base product only, and, as PEFT's
     layers do, unmerges itself first if it was merged.
     ``use_dora=True``: DoRA (PEFT's), with a trainable magnitude ``lora_magnitude_vector`` ([out]).
+
+    Several named adapters (``add_adapter`` / ``set_adapter`` / ``delete_adapter``, nn/multi.py):
+    the first (``"default"``) keeps the ``lora_A``/``lora_B`` keys, the others live under
+    ``lora_adapters.<name>``; ``lora_A``, ``lora_B``, ``r``, ``alpha``, ``dropout`` and
+    ``use_rslora`` always read and write the active adapter's. ``lk.adapter_batch`` runs a batch
+    whose samples use different adapters.
     """
 
     disable_adapters = False  # class default: instances pickled before the switch existed load enabled
+    _batch_names = None  # set by lk.adapter_batch
+    r = multi.per_adapter("r")
+    alpha = multi.per_adapter("alpha")
+    dropout = multi.per_adapter("dropout")
+    use_rslora = multi.per_adapter("use_rslora")
+    add_adapter, set_adapter, delete_adapter = multi.add_adapter, multi.set_adapter, multi.delete_adapter
+    adapter_names = property(multi.adapter_names, doc="The adapters' names, the first one's first.")
+    active_adapter = property(lambda self: self._active, doc="The active adapter's name (None: base only).")
 
     def __init__(self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True,
                  use_rslora=False, *, fan_in_fan_out=False, use_dora=False, device=None, dtype=None):
@@ -39,8 +54,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.alpha, self.dropout = r, alpha, float(dropout)
-        self.use_rslora, self.fan_in_fan_out = use_rslora, fan_in_fan_out
+        multi.init_adapters(self, r=r, alpha=alpha, dropout=float(dropout), use_rslora=use_rslora)
+        self.fan_in_fan_out = fan_in_fan_out
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
         self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         if bias:
@@ -101,8 +116,12 @@ class LoRALinear(nn.Module):
         ct = torch.promote_types(self.lora_A.dtype, torch.float32)
         return self.scaling * (self.lora_B.to(ct) @ self.lora_A.to(ct))
 
+    __getattr__, __setattr__, __setstate__ = multi.getattr_, multi.setattr_, multi.setstate
+
     @torch.no_grad()
     def merge(self) -> None:
+        if self._active is None:  # no adapter active: nothing to fold in
+            return
         if not self.merged and self.use_dora:
             dora.merge(self)
             self.merged = True
@@ -125,7 +144,9 @@ class LoRALinear(nn.Module):
         self.disable_adapters = not enabled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disable_adapters:
+        if self._batch_names is not None:  # inside lk.adapter_batch: one adapter per sample
+            return multi.mixed_forward(self, x, self._batch_names)
+        if self.disable_adapters or self._active is None:
             if self.merged:
                 self.unmerge()
             return nn.functional.linear(x, self.base_weight(), self.bias)
@@ -137,7 +158,9 @@ class LoRALinear(nn.Module):
                            dropout_p=self.dropout, training=self.training)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+        names = self.adapter_names
+        return ((f"adapters={names}, active={self._active!r}, " if names != ["default"] else "") +
+                f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, "
                 f"use_rslora={self.use_rslora}, fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}"
                 + (", use_dora=True" if self.use_dora else ""))

@@ -1,5 +1,6 @@
 """save_adapter / load_adapter: LoRA weights in PEFT's on-disk format (checked against peft 0.21
 ``save_pretrained``), so adapters move freely between this package and ``peft.PeftModel``."""
+import contextlib
 import json
 import os
 import re
@@ -8,7 +9,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ..nn import LoRALinear
+from ..nn import LoRALinear, multi
 from ._common import (_check_targets, _freeze_all_but, _import_optional, _in_out_features, _is_linear,
                       _lora_parameters, _matching_names, _peft_root, _some_names)
 from .lora import _inject_lora
@@ -25,18 +26,43 @@ def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
 
-def save_adapter(model: nn.Module, path, base_model_name_or_path=None) -> nn.Module:
+@contextlib.contextmanager
+def _adapter_of(root: nn.Module, adapter_name, caller: str):
+    """Inside: adapter ``adapter_name`` active on the LoRALinear layers holding it (None: each
+    layer's active adapter); yields {name: layer} of the LoRALinear layers that take part."""
+    linear = {name: m for name, m in root.named_modules() if isinstance(m, LoRALinear)}
+    if adapter_name is None:
+        yield {name: m for name, m in linear.items() if m.active_adapter is not None}
+        return
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be a str or None, got {type(adapter_name).__name__}")
+    if any(isinstance(m, LoRAMultiheadAttention) for m in root.modules()):
+        raise ValueError(f"{caller}(adapter_name=...): LoRA on nn.MultiheadAttention holds one unnamed adapter; "
+                         f"call it without adapter_name")
+    with multi.activated(linear.values(), adapter_name) as holding:
+        yield {name: m for name, m in linear.items() if id(m) in holding}
+
+
+def save_adapter(model: nn.Module, path, base_model_name_or_path=None, *, adapter_name=None) -> nn.Module:
     """Write the model's LoRA weights as PEFT does: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
     ``peft.PeftModel.from_pretrained(base_model, path)`` loads the result. Layers whose r or
     alpha differ from the most common value go to ``rank_pattern`` / ``alpha_pattern``.
+    ``adapter_name``: that adapter of the layers holding it (default: each layer's active one).
     """
+    with _adapter_of(_peft_root(model), adapter_name, "save_adapter") as linear:
+        if adapter_name is not None and not linear:
+            raise ValueError(f"save_adapter: no LoRALinear layer holds adapter {adapter_name!r}")
+        return _save(model, path, base_model_name_or_path, linear)
+
+
+def _save(model, path, base_model_name_or_path, linear: dict) -> nn.Module:
     st = _import_optional("safetensors.torch", "save_adapter")
     root = _peft_root(model)
     # An MHA's LoRA is one PEFT target (the MHA) whose out_proj LoRALinear rides along.
     mha = {name: m for name, m in root.named_modules() if isinstance(m, LoRAMultiheadAttention)}
     inner = {f"{name}.base_layer.out_proj": m.base_layer.out_proj for name, m in mha.items()}
-    linear = {name: m for name, m in root.named_modules() if isinstance(m, LoRALinear) and name not in inner}
+    linear = {name: m for name, m in linear.items() if name not in inner}
     layers = {**linear, **mha}
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no LoRALinear layer")
@@ -128,13 +154,19 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def load_adapter(model: nn.Module, path) -> nn.Module:
+def load_adapter(model: nn.Module, path, *, adapter_name=None) -> nn.Module:
     """Load a LoRA adapter saved by ``save_adapter`` or by PEFT's ``save_pretrained``.
 
     Targeted layers that are not LoRALinear yet get one (r/alpha from the config, with its
     rank/alpha patterns); existing LoRALinear layers take the config's alpha, dropout and rsLoRA
     flag. Every name and shape is checked before the model is touched. Only LoRA weights stay
-    trainable.
+    trainable (every adapter's).
+
+    ``adapter_name=None`` loads into each layer's active adapter. With a name, the adapter is
+    loaded as that named adapter: into it where a layer holds it, else added to the layer
+    (``add_adapter``); which adapter is active does not change, except on layers that held no
+    LoRA and now hold only this one (active there if the model had no LoRA layer before, else
+    inactive, as PEFT's layers give their base output for an adapter that is not active).
     """
     st = _import_optional("safetensors.torch", "load_adapter")
     config, root = _read_config(path), _peft_root(model)
@@ -152,33 +184,48 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         raise ValueError(f"load_adapter: {path} does not fit {type(root).__name__}: "
                          f"LoRA layers without weights: [{_some_names(missing)}]; "
                          f"weights for no targeted layer: [{_some_names(unexpected)}]")
-    _check_weight_shapes(root, plan, weights, bool(config.get("use_dora", False)))
-
+    if adapter_name is not None:
+        multi.check_name(adapter_name)
+    use_dora, dropout, use_rslora = (bool(config.get("use_dora", False)), float(config.get("lora_dropout", 0.0)),
+                                     config.get("use_rslora", False))
+    had_lora = any(isinstance(m, LoRALinear) for m in root.modules())
+    with _adapter_of(root, adapter_name, "load_adapter") as holding:
+        _check_weight_shapes(root, plan, weights, use_dora, None if adapter_name is None else holding)
     existing = {n for n in plan if isinstance(root.get_submodule(n), (LoRALinear, LoRAMultiheadAttention))}
-    use_dora = bool(config.get("use_dora", False))
-    _inject_lora(root, {n: ra for n, ra in plan.items() if n not in existing}, config.get("lora_dropout", 0.0),
-                 config.get("use_rslora", False), use_dora)
-    with torch.no_grad():
+    _inject_lora(root, {n: ra for n, ra in plan.items() if n not in existing}, dropout, use_rslora, use_dora)
+    if adapter_name is not None:
+        for name, (r, alpha) in plan.items():
+            lora = root.get_submodule(name)
+            if name not in existing:
+                multi.rename(lora, lora.active_adapter, adapter_name)
+                if had_lora:
+                    lora.set_adapter(None)
+            elif adapter_name not in lora.adapter_names:
+                lora.add_adapter(adapter_name, r, alpha, dropout, use_rslora=use_rslora)
+    with _adapter_of(root, adapter_name, "load_adapter"), torch.no_grad():
         for name, (r, alpha) in plan.items():
             lora = root.get_submodule(name)
             parts = {name: lora}
             if isinstance(lora, LoRAMultiheadAttention):  # no dropout there (PEFT merges it per call)
                 parts[f"{name}.base_layer.out_proj"] = lora.base_layer.out_proj
             else:
-                lora.dropout = float(config.get("lora_dropout", 0.0))
+                lora.dropout = dropout
             for part_name, part in parts.items():
-                part.alpha, part.use_rslora = alpha, config.get("use_rslora", False)
+                part.alpha, part.use_rslora = alpha, use_rslora
                 part.lora_A.copy_(weights[part_name]["lora_A"])
                 part.lora_B.copy_(weights[part_name]["lora_B"])
             if use_dora:
                 lora.lora_magnitude_vector.copy_(weights[name]["magnitude"])
-    _freeze_all_but(model, _lora_parameters(model))
+    _freeze_all_but(model, _lora_parameters(model) + [p for m in root.modules() if isinstance(m, LoRALinear)
+                                                       for p in multi.all_parameters(m)])
     return model
 
 
-def _check_weight_shapes(root: nn.Module, plan: dict, weights: dict, use_dora: bool = False) -> None:
+def _check_weight_shapes(root: nn.Module, plan: dict, weights: dict, use_dora: bool = False,
+                         holding=None) -> None:
     """Each layer needs lora_A [r, in] and lora_B [out, r] (and, for DoRA, lora_magnitude_vector [out]);
-    a LoRALinear already there fixes r itself, and must be DoRA exactly when the adapter is."""
+    a LoRALinear already there fixes r itself (when it holds the adapter: ``holding`` None or
+    among the {name: layer} that do), and must be DoRA exactly when the adapter is."""
     problems = []
     for name, (r, _) in plan.items():
         module = root.get_submodule(name)
@@ -205,7 +252,8 @@ def _check_weight_shapes(root: nn.Module, plan: dict, weights: dict, use_dora: b
             if module.use_dora != use_dora:
                 problems.append(f"{name} is a LoRALinear with use_dora={module.use_dora}, the adapter has "
                                 f"use_dora={use_dora}")
-            r = module.r
+            if holding is None or name in holding:
+                r = module.r
         elif not _is_linear(module):
             raise TypeError(f"load_adapter: target '{name}' is a {type(module).__name__}, not nn.Linear/Conv1D")
         in_f, out_f = _in_out_features(module)

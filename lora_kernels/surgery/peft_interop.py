@@ -3,15 +3,17 @@ own save/merge/unload methods and adapter switches keep working on the result.""
 import contextlib
 import functools
 import math
+import os
 import warnings
 
 import torch
 from torch import nn
 
-from ..nn import LoRALinear
+from ..nn import LoRALinear, multi
 from ..nn.lora import _is_conv1d
 from ._common import _import_optional, _in_out_features, _is_linear, _set_submodule
 from .mha import LoRAMultiheadAttention, lora_layers
+from .batching import adapter_batch
 from .peft_format import save_adapter
 
 
@@ -40,7 +42,9 @@ def _alpha_for_scaling(r: int, alpha: float, use_rslora: bool, scaling: float, n
 
 
 def _lora_from_peft_layer(name: str, layer: nn.Module):
-    """A LoRALinear sharing ``layer``'s tensors, or None when its active adapter does not touch it."""
+    """A LoRALinear sharing ``layer``'s tensors, all its adapters (the active one first, and
+    active; a layer the active adapter does not touch gets none active, as in PEFT), or None
+    for an nn.MultiheadAttention the active adapter does not touch."""
     active = list(layer.active_adapters)
     if len(active) != 1:
         raise ValueError(f"{name}: from_peft converts exactly one active adapter, this layer has {active}")
@@ -50,44 +54,71 @@ def _lora_from_peft_layer(name: str, layer: nn.Module):
     if not (_is_linear(base) or mha):
         raise TypeError(f"{name}: PEFT LoRA on {type(base).__name__} is not supported by from_peft; "
                         f"only nn.Linear, transformers Conv1D and nn.MultiheadAttention base layers are")
-    if adapter not in layer.lora_A:
+    held = list(layer.lora_A)
+    if not held or (mha and adapter not in held):
         return None
+    if layer.merged:
+        raise ValueError(f"{name}: the PEFT adapter is merged; unmerge it before from_peft")
+    inactive = adapter not in held  # the layer gives its base output until set_adapter picks one it holds
+    adapter = held[0] if inactive else adapter
+    others = [a for a in held if a != adapter]
+    if mha:
+        if others:
+            raise ValueError(f"{name}: LoRA on nn.MultiheadAttention with several adapters ({[adapter] + others}) "
+                             f"is not supported by from_peft (one adapter there)")
+        _adapter_tensors(name, layer, adapter)  # the same checks
+        return _mha_from_peft_layer(name, layer, adapter)
+    A, B, magnitude, settings = _adapter_tensors(name, layer, adapter)
+    in_f, out_f = _in_out_features(base)
+    use_dora = magnitude is not None
+    lora = LoRALinear(in_f, out_f, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"], bias=False,
+                      use_rslora=settings["use_rslora"], fan_in_fan_out=_is_conv1d(base), use_dora=use_dora,
+                      device="meta", dtype=base.weight.dtype)
+    multi.rename(lora, "default", adapter)
+    # The very same Parameter objects: optimizer state and requires_grad flags carry over.
+    lora.weight, lora.bias, lora.lora_A, lora.lora_B = base.weight, base.bias, A, B
+    if use_dora:
+        lora.lora_magnitude_vector = magnitude
+    for other in others:
+        A, B, magnitude, settings = _adapter_tensors(name, layer, other)
+        if (magnitude is not None) != use_dora:
+            raise ValueError(f"{name}: adapters {adapter!r} and {other!r} differ in use_dora; one LoRALinear "
+                             f"holds DoRA adapters only or plain LoRA adapters only")
+        multi.adopt(lora, other, A, B, magnitude, **settings)
+    lora.train(layer.lora_dropout[adapter].training)  # PEFT's dropout module decides whether its dropout is active
+    lora.enable_adapters(not layer.disable_adapters)
+    if inactive:
+        lora.set_adapter(None)
+    return lora
+
+
+def _adapter_tensors(name: str, layer: nn.Module, adapter: str):
+    """(lora_A, lora_B, DoRA magnitude or None, settings) of one PEFT adapter, checked; the
+    settings' alpha reproduces PEFT's scaling bit for bit."""
+    base = layer.base_layer
     variant = getattr(layer, "lora_variant", {}).get(adapter)
     use_dora = bool(getattr(layer, "use_dora", {}).get(adapter, False))
     if variant is not None and not (use_dora and type(variant).__name__ == "DoraLinearVariant"):
         raise ValueError(f"{name}: LoRA variant {type(variant).__name__} is not supported by from_peft "
                          "(plain LoRA and DoRA on Linear/Conv1D only)")
     magnitude = layer.lora_magnitude_vector[adapter].weight if use_dora else None
-    if layer.merged:
-        raise ValueError(f"{name}: the PEFT adapter is merged; unmerge it before from_peft")
     lin_A, lin_B = layer.lora_A[adapter], layer.lora_B[adapter]
     if not isinstance(lin_A, nn.Linear) or lin_A.bias is not None or lin_B.bias is not None:
         raise ValueError(f"{name}: only bias-free nn.Linear lora_A/lora_B are supported (lora_bias=False)")
-    if mha:
-        return _mha_from_peft_layer(name, layer, adapter)
     drop = layer.lora_dropout[adapter]
     if not isinstance(drop, (nn.Dropout, nn.Identity)):
         raise TypeError(f"{name}: unsupported lora_dropout module {type(drop).__name__}")
-    w, A, B = base.weight, lin_A.weight, lin_B.weight
+    w = base.in_proj_weight if isinstance(base, nn.MultiheadAttention) else base.weight
+    A, B = lin_A.weight, lin_B.weight
     if any((t.dtype, t.device) != (w.dtype, w.device) for t in (A, B) + ((magnitude,) if use_dora else ())):
         raise ValueError(f"{name}: LoRA weights are {A.dtype} on {A.device} but the base weight is {w.dtype} on "
                          f"{w.device}; the fused layer needs one dtype (create the PEFT model with "
                          f"autocast_adapter_dtype=False, or cast the model)")
-
     r, use_rslora = layer.r[adapter], bool(layer.use_rslora.get(adapter, False))
-    in_f, out_f = _in_out_features(base)
-    lora = LoRALinear(in_f, out_f, r=r, alpha=layer.lora_alpha[adapter],
-                      dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0, bias=False,
-                      use_rslora=use_rslora, fan_in_fan_out=_is_conv1d(base), use_dora=use_dora, device="meta",
-                      dtype=w.dtype)
-    lora.alpha = _alpha_for_scaling(r, lora.alpha, use_rslora, layer.scaling[adapter], name)
-    # The very same Parameter objects: optimizer state and requires_grad flags carry over.
-    lora.weight, lora.bias, lora.lora_A, lora.lora_B = w, base.bias, A, B
-    if use_dora:
-        lora.lora_magnitude_vector = magnitude
-    lora.train(drop.training)  # PEFT's dropout module decides whether its dropout is active
-    lora.enable_adapters(not layer.disable_adapters)
-    return lora
+    alpha = _alpha_for_scaling(r, layer.lora_alpha[adapter], use_rslora, layer.scaling[adapter], name)
+    settings = {"r": r, "alpha": alpha, "dropout": drop.p if isinstance(drop, nn.Dropout) else 0.0,
+                "use_rslora": use_rslora}
+    return A, B, magnitude, settings
 
 
 def _mha_from_peft_layer(name: str, layer: nn.Module, adapter: str) -> LoRAMultiheadAttention:
@@ -104,27 +135,30 @@ def _mha_from_peft_layer(name: str, layer: nn.Module, adapter: str) -> LoRAMulti
     lora.alpha = _alpha_for_scaling(r, lora.alpha, use_rslora, layer.scaling[adapter], name)
     lora.lora_A, lora.lora_B = A, B
     lora.disable_adapters = bool(layer.disable_adapters)
+    lora._peft_adapter = adapter  # the only adapter from_peft converts there (set_adapter checks it)
     return lora.train(layer.training)
 
 
 def from_peft(peft_model: nn.Module) -> nn.Module:
     """Swap each PEFT LoRA layer (Linear / Conv1D base) for a ``LoRALinear`` sharing its tensors.
 
-    Outputs and gradients are those of the PEFT model; the active adapter is converted (layers
-    it does not touch are left as they are). Works in place on a ``PeftModel`` and returns it.
+    Outputs and gradients are those of the PEFT model. Every adapter of each layer is converted
+    (the active one active; one LoRALinear holds plain LoRA adapters or DoRA ones, not both;
+    an nn.MultiheadAttention only its one adapter). Works in place on a ``PeftModel`` and returns it.
 
     PEFT's own ``save_pretrained``, ``merge_and_unload`` and ``unload`` look for PEFT layers and,
     finding none, would write an empty adapter, or hand back a model still holding (unmerged)
     ``LoRALinear``s whose update a plain checkpoint loses, without a word. So on the returned
-    model ``save_pretrained`` writes through ``save_adapter`` (PEFT's format), and
-    ``merge_and_unload`` / ``unload`` fold in (or drop) each update and put back plain
-    ``nn.Linear`` / ``Conv1D`` layers holding the same weight and bias.
+    model ``save_pretrained`` writes through ``save_adapter`` (PEFT's format and directory layout,
+    one folder per adapter), and ``merge_and_unload`` / ``unload`` fold in (or drop) each active
+    update and put back plain ``nn.Linear`` / ``Conv1D`` layers holding the same weight and bias.
 
     PEFT's switches act on PEFT's layers only and, finding none, raise "No adapter layers found"
     or do nothing; so ``disable_adapter()`` (context manager), ``disable_adapter_layers()`` /
-    ``enable_adapter_layers()``, ``merge_adapter()`` / ``unmerge_adapter()`` and
-    ``set_adapter(name)`` are routed to the ``LoRALinear`` layers too, with PEFT's outputs.
-    Only the adapter that was active is converted: ``set_adapter`` to another raises.
+    ``enable_adapter_layers()``, ``merge_adapter()`` / ``unmerge_adapter()``,
+    ``set_adapter(name)`` and ``delete_adapter(name)`` are routed to the ``LoRALinear`` layers too, with PEFT's outputs; and
+    PEFT's mixed batches, ``peft_model(..., adapter_names=[...])`` and ``generate(...,
+    adapter_names=...)``, run through ``lk.adapter_batch`` (in training mode too, which PEFT refuses).
     """
     # Without peft there is no PEFT model; say how to install it rather than "no LoRA layer found".
     _import_optional("peft", "from_peft")
@@ -138,7 +172,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     converted = [m for (_, m), (_, lora) in zip(layers, replacements) if lora is not None]
     if converted:
         _route_peft_methods(peft_model)
-        _route_peft_switches(peft_model, converted[0].active_adapters[0])
+        _route_peft_switches(peft_model)
     return peft_model
 
 
@@ -155,12 +189,24 @@ def _route_peft_methods(peft_model: nn.Module) -> None:
             owner.unload = functools.partial(_unload, peft_model, lora_model, False)
 
 
-def _save_pretrained(peft_model, save_directory, *_args, is_main_process=True, **_kwargs):
-    """``PeftModel.save_pretrained`` after ``from_peft``: the LoRALinear layers in PEFT's format.
-    Options about PEFT's own layers (selected adapters, embedding layers) have nothing to act on."""
-    if is_main_process:
-        config = next(iter(getattr(peft_model, "peft_config", {}).values()), None)
+def _save_pretrained(peft_model, save_directory, *_args, is_main_process=True, selected_adapters=None, **_kwargs):
+    """``PeftModel.save_pretrained`` after ``from_peft``: the LoRALinear layers in PEFT's format,
+    each adapter where PEFT puts it (``default`` in save_directory, adapter ``a`` in
+    ``save_directory/a``). Options about PEFT's own layers (embedding layers) have nothing to act on."""
+    if not is_main_process:
+        return
+    configs = getattr(peft_model, "peft_config", {})
+    if len(configs) <= 1:
+        config = next(iter(configs.values()), None)
         save_adapter(peft_model, save_directory, getattr(config, "base_model_name_or_path", None))
+        return
+    held = {a for m in _loras(peft_model) if isinstance(m, LoRALinear) for a in m.adapter_names}
+    for name in (selected_adapters or list(configs)):
+        if name not in configs:
+            raise ValueError(f"save_pretrained: unknown adapter {name!r}; the model has {list(configs)}")
+        if name in held:
+            path = save_directory if name == "default" else os.path.join(save_directory, name)
+            save_adapter(peft_model, path, configs[name].base_model_name_or_path, adapter_name=name)
 
 
 def _unload(peft_model, lora_model, merge: bool, *_args, **_kwargs) -> nn.Module:
@@ -195,20 +241,25 @@ def _base_layer(lora: LoRALinear) -> nn.Module:
 
 # --------------------------------------------------------------------------- PEFT's switches
 
-def _route_peft_switches(peft_model: nn.Module, adapter: str) -> None:
+def _route_peft_switches(peft_model: nn.Module) -> None:
     """PEFT's adapter switches as instance attributes of the LoraModel (PeftModel forwards its
-    merge/enable/... calls there) and of the PeftModel (``disable_adapter``, ``set_adapter``)."""
+    merge/enable/... calls there) and of the PeftModel (``disable_adapter``, ``set_adapter``),
+    and PEFT's ``adapter_names=`` (its forward-hook context) routed to ``adapter_batch``."""
     lora_model = getattr(peft_model, "base_model", None)
     if not all(callable(getattr(lora_model, m, None)) for m in
                ("enable_adapter_layers", "disable_adapter_layers", "merge_adapter", "unmerge_adapter", "set_adapter")):
         return
     lora_model.enable_adapter_layers = functools.partial(_enable_layers, peft_model, lora_model, True)
     lora_model.disable_adapter_layers = functools.partial(_enable_layers, peft_model, lora_model, False)
-    lora_model.merge_adapter = functools.partial(_merge_adapter, peft_model, lora_model, adapter)
+    lora_model.merge_adapter = functools.partial(_merge_adapter, peft_model, lora_model)
     lora_model.unmerge_adapter = functools.partial(_unmerge_adapter, peft_model, lora_model)
-    lora_model.set_adapter = functools.partial(_set_adapter, peft_model, lora_model, adapter)
+    lora_model.set_adapter = functools.partial(_set_adapter, peft_model, lora_model)
+    if callable(getattr(lora_model, "delete_adapter", None)):
+        lora_model.delete_adapter = functools.partial(_delete_adapter, peft_model, lora_model)
     if callable(getattr(peft_model, "disable_adapter", None)) and peft_model is not lora_model:
         peft_model.disable_adapter = functools.partial(_disable_adapter, peft_model, lora_model)
+    if callable(getattr(lora_model, "_enable_peft_forward_hooks", None)):
+        lora_model._enable_peft_forward_hooks = functools.partial(_forward_hooks, peft_model, lora_model)
 
 
 def _loras(peft_model) -> list:
@@ -244,15 +295,22 @@ def _disable_adapter(peft_model, lora_model):
         peft_model._adapters_disabled = was_disabled
 
 
-def _merge_adapter(peft_model, lora_model, adapter, adapter_names=None, safe_merge=False) -> None:
+def _active(lora_model) -> str:
+    active = lora_model.active_adapter
+    return active if isinstance(active, str) else active[0]
+
+
+def _merge_adapter(peft_model, lora_model, adapter_names=None, safe_merge=False) -> None:
+    adapter = _active(lora_model)
     if adapter_names is not None and list(adapter_names) != [adapter]:
-        raise ValueError(f"merge_adapter(adapter_names={adapter_names!r}): after from_peft the model holds "
-                         f"only adapter {adapter!r}")
+        raise ValueError(f"merge_adapter(adapter_names={adapter_names!r}): after from_peft the model merges "
+                         f"only adapter {adapter!r}, the active one")
     getattr(lora_model, "_check_merge_allowed", lambda: None)()
     loras = [m for m in _loras(peft_model) if not m.merged]
     if safe_merge:
         for lora in loras:
-            if not torch.isfinite(lora.base_weight().float() + lora.delta_weight()).all():
+            if getattr(lora, "active_adapter", adapter) is not None and not torch.isfinite(
+                    lora.base_weight().float() + lora.delta_weight()).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
     for lora in loras:
         lora.merge()
@@ -267,17 +325,114 @@ def _unmerge_adapter(peft_model, lora_model) -> None:
         type(lora_model).unmerge_adapter(lora_model)
 
 
-def _set_adapter(peft_model, lora_model, adapter, adapter_name, inference_mode=False) -> None:
+def _set_adapter(peft_model, lora_model, adapter_name, inference_mode=False) -> None:
+    """PEFT's ``set_adapter``: each LoRALinear holding the adapter runs it (with its tensors
+    trainable unless ``inference_mode``, the other adapters' frozen, as PEFT does); a layer
+    without it gives its base output. Several active adapters at once are not supported."""
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-    if names != [adapter]:
-        raise ValueError(f"set_adapter({adapter_name!r}): from_peft converted only the adapter that was active, "
-                         f"{adapter!r}, and the model holds no other; call set_adapter before from_peft")
+    if len(names) != 1:
+        raise ValueError(f"set_adapter({adapter_name!r}): after from_peft one adapter is active at a time")
+    name = names[0]
+    configs = getattr(peft_model, "peft_config", {})
+    if configs and name not in configs:
+        raise ValueError(f"set_adapter({name!r}): the model holds no such adapter (from_peft converted "
+                         f"only the adapter that was active and those loaded beside it: {list(configs)})")
     loras = _loras(peft_model)
+    for mha in (m for m in loras if isinstance(m, LoRAMultiheadAttention)):
+        if name != mha.__dict__.get("_peft_adapter", name):
+            raise ValueError(f"set_adapter({name!r}): the model has LoRA on nn.MultiheadAttention, converted with "
+                             f"adapter {mha._peft_adapter!r} only")
     if any(m.merged for m in loras):
         warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
     for lora in loras:
         lora.unmerge()
-        trainable = (lora.lora_A, lora.lora_B) + ((lora.lora_magnitude_vector,) if getattr(lora, "use_dora", False) else ())
-        for p in trainable:
-            p.requires_grad_(not inference_mode)
+        if isinstance(lora, LoRAMultiheadAttention):
+            held = {name: (lora.lora_A, lora.lora_B)}
+        else:
+            lora.set_adapter(name if name in lora.adapter_names else None)
+            held = {a: multi.adapter_parameters(lora, a) for a in lora.adapter_names}
+        for a, params in held.items():
+            for p in params:
+                p.requires_grad_(a == name and not inference_mode)
     type(lora_model).set_adapter(lora_model, adapter_name, inference_mode=inference_mode)
+
+
+def _delete_adapter(peft_model, lora_model, adapter_name: str) -> None:
+    """PEFT's ``delete_adapter``: the adapter leaves every LoRALinear (a layer left with none
+    becomes its base layer again); if it was active, the first remaining adapter (sorted, as
+    PEFT picks it) becomes active everywhere."""
+    configs = getattr(lora_model, "peft_config", {})
+    if adapter_name not in configs:
+        raise ValueError(f"Adapter {adapter_name} does not exist")
+    if any(getattr(m, "_peft_adapter", None) == adapter_name for m in _loras(peft_model)):
+        raise ValueError(f"delete_adapter({adapter_name!r}): it is the adapter of a LoRA on nn.MultiheadAttention, "
+                         f"which cannot be left without one; use unload()")
+    holding = [(name, m) for name, m in peft_model.named_modules()
+               if isinstance(m, LoRALinear) and adapter_name in m.adapter_names]
+    if any(m.merged and m.active_adapter == adapter_name for _, m in holding):
+        raise ValueError(f"Cannot delete adapter {adapter_name!r}: it is merged; call unmerge_adapter() first")
+    was_active = _active(lora_model) == adapter_name
+    for name, lora in holding:
+        if lora.adapter_names == [adapter_name]:
+            lora.unmerge()
+            _set_submodule(peft_model, name, _base_layer(lora))
+        else:
+            lora.delete_adapter(adapter_name)
+    type(lora_model).delete_adapter(lora_model, adapter_name)  # the config, and PEFT layers from_peft left alone
+    remaining = sorted(configs)
+    if was_active and remaining:
+        warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                      f"{remaining[0]}.")
+        _set_adapter(peft_model, lora_model, remaining[0])
+
+
+@contextlib.contextmanager
+def _forward_hooks(peft_model, lora_model, *args, **kwargs):
+    """PEFT's ``adapter_names=[...]`` (forward, generate) as ``adapter_batch`` over the LoRALinear
+    layers; PEFT's ``"__base__"`` is None there. Unlike PEFT this also runs in training mode.
+    Beam search repeats each sample ``num_beams`` times, so each name is repeated as PEFT does."""
+    adapter_names = kwargs.pop("adapter_names", None)
+    if adapter_names is None:
+        with type(lora_model)._enable_peft_forward_hooks(lora_model, *args, **kwargs):
+            yield
+        return
+    configs = getattr(peft_model, "peft_config", {})
+    unknown = sorted({n for n in adapter_names if n != "__base__"} - set(configs))
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+    per_sample, beams = list(adapter_names), kwargs.get("num_beams")
+    if isinstance(beams, int) and beams > 1:
+        adapter_names = [n for n in adapter_names for _ in range(beams)]
+    # PEFT layers from_peft left alone (the active adapter does not touch them) get PEFT's own hook.
+    handles = [m.register_forward_pre_hook(functools.partial(_names_hook, names=list(adapter_names)),
+                                           with_kwargs=True)
+               for m in peft_model.modules() if _is_peft_lora_layer(m)]
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(adapter_batch(peft_model, _held_or_none(peft_model, adapter_names)))
+            encoder = _encoder(lora_model)
+            if adapter_names != per_sample and encoder is not None and any(
+                    isinstance(m, LoRALinear) for m in encoder.modules()):
+                # An encoder runs on the samples before beam search repeats them (PEFT's rule too).
+                stack.enter_context(adapter_batch(encoder, _held_or_none(encoder, per_sample)))
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _held_or_none(model: nn.Module, names: list) -> list:
+    """PEFT's names for adapter_batch: None for "__base__" and for adapters no LoRALinear of model holds."""
+    held = {a for m in model.modules() if isinstance(m, LoRALinear) for a in m.adapter_names}
+    return [n if n in held else None for n in names]
+
+
+def _encoder(lora_model):
+    model = getattr(lora_model, "model", None)
+    encoder = model.get_encoder() if callable(getattr(model, "get_encoder", None)) else None
+    return None if encoder is model else encoder
+
+
+def _names_hook(_module, args, kwargs, names):
+    kwargs["adapter_names"] = names
+    return args, kwargs
