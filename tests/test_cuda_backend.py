@@ -360,3 +360,73 @@ def test_overlapping_rows_of_x(dtype):
             ref_grads = torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))
             for got, want in zip((out, *grads), (ref, *ref_grads)):
                 assert rel_err(got, want) <= tolerance(dtype)
+
+
+# ---- with a GPU: the one-pass norm backward (dx and the dγ/dβ partials from one read of g, x) ----
+
+# (dtype, M, N) -> the path csrc/kernels/norm_common.cuh's fused_launch picks (V = 16 / element
+# size on the aligned path, 1 when N % V != 0; packs per thread p; tx threads per row, ty rows):
+NORM_PATHS = [
+    (torch.float32, 5000, 64, "one pass, V=4 p=1 tx=32 ty=8: 313 blocks of 16 rows, lanes added in smem"),
+    (torch.bfloat16, 37, 129, "one pass, scalar p=1 tx=256 ty=1"),
+    (torch.float16, 1, 37, "one pass, scalar p=1 tx=64 ty=4, one row"),
+    (torch.float32, 300, 3000, "one pass, V=4 p=2 tx=512"),
+    (torch.float32, 300, 6000, "one pass, V=4 p=4 tx=512"),
+    (torch.bfloat16, 300, 777, "one pass, scalar p=2 tx=512"),
+    (torch.float16, 300, 1999, "one pass, scalar p=4 tx=512"),
+    (torch.bfloat16, 3000, 8192, "one pass, V=8 p=2 tx=512: 188 blocks of 16 rows"),
+    (torch.float32, 300, 8196, "two passes + column-tiled partials: 2049 vectors > 512·4"),
+    (torch.bfloat16, 300, 8200, "two passes + column-tiled partials: 1025 vectors > 512·2"),
+    (torch.float64, 300, 2049, "two passes + column-tiled partials: scalar, 2049 > 512·4"),
+]
+# (need_dx, need_dw, need_db): all; dx alone (no partials); partials alone (column-tiled kernel);
+# one of dγ/dβ with dx (the other partial pointer null).
+NORM_GRADS = [(True, True, True), (True, False, False), (False, True, True), (True, True, False), (True, False, True)]
+
+
+def _norm_case(dtype, m, n):
+    x = randn(m, n, dtype=dtype, scale=2.0) + 3.0
+    return x, randn(n, dtype=dtype), randn(n, dtype=dtype), randn(m, n, dtype=dtype)
+
+
+def _check_norm_grads(got, want, dtype, needs, what):
+    for name, need, a, b in zip(("dx", "dw", "db"), needs, got, want):
+        if need:
+            assert a.dtype == dtype, f"{what} {name}: {a.dtype}"
+            err = rel_err(a, b)
+            assert err <= tolerance(dtype), f"{what} {name}: relative error {err:.2e} > {tolerance(dtype):.0e}"
+        else:
+            assert a.numel() == 0, f"{what} {name} was not asked for, got shape {tuple(a.shape)}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("needs", NORM_GRADS, ids=str)
+@pytest.mark.parametrize("dtype,m,n,path", NORM_PATHS, ids=[f"{d}-{m}x{n}" for d, m, n, _ in NORM_PATHS])
+def test_layer_norm_backward_paths(dtype, m, n, path, needs):
+    from lora_kernels.reference.layer_norm import layer_norm as spec
+    lib = torch.ops.lora_kernels
+    x, w, b, g = _norm_case(dtype, m, n)
+    _, mean, rstd = lib.layer_norm_fwd_cuda(x, w, b, 1e-5)
+    got = lib.layer_norm_bwd_cuda(g, x, w, mean, rstd, *needs)
+    leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    want = torch.autograd.grad(spec(*leaves, 1e-5), leaves, g.double())
+    _check_norm_grads(got, want, dtype, needs, f"layer_norm {m}x{n} {dtype} ({path})")
+    again = lib.layer_norm_bwd_cuda(g, x, w, mean, rstd, *needs)
+    assert all(torch.equal(a, c) for a, c in zip(got, again)), f"{path}: not bitwise reproducible"
+
+
+@needs_cuda
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=str)
+@pytest.mark.parametrize("dtype,m,n,path", NORM_PATHS, ids=[f"{d}-{m}x{n}" for d, m, n, _ in NORM_PATHS])
+def test_rms_norm_backward_paths(dtype, m, n, path, needs):
+    from lora_kernels.reference.rms_norm import rms_norm as spec
+    lib = torch.ops.lora_kernels
+    x, w, _, g = _norm_case(dtype, m, n)
+    offset = 1.0  # Gemma's: s = 1 + γ, so a wrong offset in the one-pass kernel shows
+    _, rstd = lib.rms_norm_fwd_cuda(x, w, 1e-6, offset, True)
+    got = lib.rms_norm_bwd_cuda(g, x, w, rstd, offset, *needs)
+    leaves = [t.double().requires_grad_() for t in (x, w)]
+    want = torch.autograd.grad(spec(*leaves, 1e-6, offset), leaves, g.double())
+    _check_norm_grads(got, want, dtype, needs, f"rms_norm {m}x{n} {dtype} ({path})")
+    again = lib.rms_norm_bwd_cuda(g, x, w, rstd, offset, *needs)
+    assert all(torch.equal(a, c) for a, c in zip(got, again)), f"{path}: not bitwise reproducible"

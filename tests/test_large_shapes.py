@@ -66,7 +66,8 @@ def test_adapter_large(backend, dtype):
 @pytest.mark.parametrize("backend", gpu_backends(layer_norm_op.IMPLS))
 @pytest.mark.parametrize("dtype", LARGE_DTYPES, ids=str)
 def test_layer_norm_large(backend, dtype):
-    # Many rows: the dγ/dβ partials run over thousands of row blocks before the fixed-order sum.
+    # Many rows: the one-pass backward (norm_common.cuh fused_launch; 257 is odd: scalar, 512
+    # threads a row) gives 256 blocks 274 rows each, whose dγ/dβ partials the fixed-order sum adds.
     m, width = 70000, 257
     args = [randn(m, width, requires_grad=True, scale=2.0), randn(width, requires_grad=True),
             randn(width, requires_grad=True)]
