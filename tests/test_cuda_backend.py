@@ -206,6 +206,7 @@ def test_launchers_accept_any_row_stride_of_x(tmp_path):
     # PTX only, for one virtual arch: the probe runs host code alone, so skip ptxas and sm_90.
     cmd = ["nvcc", "-std=c++17", "-O0", "-gencode", "arch=compute_80,code=compute_80", f"-I{kernels}",
            str(tmp_path / "probe.cu"), str(kernels / "layer_norm.cu"), str(kernels / "adapter.cu"),
+           str(kernels / "adapter_fused.cu"),
            "-o", str(tmp_path / "probe")]
     built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
@@ -430,3 +431,37 @@ def test_rms_norm_backward_paths(dtype, m, n, path, needs):
     _check_norm_grads(got, want, dtype, needs, f"rms_norm {m}x{n} {dtype} ({path})")
     again = lib.rms_norm_bwd_cuda(g, x, w, rstd, offset, *needs)
     assert all(torch.equal(a, c) for a, c in zip(got, again)), f"{path}: not bitwise reproducible"
+
+
+# ---- with a GPU: the single-pass adapter forward (adapter_fused.cu) and its fallback ----
+
+# (dtype, M, K, R, activation, path by adapter_fused.cu's launch arithmetic: layout() and
+# pick_rows(), with 227 KB of shared memory per block on H100/H200, 163 KB on A100). The backward
+# reads the h the forward saved, so the gradients check h too.
+ADAPTER_PATHS = [
+    (torch.bfloat16, 37, 129, 3, "gelu", "one pass, RP=16 BM=64 (70 KB smem) WMMA, scalar x loads (129 % 8)"),
+    (torch.float16, 1, 256, 16, "silu", "one pass, RP=16 WMMA, 16-byte x loads, one row; BM=64 (84 KB) on H100, 16 on A100"),
+    (torch.float32, 100, 256, 24, "gelu_tanh", "one pass, RP=32 BM=64 (129 KB) CUDA cores"),
+    (torch.bfloat16, 300, 768, 64, "relu", "one pass, RP=64 WMMA; BM=64 (184 KB) on H100, 16 on A100"),
+    (torch.float64, 50, 200, 40, "gelu", "one pass, RP=64 BM=16 CUDA cores (64 rows: 282 KB)"),
+    (torch.bfloat16, 64, 1600, 8, "gelu", "one pass, RP=16 BM=16 (64 rows: 252 KB)"),
+    (torch.bfloat16, 40, 8192, 8, "silu", "two GEMMs: even a 16-row x tile takes 278 KB"),
+    (torch.float32, 40, 96, 65, "gelu", "two GEMMs: R = 65 > 64"),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,m,k,r,activation,path", ADAPTER_PATHS,
+                         ids=[f"{d}-{m}x{k}-r{r}" for d, m, k, r, *_ in ADAPTER_PATHS])
+def test_adapter_forward_paths(dtype, m, k, r, activation, path):
+    from conftest import check_against_reference
+    args = [randn(m, k, requires_grad=True), randn(r, k, requires_grad=True, scale=k**-0.5),
+            randn(r, requires_grad=True), randn(k, r, requires_grad=True, scale=r**-0.5), randn(k, requires_grad=True)]
+    with lk.use_backend("cuda"):
+        check_against_reference(lambda *a: lk.adapter(*a, activation=activation, scale=0.7),
+                                lambda *a: ref_adapter.adapter(*a, activation, 0.7), args, dtype,
+                                f"adapter {m}x{k} r={r} {activation} ({path})")
+        x = randn(m, k, dtype=dtype)
+        w = [a.detach().to(dtype) for a in args[1:]]
+        once, again = (lk.adapter(x, *w, activation=activation, scale=0.7) for _ in range(2))
+    assert torch.equal(once, again), f"{path}: not bitwise reproducible"
