@@ -465,3 +465,34 @@ def test_adapter_forward_paths(dtype, m, k, r, activation, path):
         w = [a.detach().to(dtype) for a in args[1:]]
         once, again = (lk.adapter(x, *w, activation=activation, scale=0.7) for _ in range(2))
     assert torch.equal(once, again), f"{path}: not bitwise reproducible"
+
+
+# ---- with a GPU: the one-launch LoRA forward (lora_fused.cu) and the cases it leaves to lora.cu ----
+
+# (dtype, M, K, N, R, path by lora_fwd_fused's rule: 16-bit, no dropout, >= 264 64×64 tiles,
+# R <= 16 or a single column tile). The backward reads the u the forward saved. With dropout
+# lora.cu always takes two launches (the op tests cover it).
+LORA_PATHS = [
+    (torch.bfloat16, 1100, 129, 1000, 16, "one launch, RP=16: 18·16 = 288 tiles"),
+    (torch.float16, 17000, 72, 60, 40, "one launch, RP=64: 266 row tiles, one column tile"),
+    (torch.bfloat16, 17000, 40, 64, 24, "one launch, RP=32: one column tile"),
+    (torch.float16, 1100, 129, 1000, 24, "two launches: R > 16 and 16 column tiles"),
+    (torch.bfloat16, 300, 129, 1000, 16, "two launches: 5·16 = 80 tiles < 264"),
+    (torch.float32, 1100, 129, 1000, 16, "two launches: fp32"),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,m,k,n,r,path", LORA_PATHS,
+                         ids=[f"{d}-{m}x{k}-{n}-r{r}" for d, m, k, n, r, _ in LORA_PATHS])
+def test_lora_forward_paths(dtype, m, k, n, r, path):
+    from conftest import check_against_reference
+    from lora_kernels.reference import lora as ref_lora
+    args = [randn(m, k, requires_grad=True), randn(n, k, scale=k**-0.5), randn(n),
+            randn(r, k, requires_grad=True, scale=k**-0.5), randn(n, r, requires_grad=True, scale=r**-0.5)]
+    with lk.use_backend("cuda"):
+        check_against_reference(lambda *a: lk.lora_linear(*a, scaling=0.75),
+                                lambda *a: ref_lora.lora_linear(*a, 0.75), args, dtype, f"lora ({path})")
+        low = [a.detach().to(dtype) for a in args]
+        once, again = (lk.lora_linear(*low, scaling=0.75) for _ in range(2))
+    assert torch.equal(once, again), f"{path}: not bitwise reproducible"
