@@ -180,17 +180,20 @@ STRIDE_PROBE = r"""
 #include <cstdio>
 #include "adapter.cuh"
 #include "layer_norm.cuh"
+#include "rms_norm.cuh"
 template <typename T> T* fake(size_t i) { return reinterpret_cast<T*>(static_cast<uintptr_t>(0x1000000 * (i + 1))); }
 int main() {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) { std::printf("gpu\n"); return 0; }
   const int64_t M = 4, K = 8, R = 2;
   for (int64_t ld : {int64_t(0), K, int64_t(-1)}) {
-    std::printf("%lld %d %d %d %d\n", static_cast<long long>(ld),
+    std::printf("%lld %d %d %d %d %d %d\n", static_cast<long long>(ld),
       int(lk::layer_norm_fwd<float>(fake<float>(0), ld, nullptr, nullptr, fake<float>(1), fake<float>(2), fake<float>(3), M, K, 1e-5, nullptr)),
       int(lk::layer_norm_bwd<float>(fake<float>(0), fake<float>(1), ld, nullptr, fake<float>(2), fake<float>(3), fake<float>(4), fake<float>(5), fake<float>(6), fake<char>(7), M, K, nullptr)),
       int(lk::adapter_fwd<float>(fake<float>(0), ld, fake<float>(1), nullptr, fake<float>(2), nullptr, fake<float>(3), fake<float>(4), M, K, R, lk::Activation::gelu, 1.0, nullptr)),
-      int(lk::adapter_bwd<float>(fake<float>(0), fake<float>(1), ld, fake<float>(2), fake<float>(3), fake<float>(4), fake<float>(5), fake<float>(6), fake<float>(7), fake<float>(8), fake<float>(9), fake<char>(10), M, K, R, lk::Activation::gelu, 1.0, nullptr)));
+      int(lk::adapter_bwd<float>(fake<float>(0), fake<float>(1), ld, fake<float>(2), fake<float>(3), fake<float>(4), fake<float>(5), fake<float>(6), fake<float>(7), fake<float>(8), fake<float>(9), fake<char>(10), M, K, R, lk::Activation::gelu, 1.0, nullptr)),
+      int(lk::rms_norm_fwd<float>(fake<float>(0), ld, nullptr, fake<float>(1), fake<float>(2), M, K, 1e-6, 0.0, nullptr)),
+      int(lk::rms_norm_bwd<float>(fake<float>(0), fake<float>(1), ld, nullptr, fake<float>(2), fake<float>(3), nullptr, nullptr, M, K, 0.0, nullptr)));
   }
   return 0;
 }
@@ -199,14 +202,14 @@ int main() {
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to compile the launchers for the host")
 def test_launchers_accept_any_row_stride_of_x(tmp_path):
-    """LayerNorm and adapter launchers read x through any row stride >= 0: a stride below the width
+    """LayerNorm, RMSNorm and adapter launchers read x through any row stride >= 0: a stride below the width
     (x.expand(M, K), overlapping views) is valid input, not cudaErrorInvalidValue (issue 18)."""
     (tmp_path / "probe.cu").write_text(STRIDE_PROBE)
     kernels = ROOT / "csrc" / "kernels"
     # PTX only, for one virtual arch: the probe runs host code alone, so skip ptxas and sm_90.
     cmd = ["nvcc", "-std=c++17", "-O0", "-gencode", "arch=compute_80,code=compute_80", f"-I{kernels}",
            str(tmp_path / "probe.cu"), str(kernels / "layer_norm.cu"), str(kernels / "adapter.cu"),
-           str(kernels / "adapter_fused.cu"),
+           str(kernels / "adapter_fused.cu"), str(kernels / "rms_norm.cu"),
            "-o", str(tmp_path / "probe")]
     built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
@@ -216,8 +219,8 @@ def test_launchers_accept_any_row_stride_of_x(tmp_path):
         pytest.skip("a GPU is visible: the probe's fake pointers must not reach it (the GPU tests cover this)")
     codes = {int(line.split()[0]): line.split()[1:] for line in ran.stdout.splitlines()}
     invalid = "1"  # cudaErrorInvalidValue
-    names = ("layer_norm_fwd", "layer_norm_bwd", "adapter_fwd", "adapter_bwd")
-    assert codes[-1] == [invalid] * 4, f"a negative stride must be refused: {dict(zip(names, codes[-1]))}"
+    names = ("layer_norm_fwd", "layer_norm_bwd", "adapter_fwd", "adapter_bwd", "rms_norm_fwd", "rms_norm_bwd")
+    assert codes[-1] == [invalid] * 6, f"a negative stride must be refused: {dict(zip(names, codes[-1]))}"
     assert invalid not in codes[8], f"the probe fails even on contiguous x: {dict(zip(names, codes[8]))}"
     assert codes[0] == codes[8], f"stride 0 refused: {dict(zip(names, codes[0]))} vs contiguous {codes[8]}"
 
@@ -341,7 +344,8 @@ def test_overlapping_rows_of_x(dtype):
     the reference on a contiguous copy."""
     from lora_kernels.ops.adapter import IMPLS as ADAPTER
     from lora_kernels.ops.layer_norm import IMPLS as LAYER_NORM
-    assert "cuda" in ADAPTER and "cuda" in LAYER_NORM
+    from lora_kernels.ops.rms_norm import IMPLS as RMS_NORM
+    assert "cuda" in ADAPTER and "cuda" in LAYER_NORM and "cuda" in RMS_NORM
     k, r = 40, 3
     base = randn(k + 5 * 3, dtype=dtype)
     for x in (base[:k].expand(6, k), base.as_strided((6, k), (3, 1))):
@@ -350,6 +354,7 @@ def test_overlapping_rows_of_x(dtype):
         wd, bd = randn(r, k, dtype=dtype, scale=k**-0.5), randn(r, dtype=dtype)
         wu, bu = randn(k, r, dtype=dtype, scale=r**-0.5), randn(k, dtype=dtype)
         for fn, args in ((lambda x, *a: lk.layer_norm(x, *a), (w, b)),
+                         (lambda x, *a: lk.rms_norm(x, *a, offset=1.0), (w,)),
                          (lambda x, *a: lk.adapter(x, *a, activation="gelu_tanh", scale=0.5), (wd, bd, wu, bu))):
             leaves = [a.detach().requires_grad_() for a in args]
             with lk.use_backend("cuda"):

@@ -255,7 +255,7 @@ int64_t partial_row_blocks(int64_t M, int64_t N) {
 template <typename T>
 cudaError_t rms_norm_fwd(const T* x, int64_t ldx, const T* weight, T* y, acc_t<T>* rstd, int64_t M,
                          int64_t N, double eps, double offset, cudaStream_t stream) {
-  if (M < 0 || N < 1 || (M > 1 && ldx < N)) return cudaErrorInvalidValue;
+  if (M < 0 || N < 1 || ldx < 0) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
   if (x == nullptr || y == nullptr) return cudaErrorInvalidValue;
   using A = acc_t<T>;
@@ -289,7 +289,7 @@ template <typename T>
 cudaError_t rms_norm_bwd(const T* g, const T* x, int64_t ldx, const T* weight, const acc_t<T>* rstd,
                          T* dx, T* dweight, void* workspace, int64_t M, int64_t N, double offset,
                          cudaStream_t stream) {
-  if (M < 0 || N < 1 || (M > 1 && ldx < N)) return cudaErrorInvalidValue;
+  if (M < 0 || N < 1 || ldx < 0) return cudaErrorInvalidValue;
   using A = acc_t<T>;
   if (M == 0) {
     // The gradient over an empty batch is zero; all-zero bytes are +0 in every element type.
