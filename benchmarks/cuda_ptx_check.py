@@ -18,8 +18,9 @@ and sm_90, keeping nvcc's PTX, then checks:
           gradcheck type, is reported but not gated), except the builds KNOWN_SPILLS lists with
           the reason; a listed build that stops spilling fails too, so the list only shrinks.
   tensor  the SASS of every 16-bit GEMM-class kernel (the GEMMs of lora.cu and adapter.cu, the
-          S tiles of infonce.cu) holds HMMA instructions, on sm_80 and on sm_90 (cuobjdump from
-          the triton wheel, or the toolkit's).
+          single-pass forwards of adapter_fused.cu and lora_fused.cu, the S tiles of infonce.cu)
+          holds HMMA instructions, on sm_80 and on sm_90 (cuobjdump from the triton wheel, or the
+          toolkit's).
 
 Usage: python benchmarks/cuda_ptx_check.py [-j JOBS] [--keep DIR] [FILE.cu ...]
 The nvcc time is printed; it replaces the plain compile check .ci/run used to run (same
@@ -40,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("80", "90")
 # Kernels whose 16-bit instantiations must run on tensor cores (demangled-name patterns).
-GEMM_CLASS = re.compile(r"\bgemm_kernel<|infonce_detail::(?:fwd|grad)_kernel<")
+GEMM_CLASS = re.compile(r"\bgemm_kernel<|infonce_detail::(?:fwd|grad)_kernel<|\bfused_fwd_kernel<|\blora_fused_kernel<")
 # (arch, pattern of the demangled name, why not fixed yet). CUDA 13.0's ptxas, sm_80 only.
 _ADAPTER_WHY = ("__launch_bounds__(256, 2) caps adapter.cu's GEMM at 128 registers; (256, 1) removes "
                 "these spills but lets most 16-bit adapter GEMMs take 133-166 registers on sm_80, one "

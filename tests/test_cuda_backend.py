@@ -180,17 +180,20 @@ STRIDE_PROBE = r"""
 #include <cstdio>
 #include "adapter.cuh"
 #include "layer_norm.cuh"
+#include "rms_norm.cuh"
 template <typename T> T* fake(size_t i) { return reinterpret_cast<T*>(static_cast<uintptr_t>(0x1000000 * (i + 1))); }
 int main() {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) { std::printf("gpu\n"); return 0; }
   const int64_t M = 4, K = 8, R = 2;
   for (int64_t ld : {int64_t(0), K, int64_t(-1)}) {
-    std::printf("%lld %d %d %d %d\n", static_cast<long long>(ld),
+    std::printf("%lld %d %d %d %d %d %d\n", static_cast<long long>(ld),
       int(lk::layer_norm_fwd<float>(fake<float>(0), ld, nullptr, nullptr, fake<float>(1), fake<float>(2), fake<float>(3), M, K, 1e-5, nullptr)),
       int(lk::layer_norm_bwd<float>(fake<float>(0), fake<float>(1), ld, nullptr, fake<float>(2), fake<float>(3), fake<float>(4), fake<float>(5), fake<float>(6), fake<char>(7), M, K, nullptr)),
       int(lk::adapter_fwd<float>(fake<float>(0), ld, fake<float>(1), nullptr, fake<float>(2), nullptr, fake<float>(3), fake<float>(4), M, K, R, lk::Activation::gelu, 1.0, nullptr)),
-      int(lk::adapter_bwd<float>(fake<float>(0), fake<float>(1), ld, fake<float>(2), fake<float>(3), fake<float>(4), fake<float>(5), fake<float>(6), fake<float>(7), fake<float>(8), fake<float>(9), fake<char>(10), M, K, R, lk::Activation::gelu, 1.0, nullptr)));
+      int(lk::adapter_bwd<float>(fake<float>(0), fake<float>(1), ld, fake<float>(2), fake<float>(3), fake<float>(4), fake<float>(5), fake<float>(6), fake<float>(7), fake<float>(8), fake<float>(9), fake<char>(10), M, K, R, lk::Activation::gelu, 1.0, nullptr)),
+      int(lk::rms_norm_fwd<float>(fake<float>(0), ld, nullptr, fake<float>(1), fake<float>(2), M, K, 1e-6, 0.0, nullptr)),
+      int(lk::rms_norm_bwd<float>(fake<float>(0), fake<float>(1), ld, nullptr, fake<float>(2), fake<float>(3), nullptr, nullptr, M, K, 0.0, nullptr)));
   }
   return 0;
 }
@@ -199,13 +202,14 @@ int main() {
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to compile the launchers for the host")
 def test_launchers_accept_any_row_stride_of_x(tmp_path):
-    """LayerNorm and adapter launchers read x through any row stride >= 0: a stride below the width
+    """LayerNorm, RMSNorm and adapter launchers read x through any row stride >= 0: a stride below the width
     (x.expand(M, K), overlapping views) is valid input, not cudaErrorInvalidValue (issue 18)."""
     (tmp_path / "probe.cu").write_text(STRIDE_PROBE)
     kernels = ROOT / "csrc" / "kernels"
     # PTX only, for one virtual arch: the probe runs host code alone, so skip ptxas and sm_90.
     cmd = ["nvcc", "-std=c++17", "-O0", "-gencode", "arch=compute_80,code=compute_80", f"-I{kernels}",
            str(tmp_path / "probe.cu"), str(kernels / "layer_norm.cu"), str(kernels / "adapter.cu"),
+           str(kernels / "adapter_fused.cu"), str(kernels / "rms_norm.cu"),
            "-o", str(tmp_path / "probe")]
     built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
@@ -215,8 +219,8 @@ def test_launchers_accept_any_row_stride_of_x(tmp_path):
         pytest.skip("a GPU is visible: the probe's fake pointers must not reach it (the GPU tests cover this)")
     codes = {int(line.split()[0]): line.split()[1:] for line in ran.stdout.splitlines()}
     invalid = "1"  # cudaErrorInvalidValue
-    names = ("layer_norm_fwd", "layer_norm_bwd", "adapter_fwd", "adapter_bwd")
-    assert codes[-1] == [invalid] * 4, f"a negative stride must be refused: {dict(zip(names, codes[-1]))}"
+    names = ("layer_norm_fwd", "layer_norm_bwd", "adapter_fwd", "adapter_bwd", "rms_norm_fwd", "rms_norm_bwd")
+    assert codes[-1] == [invalid] * 6, f"a negative stride must be refused: {dict(zip(names, codes[-1]))}"
     assert invalid not in codes[8], f"the probe fails even on contiguous x: {dict(zip(names, codes[8]))}"
     assert codes[0] == codes[8], f"stride 0 refused: {dict(zip(names, codes[0]))} vs contiguous {codes[8]}"
 
@@ -340,7 +344,8 @@ def test_overlapping_rows_of_x(dtype):
     the reference on a contiguous copy."""
     from lora_kernels.ops.adapter import IMPLS as ADAPTER
     from lora_kernels.ops.layer_norm import IMPLS as LAYER_NORM
-    assert "cuda" in ADAPTER and "cuda" in LAYER_NORM
+    from lora_kernels.ops.rms_norm import IMPLS as RMS_NORM
+    assert "cuda" in ADAPTER and "cuda" in LAYER_NORM and "cuda" in RMS_NORM
     k, r = 40, 3
     base = randn(k + 5 * 3, dtype=dtype)
     for x in (base[:k].expand(6, k), base.as_strided((6, k), (3, 1))):
@@ -349,6 +354,7 @@ def test_overlapping_rows_of_x(dtype):
         wd, bd = randn(r, k, dtype=dtype, scale=k**-0.5), randn(r, dtype=dtype)
         wu, bu = randn(k, r, dtype=dtype, scale=r**-0.5), randn(k, dtype=dtype)
         for fn, args in ((lambda x, *a: lk.layer_norm(x, *a), (w, b)),
+                         (lambda x, *a: lk.rms_norm(x, *a, offset=1.0), (w,)),
                          (lambda x, *a: lk.adapter(x, *a, activation="gelu_tanh", scale=0.5), (wd, bd, wu, bu))):
             leaves = [a.detach().requires_grad_() for a in args]
             with lk.use_backend("cuda"):
@@ -360,3 +366,138 @@ def test_overlapping_rows_of_x(dtype):
             ref_grads = torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))
             for got, want in zip((out, *grads), (ref, *ref_grads)):
                 assert rel_err(got, want) <= tolerance(dtype)
+
+
+# ---- with a GPU: the one-pass norm backward (dx and the dγ/dβ partials from one read of g, x) ----
+
+# (dtype, M, N) -> the path csrc/kernels/norm_common.cuh's fused_launch picks (V = 16 / element
+# size on the aligned path, 1 when N % V != 0; packs per thread p; tx threads per row, ty rows):
+NORM_PATHS = [
+    (torch.float32, 5000, 64, "one pass, V=4 p=1 tx=32 ty=8: 313 blocks of 16 rows, lanes added in smem"),
+    (torch.bfloat16, 37, 129, "one pass, scalar p=1 tx=256 ty=1"),
+    (torch.float16, 1, 37, "one pass, scalar p=1 tx=64 ty=4, one row"),
+    (torch.float32, 300, 3000, "one pass, V=4 p=2 tx=512"),
+    (torch.float32, 300, 6000, "one pass, V=4 p=4 tx=512"),
+    (torch.bfloat16, 300, 777, "one pass, scalar p=2 tx=512"),
+    (torch.float16, 300, 1999, "one pass, scalar p=4 tx=512"),
+    (torch.bfloat16, 3000, 8192, "one pass, V=8 p=2 tx=512: 188 blocks of 16 rows"),
+    (torch.float32, 300, 8196, "two passes + column-tiled partials: 2049 vectors > 512·4"),
+    (torch.bfloat16, 300, 8200, "two passes + column-tiled partials: 1025 vectors > 512·2"),
+    (torch.float64, 300, 2049, "two passes + column-tiled partials: scalar, 2049 > 512·4"),
+]
+# (need_dx, need_dw, need_db): all; dx alone (no partials); partials alone (column-tiled kernel);
+# one of dγ/dβ with dx (the other partial pointer null).
+NORM_GRADS = [(True, True, True), (True, False, False), (False, True, True), (True, True, False), (True, False, True)]
+
+
+def _norm_case(dtype, m, n):
+    x = randn(m, n, dtype=dtype, scale=2.0) + 3.0
+    return x, randn(n, dtype=dtype), randn(n, dtype=dtype), randn(m, n, dtype=dtype)
+
+
+def _check_norm_grads(got, want, dtype, needs, what):
+    for name, need, a, b in zip(("dx", "dw", "db"), needs, got, want):
+        if need:
+            assert a.dtype == dtype, f"{what} {name}: {a.dtype}"
+            err = rel_err(a, b)
+            assert err <= tolerance(dtype), f"{what} {name}: relative error {err:.2e} > {tolerance(dtype):.0e}"
+        else:
+            assert a.numel() == 0, f"{what} {name} was not asked for, got shape {tuple(a.shape)}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("needs", NORM_GRADS, ids=str)
+@pytest.mark.parametrize("dtype,m,n,path", NORM_PATHS, ids=[f"{d}-{m}x{n}" for d, m, n, _ in NORM_PATHS])
+def test_layer_norm_backward_paths(dtype, m, n, path, needs):
+    from lora_kernels.reference.layer_norm import layer_norm as spec
+    lib = torch.ops.lora_kernels
+    x, w, b, g = _norm_case(dtype, m, n)
+    _, mean, rstd = lib.layer_norm_fwd_cuda(x, w, b, 1e-5)
+    got = lib.layer_norm_bwd_cuda(g, x, w, mean, rstd, *needs)
+    leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    want = torch.autograd.grad(spec(*leaves, 1e-5), leaves, g.double())
+    _check_norm_grads(got, want, dtype, needs, f"layer_norm {m}x{n} {dtype} ({path})")
+    again = lib.layer_norm_bwd_cuda(g, x, w, mean, rstd, *needs)
+    assert all(torch.equal(a, c) for a, c in zip(got, again)), f"{path}: not bitwise reproducible"
+
+
+@needs_cuda
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=str)
+@pytest.mark.parametrize("dtype,m,n,path", NORM_PATHS, ids=[f"{d}-{m}x{n}" for d, m, n, _ in NORM_PATHS])
+def test_rms_norm_backward_paths(dtype, m, n, path, needs):
+    from lora_kernels.reference.rms_norm import rms_norm as spec
+    lib = torch.ops.lora_kernels
+    x, w, _, g = _norm_case(dtype, m, n)
+    offset = 1.0  # Gemma's: s = 1 + γ, so a wrong offset in the one-pass kernel shows
+    _, rstd = lib.rms_norm_fwd_cuda(x, w, 1e-6, offset, True)
+    got = lib.rms_norm_bwd_cuda(g, x, w, rstd, offset, *needs)
+    leaves = [t.double().requires_grad_() for t in (x, w)]
+    want = torch.autograd.grad(spec(*leaves, 1e-6, offset), leaves, g.double())
+    _check_norm_grads(got, want, dtype, needs, f"rms_norm {m}x{n} {dtype} ({path})")
+    again = lib.rms_norm_bwd_cuda(g, x, w, rstd, offset, *needs)
+    assert all(torch.equal(a, c) for a, c in zip(got, again)), f"{path}: not bitwise reproducible"
+
+
+# ---- with a GPU: the single-pass adapter forward (adapter_fused.cu) and its fallback ----
+
+# (dtype, M, K, R, activation, path by adapter_fused.cu's launch arithmetic: layout() and
+# pick_rows(), with 227 KB of shared memory per block on H100/H200, 163 KB on A100). The backward
+# reads the h the forward saved, so the gradients check h too.
+ADAPTER_PATHS = [
+    (torch.bfloat16, 37, 129, 3, "gelu", "one pass, RP=16 BM=64 (70 KB smem) WMMA, scalar x loads (129 % 8)"),
+    (torch.float16, 1, 256, 16, "silu", "one pass, RP=16 WMMA, 16-byte x loads, one row; BM=64 (84 KB) on H100, 16 on A100"),
+    (torch.float32, 100, 256, 24, "gelu_tanh", "one pass, RP=32 BM=64 (129 KB) CUDA cores"),
+    (torch.bfloat16, 300, 768, 64, "relu", "one pass, RP=64 WMMA; BM=64 (184 KB) on H100, 16 on A100"),
+    (torch.float64, 50, 200, 40, "gelu", "one pass, RP=64 BM=16 CUDA cores (64 rows: 282 KB)"),
+    (torch.bfloat16, 64, 1600, 8, "gelu", "one pass, RP=16 BM=16 (64 rows: 252 KB)"),
+    (torch.bfloat16, 40, 8192, 8, "silu", "two GEMMs: even a 16-row x tile takes 278 KB"),
+    (torch.float32, 40, 96, 65, "gelu", "two GEMMs: R = 65 > 64"),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,m,k,r,activation,path", ADAPTER_PATHS,
+                         ids=[f"{d}-{m}x{k}-r{r}" for d, m, k, r, *_ in ADAPTER_PATHS])
+def test_adapter_forward_paths(dtype, m, k, r, activation, path):
+    from conftest import check_against_reference
+    args = [randn(m, k, requires_grad=True), randn(r, k, requires_grad=True, scale=k**-0.5),
+            randn(r, requires_grad=True), randn(k, r, requires_grad=True, scale=r**-0.5), randn(k, requires_grad=True)]
+    with lk.use_backend("cuda"):
+        check_against_reference(lambda *a: lk.adapter(*a, activation=activation, scale=0.7),
+                                lambda *a: ref_adapter.adapter(*a, activation, 0.7), args, dtype,
+                                f"adapter {m}x{k} r={r} {activation} ({path})")
+        x = randn(m, k, dtype=dtype)
+        w = [a.detach().to(dtype) for a in args[1:]]
+        once, again = (lk.adapter(x, *w, activation=activation, scale=0.7) for _ in range(2))
+    assert torch.equal(once, again), f"{path}: not bitwise reproducible"
+
+
+# ---- with a GPU: the one-launch LoRA forward (lora_fused.cu) and the cases it leaves to lora.cu ----
+
+# (dtype, M, K, N, R, path by lora_fwd_fused's rule: 16-bit, no dropout, >= 264 64×64 tiles,
+# R <= 16 or a single column tile). The backward reads the u the forward saved. With dropout
+# lora.cu always takes two launches (the op tests cover it).
+LORA_PATHS = [
+    (torch.bfloat16, 1100, 129, 1000, 16, "one launch, RP=16: 18·16 = 288 tiles"),
+    (torch.float16, 17000, 72, 60, 40, "one launch, RP=64: 266 row tiles, one column tile"),
+    (torch.bfloat16, 17000, 40, 64, 24, "one launch, RP=32: one column tile"),
+    (torch.float16, 1100, 129, 1000, 24, "two launches: R > 16 and 16 column tiles"),
+    (torch.bfloat16, 300, 129, 1000, 16, "two launches: 5·16 = 80 tiles < 264"),
+    (torch.float32, 1100, 129, 1000, 16, "two launches: fp32"),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,m,k,n,r,path", LORA_PATHS,
+                         ids=[f"{d}-{m}x{k}-{n}-r{r}" for d, m, k, n, r, _ in LORA_PATHS])
+def test_lora_forward_paths(dtype, m, k, n, r, path):
+    from conftest import check_against_reference
+    from lora_kernels.reference import lora as ref_lora
+    args = [randn(m, k, requires_grad=True), randn(n, k, scale=k**-0.5), randn(n),
+            randn(r, k, requires_grad=True, scale=k**-0.5), randn(n, r, requires_grad=True, scale=r**-0.5)]
+    with lk.use_backend("cuda"):
+        check_against_reference(lambda *a: lk.lora_linear(*a, scaling=0.75),
+                                lambda *a: ref_lora.lora_linear(*a, 0.75), args, dtype, f"lora ({path})")
+        low = [a.detach().to(dtype) for a in args]
+        once, again = (lk.lora_linear(*low, scaling=0.75) for _ in range(2))
+    assert torch.equal(once, again), f"{path}: not bitwise reproducible"

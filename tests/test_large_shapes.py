@@ -35,7 +35,8 @@ def gpu_backends(impls):
 @pytest.mark.parametrize("backend", gpu_backends(lora_op.IMPLS))
 @pytest.mark.parametrize("dtype", LARGE_DTYPES, ids=str)
 def test_lora_large(backend, dtype):
-    # lora.cu: y and dW get the wide GEMM tiles (ceil(1024/64)·ceil(1056/64) = 272 and
+    # lora.cu: y (fp32; bf16 takes lora_fused.cu's one launch, r = 16 and 272 tiles) and dW get
+    # the wide GEMM tiles (ceil(1024/64)·ceil(1056/64) = 272 and
     # ceil(1056/64)·ceil(1000/64) = 272 tiles >= kWideTilesWanted = 264), dx the narrow ones
     # (256 tiles); the colsums of dB, dA and db split M = 1024 into 8 chunks of 128 rows, so
     # colsum_finish_kernel runs. W and b require grad: dW and db are computed too.
@@ -53,7 +54,8 @@ def test_lora_large(backend, dtype):
 def test_adapter_large(backend, dtype):
     # adapter.cu bwd_layout: r = 24 > 16 takes the square tiles, ceil(384/64)·ceil(24/64) = 6
     # tiles, so the weight-gradient GEMMs split M = 2048 into S = min(ceil(512/6), 2048/256) = 8
-    # row ranges whose partials sum_splits_kernel adds up.
+    # row ranges whose partials sum_splits_kernel adds up. The forward is adapter_fused.cu's single
+    # pass (RP = 32, BM = 64: 32 row blocks, 384 = 3 chunks of 128 columns).
     m, k, r = 2048, 384, 24
     args = [randn(m, k, requires_grad=True), randn(r, k, requires_grad=True, scale=k**-0.5),
             randn(r, requires_grad=True), randn(k, r, requires_grad=True, scale=r**-0.5), randn(k, requires_grad=True)]
@@ -66,7 +68,8 @@ def test_adapter_large(backend, dtype):
 @pytest.mark.parametrize("backend", gpu_backends(layer_norm_op.IMPLS))
 @pytest.mark.parametrize("dtype", LARGE_DTYPES, ids=str)
 def test_layer_norm_large(backend, dtype):
-    # Many rows: the dγ/dβ partials run over thousands of row blocks before the fixed-order sum.
+    # Many rows: the one-pass backward (norm_common.cuh fused_launch; 257 is odd: scalar, 512
+    # threads a row) gives 256 blocks 274 rows each, whose dγ/dβ partials the fixed-order sum adds.
     m, width = 70000, 257
     args = [randn(m, width, requires_grad=True, scale=2.0), randn(width, requires_grad=True),
             randn(width, requires_grad=True)]

@@ -9,6 +9,8 @@
 //             dW_u = s·gᵀ·act(h), db_u = s·Σ_m g        [K, R] over M
 //             dW_d = dhᵀ·x,       db_d = Σ_m dh         [R, K] over M
 //             dx  = g + dh·W_d                          [M, K] over R
+// The forward's two GEMMs run only where adapter_fused.cu's single pass does not apply
+// (R > 64, or its x tile exceeds shared memory).
 // For half and bf16 the GEMM runs on tensor cores (WMMA, fp32 accumulation): on CUDA cores
 // the 2·M·K·R multiply-adds would cost more than moving x and y once R reaches a few tens.
 // fp32 and fp64 use a CUDA-core path with acc_t accumulation (fp32 stays exact fp32, no
@@ -18,6 +20,7 @@
 // Bias gradients come for free from the GEMM that already holds the operand tile in shared
 // memory: the blocks of the first column tile also sum the rows of their A tile.
 #include "adapter.cuh"
+#include "adapter_detail.cuh"
 
 #include <mma.h>
 
@@ -27,73 +30,12 @@ namespace lk {
 namespace {
 
 namespace wmma = nvcuda::wmma;
-
-// ---------------------------------------------------------------------------------------
-// Activations, evaluated in acc_t
-
-__device__ __forceinline__ float erf_(float v) { return erff(v); }
-__device__ __forceinline__ double erf_(double v) { return erf(v); }
-__device__ __forceinline__ float exp_(float v) { return expf(v); }
-__device__ __forceinline__ double exp_(double v) { return exp(v); }
-__device__ __forceinline__ float tanh_(float v) { return tanhf(v); }
-__device__ __forceinline__ double tanh_(double v) { return tanh(v); }
-
-constexpr double kSqrtHalf = 0.70710678118654752440;       // 1/√2
-constexpr double kInvSqrt2Pi = 0.39894228040143267794;     // 1/√(2π)
-constexpr double kSqrt2OverPi = 0.79788456080286535588;    // √(2/π)
-constexpr double kTanhCoef = 0.044715;
-
-template <typename A>
-__device__ __forceinline__ A act_fwd(A h, Activation act) {
-  switch (act) {
-    case Activation::gelu:
-      return A(0.5) * h * (A(1) + erf_(h * A(kSqrtHalf)));
-    case Activation::gelu_tanh:
-      return A(0.5) * h * (A(1) + tanh_(A(kSqrt2OverPi) * (h + A(kTanhCoef) * h * h * h)));
-    case Activation::relu:
-      return h < A(0) ? A(0) : h;  // NaN falls through unchanged
-    default:  // silu
-      return h / (A(1) + exp_(-h));
-  }
-}
-
-// d act / dh, exact for each activation (no approximation of the approximation).
-template <typename A>
-__device__ __forceinline__ A act_grad(A h, Activation act) {
-  switch (act) {
-    case Activation::gelu: {
-      const A cdf = A(0.5) * (A(1) + erf_(h * A(kSqrtHalf)));
-      const A pdf = exp_(A(-0.5) * h * h) * A(kInvSqrt2Pi);
-      return cdf + h * pdf;
-    }
-    case Activation::gelu_tanh: {
-      const A t = tanh_(A(kSqrt2OverPi) * (h + A(kTanhCoef) * h * h * h));
-      return A(0.5) * (A(1) + t) +
-             A(0.5) * h * (A(1) - t * t) * A(kSqrt2OverPi) * (A(1) + A(3 * kTanhCoef) * h * h);
-    }
-    case Activation::relu:
-      return h > A(0) ? A(1) : A(0);
-    default: {  // silu
-      const A sig = A(1) / (A(1) + exp_(-h));
-      return sig * (A(1) + h * (A(1) - sig));
-    }
-  }
-}
+using adapter_detail::act_fwd;
+using adapter_detail::act_grad;
+using adapter_detail::UseWmma;
 
 // ---------------------------------------------------------------------------------------
 // The tiled GEMM
-
-// Tensor cores (WMMA m16n16k16, fp32 accumulators) for half and bf16, where the hardware has
-// them for both (sm_80+); CUDA cores otherwise. Define LK_ADAPTER_NO_WMMA to force CUDA cores
-// everywhere (a debugging switch: both paths share the loads and the epilogue).
-#if (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800) && !defined(LK_ADAPTER_NO_WMMA)
-#define LK_ADAPTER_WMMA 1
-#else
-#define LK_ADAPTER_WMMA 0
-#endif
-template <typename T> struct UseWmma { static constexpr bool value = false; };
-template <> struct UseWmma<__half> { static constexpr bool value = LK_ADAPTER_WMMA; };
-template <> struct UseWmma<__nv_bfloat16> { static constexpr bool value = LK_ADAPTER_WMMA; };
 
 // Block tile BM×BN of C, BK-deep steps over p, 256 threads in a 16×16 grid; thread (tx, ty)
 // owns C rows ty + 16·r (r < TM) and columns tx + 16·c (c < TN). The strided ownership keeps
@@ -551,6 +493,12 @@ cudaError_t adapter_fwd(const T* x, int64_t ldx, const T* w_down, const T* b_dow
   if (M == 0) return cudaSuccess;
   if (x == nullptr || w_down == nullptr || w_up == nullptr || y == nullptr || h == nullptr)
     return cudaErrorInvalidValue;
+
+  // One pass (adapter_fused.cu) for R <= 64 where the x tile fits in shared memory; else the
+  // two GEMMs below, which read x twice and pass h through memory.
+  const cudaError_t fused = adapter_detail::adapter_fwd_fused<T>(x, ldx, w_down, b_down, w_up, b_up, y, h,
+                                                                 M, K, R, act, scale, stream);
+  if (fused != cudaErrorNotSupported) return fused;
 
   DownFwd<T> down{};
   //                           I  J  P  chunk row_sums j_fastest

@@ -1,81 +1,21 @@
 // LayerNorm for LN-tuning: y = γ ⊙ (x − μ)·rstd + β over the last dimension, and its backward.
 //
-// Forward and dx: one row per group of blockDim.x threads (blockDim.y rows per block, so
-// narrow rows still fill a 256-thread block), looping over the row; 16-byte vector loads
-// when every pointer is aligned and N divides, scalar loads otherwise.
-// dγ/dβ: a column-tiled kernel writes acc_t partial sums [P, N] (each block owns a fixed row
-// range), then a second kernel adds the P partials in a fixed order. No float atomics, so
-// results are bitwise reproducible.
+// Forward: one row per group of blockDim.x threads (blockDim.y rows per block, so narrow rows
+// still fill a 256-thread block), looping over the row; 16-byte vector loads when every pointer
+// is aligned and N divides, scalar loads otherwise.
+// Backward with dx, rows up to 8192 wide (16-bit and fp32; 4096 fp64, 2048 unaligned): one
+// pass, g and x read once into registers, dx written once, and the dγ/dβ partials [P, N] of each
+// block's row range accumulated on the way (ln_bwd_fused_kernel). Per row that is
+// 2·N·sizeof(T) bytes read and N·sizeof(T) written, plus 2·8·N bytes of fp32 partials per block
+// of >= 16 rows (written, then read by the sum); the two-pass path reads g and x three times.
+// Wider rows, or dγ/dβ without dx: the two-pass dx kernel and a column-tiled partials kernel.
+// Then one kernel adds the P partials in a fixed order. No float atomics, so results are bitwise
+// reproducible (P depends on M, N and alignment only, not on the device).
 #include "layer_norm.cuh"
+#include "norm_common.cuh"
 
 namespace lk {
 namespace {
-
-// Elements moved by one 16-byte access; V == 1 is the scalar fallback.
-template <typename T> constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-
-template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
-
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* p, int64_t unit) {
-  return reinterpret_cast<const Pack<T, V>*>(p)[unit];
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_pack(T* p, int64_t unit, const Pack<T, V>& v) {
-  reinterpret_cast<Pack<T, V>*>(p)[unit] = v;
-}
-
-__device__ __forceinline__ float rsqrt_acc(float v) { return 1.0f / sqrtf(v); }
-__device__ __forceinline__ double rsqrt_acc(double v) { return 1.0 / sqrt(v); }
-
-// Sum of v over the blockDim.x threads of this thread's row (threadIdx.y); every thread of
-// the row gets the same bits. blockDim.x is a multiple of 32, so a warp never spans two rows.
-// Every thread of the block must call it (it synchronises). smem: blockDim.x*blockDim.y/32.
-template <typename A>
-__device__ __forceinline__ A row_sum(A v, A* smem) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int nw = blockDim.x / 32;
-  if (nw == 1) return v;
-  A* mine = smem + threadIdx.y * nw;
-  if (threadIdx.x % 32 == 0) mine[threadIdx.x / 32] = v;
-  __syncthreads();
-  A t = A(0);
-  for (int w = 0; w < nw; ++w) t += mine[w];
-  __syncthreads();  // smem is reused by the caller's next reduction
-  return t;
-}
-
-// Two sums at once (one pair of barriers instead of two). smem: 2*blockDim.x*blockDim.y/32.
-template <typename A>
-__device__ __forceinline__ void row_sum2(A& a, A& b, A* smem) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    a += __shfl_xor_sync(0xffffffffu, a, o);
-    b += __shfl_xor_sync(0xffffffffu, b, o);
-  }
-  const int nw = blockDim.x / 32;
-  if (nw == 1) return;
-  A* mine = smem + 2 * threadIdx.y * nw;
-  if (threadIdx.x % 32 == 0) {
-    mine[threadIdx.x / 32] = a;
-    mine[nw + threadIdx.x / 32] = b;
-  }
-  __syncthreads();
-  a = A(0);
-  b = A(0);
-  for (int w = 0; w < nw; ++w) {
-    a += mine[w];
-    b += mine[nw + w];
-  }
-  __syncthreads();
-}
-
-// Threads per block of the row kernels, at most. 512, not 1024: 1024 would cap them at 64
-// registers, and the 16-byte-vector forward then spilled (ptxas -v; benchmarks/cuda_ptx_check.py
-// gates on it); a row wide enough to want more threads gives each of 512 more vectors instead.
-constexpr int kMaxRowThreads = 512;
 
 // x: [M, N] (row stride ldx); weight, bias: [N] or nullptr; y: [M, N]; mean, rstd: [M].
 // The statistics are taken around the row's first element (the pivot), as the reference
@@ -221,6 +161,110 @@ ln_bwd_dx_kernel(const T* __restrict__ g, const T* __restrict__ x, int64_t ldx,
   }
 }
 
+// One-pass backward for rows that fit in registers (fused_launch: N <= 8192 in 16-bit): each
+// thread loads its PPT packs of g and x once, the row sums c1, c2 come from them, and dx is
+// written from the same registers; the dγ = Σ g⊙x̂ and dβ = Σ g partials of the columns the
+// thread owns accumulate in registers over the block's rows, in row order. Per row: g and x
+// read once, dx written once (the two-pass dx kernel reads both twice, the partials kernel a
+// third time). Block b owns rows [b·rows_per, (b+1)·rows_per) (rows_per a multiple of
+// blockDim.y; lane ty takes every blockDim.y-th) and writes row b of pdw, pdb [P, N]
+// (nullptr: not wanted); flush_lanes adds the lanes in lane order, so no float atomics.
+// __launch_bounds__(512, 1): with (512) alone ptxas held RMSNorm's twin to 64 registers and spilled.
+template <typename T, int V, int PPT>
+__global__ void __launch_bounds__(kMaxRowThreads, 1)
+ln_bwd_fused_kernel(const T* __restrict__ g, const T* __restrict__ x, int64_t ldx,
+                    const T* __restrict__ weight, const acc_t<T>* __restrict__ mean,
+                    const acc_t<T>* __restrict__ rstd, T* __restrict__ dx, acc_t<T>* __restrict__ pdw,
+                    acc_t<T>* __restrict__ pdb, int64_t M, int64_t N, int64_t rows_per) {
+  using A = acc_t<T>;
+  using P = Pack<T, V>;
+  __shared__ A red[64];
+  __shared__ A lanes[kMaxRowThreads * V];
+  const int64_t units = N / V;
+  const A inv_n = A(1) / static_cast<A>(N);
+  const int bx = blockDim.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per;
+  const int64_t r1 = r0 + rows_per < M ? r0 + rows_per : M;
+  A aw[PPT][V], ab[PPT][V];
+#pragma unroll
+  for (int k = 0; k < PPT; ++k)
+#pragma unroll
+    for (int j = 0; j < V; ++j) aw[k][j] = ab[k][j] = A(0);
+
+  // γ for V columns (1 without weight): read per row from L1/L2 rather than held, to leave the
+  // registers to g, x and the partials.
+  // u < 0: outside the row, γ = 0.
+  auto gamma = [&](int64_t u, A (&w)[V]) {
+    if (u < 0 || weight == nullptr) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) w[j] = u < 0 ? A(0) : A(1);
+    } else {
+      const P pw = load_pack<T, V>(weight, u);
+#pragma unroll
+      for (int j = 0; j < V; ++j) w[j] = to_acc<A>(pw.v[j]);
+    }
+  };
+
+  // The bound is uniform over the block (r0, r1 are), so every thread reaches each barrier.
+  for (int64_t base = r0; base < r1; base += blockDim.y) {
+    const int64_t row = base + threadIdx.y;
+    const bool valid = row < r1;
+    const T* xr = x + (valid ? row : 0) * ldx;
+    const T* gr = g + (valid ? row : 0) * N;
+    const A mu = valid ? mean[row] : A(0);
+    const A rs = valid ? rstd[row] : A(0);
+    // Outside the row, g = 0 (and γ = 0): every sum below gets exact zeros from there, so the
+    // arithmetic needs no branch and no array element is ever read uninitialised (with
+    // conditionally loaded arrays ptxas put them on the stack and spilled).
+    P px[PPT], pg[PPT];
+    A s1 = A(0), s2 = A(0);
+#pragma unroll
+    for (int k = 0; k < PPT; ++k) {
+      const int64_t u = threadIdx.x + static_cast<int64_t>(k) * bx;
+      const bool in = valid && u < units;
+#pragma unroll
+      for (int j = 0; j < V; ++j) px[k].v[j] = pg[k].v[j] = from_acc<T>(A(0));
+      if (in) {
+        px[k] = load_pack<T, V>(xr, u);
+        pg[k] = load_pack<T, V>(gr, u);
+      }
+      A w[V];
+      gamma(in ? u : -1, w);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A gv = to_acc<A>(pg[k].v[j]);
+        const A xh = (to_acc<A>(px[k].v[j]) - mu) * rs;
+        s1 += w[j] * gv;
+        s2 += w[j] * gv * xh;
+        aw[k][j] += gv * xh;
+        ab[k][j] += gv;
+      }
+    }
+    row_sum2(s1, s2, red);
+    const A c1 = s1 * inv_n, c2 = s2 * inv_n;
+    if (valid) {
+      T* dxr = dx + row * N;
+#pragma unroll
+      for (int k = 0; k < PPT; ++k) {
+        const int64_t u = threadIdx.x + static_cast<int64_t>(k) * bx;
+        if (u < units) {
+          A w[V];
+          gamma(u, w);
+          P out;
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const A xh = (to_acc<A>(px[k].v[j]) - mu) * rs;
+            out.v[j] = from_acc<T>(rs * (w[j] * to_acc<A>(pg[k].v[j]) - c1 - xh * c2));
+          }
+          store_pack<T, V>(dxr, u, out);
+        }
+      }
+    }
+  }
+  if (pdw != nullptr) flush_lanes<A, V, PPT>(aw, lanes, pdw + static_cast<int64_t>(blockIdx.x) * N, units);
+  if (pdb != nullptr) flush_lanes<A, V, PPT>(ab, lanes, pdb + static_cast<int64_t>(blockIdx.x) * N, units);
+}
+
 // Partial column sums for dγ = Σ g⊙x̂ and dβ = Σ g. Block (bx, by) owns columns
 // [64·bx, 64·bx + 64) and rows [by·rows_per, (by+1)·rows_per); it writes row `by` of
 // pdw / pdb ([P, N], either may be nullptr). Each thread walks its column down every
@@ -264,61 +308,8 @@ ln_bwd_partials_kernel(const T* __restrict__ g, const T* __restrict__ x, int64_t
   }
 }
 
-// dweight[c] = Σ_p pdw[p, c] (same for dbias), p in a fixed order: lane ty adds p ≡ ty
-// (mod 8) in increasing p, then the 8 lanes are added in lane order.
-constexpr int kSumCols = 32, kSumLanes = 8;
-
-template <typename T>
-__global__ void __launch_bounds__(kSumCols* kSumLanes)
-ln_bwd_sum_partials_kernel(const acc_t<T>* __restrict__ pdw, const acc_t<T>* __restrict__ pdb,
-                           T* __restrict__ dweight, T* __restrict__ dbias, int64_t P, int64_t N) {
-  using A = acc_t<T>;
-  __shared__ A sw[kSumLanes][kSumCols];
-  __shared__ A sb[kSumLanes][kSumCols];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kSumCols + tx;
-  A aw = A(0), ab = A(0);
-  if (col < N) {
-    for (int64_t p = ty; p < P; p += kSumLanes) {
-      if (dweight != nullptr) aw += pdw[p * N + col];
-      if (dbias != nullptr) ab += pdb[p * N + col];
-    }
-  }
-  sw[ty][tx] = aw;
-  sb[ty][tx] = ab;
-  __syncthreads();
-  if (ty == 0 && col < N) {
-    A tw = A(0), tb = A(0);
-#pragma unroll
-    for (int l = 0; l < kSumLanes; ++l) {
-      tw += sw[l][tx];
-      tb += sb[l][tx];
-    }
-    if (dweight != nullptr) dweight[col] = from_acc<T>(tw);
-    if (dbias != nullptr) dbias[col] = from_acc<T>(tb);
-  }
-}
-
 // ---------------------------------------------------------------------------------------
 // Launch helpers
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Threads per row: enough that each handles at most ~8 vector units, 32..kMaxRowThreads. Rows per
-// block: fill 256 threads when the row needs fewer.
-struct RowLaunch {
-  dim3 block;
-  unsigned grid;
-};
-
-RowLaunch row_launch(int64_t M, int64_t units) {
-  int tx = 32;
-  while (tx < kMaxRowThreads && static_cast<int64_t>(tx) * 8 < units) tx *= 2;
-  const int ty = tx >= 256 ? 1 : 256 / tx;
-  const int64_t groups = ceil_div(M, ty);
-  const int64_t max_grid = int64_t(1) << 20;  // the kernels loop over the remaining rows
-  return {dim3(tx, ty), static_cast<unsigned>(groups < max_grid ? groups : max_grid)};
-}
 
 // Number of row blocks P of the dγ/dβ partials: about 2048 blocks in all, at least 16 rows
 // each. layer_norm_bwd_workspace and layer_norm_bwd must agree, hence one function.
@@ -360,12 +351,25 @@ cudaError_t layer_norm_fwd(const T* x, int64_t ldx, const T* weight, const T* bi
   return last_error();
 }
 
+// Whether the one-pass backward's vector path applies (else its scalar path, V = 1).
+template <typename T>
+bool bwd_vec(const T* g, const T* x, int64_t ldx, const T* weight, const T* dx, int64_t N) {
+  constexpr int V = kVec<T>;
+  return N % V == 0 && ldx % V == 0 && aligned16(x) && aligned16(g) && aligned16(dx) &&
+         (weight == nullptr || aligned16(weight));
+}
+
 template <typename T>
 size_t layer_norm_bwd_workspace(int64_t M, int64_t N) {
   if (M <= 0 || N <= 0) return 0;
-  // Two [P, N] acc_t arrays: dγ partials, then dβ partials.
-  return 2 * static_cast<size_t>(partial_row_blocks(M, N)) * static_cast<size_t>(N) *
-         sizeof(acc_t<T>);
+  // Two [P, N] acc_t arrays (dγ partials, then dβ partials), P the larger of what either path
+  // (column-tiled partials, or the one-pass kernel with or without vectors) would take.
+  constexpr int V = kVec<T>;
+  int64_t p = partial_row_blocks(M, N);
+  const int64_t fused[2] = {fused_launch(M, N, 1, true).blocks,
+                            N % V == 0 ? fused_launch(M, N / V, V, true).blocks : 0};
+  for (int64_t f : fused) p = f > p ? f : p;
+  return 2 * static_cast<size_t>(p) * static_cast<size_t>(N) * sizeof(acc_t<T>);
 }
 
 template <typename T>
@@ -391,41 +395,69 @@ cudaError_t layer_norm_bwd(const T* g, const T* x, int64_t ldx, const T* weight,
   if (g == nullptr || x == nullptr || mean == nullptr || rstd == nullptr)
     return cudaErrorInvalidValue;
   if (want_params && workspace == nullptr) return cudaErrorInvalidValue;
+  A* pdw = static_cast<A*>(workspace);
+  int64_t P = 0;  // partial rows written, for the final sum
 
-  if (dx != nullptr) {
-    constexpr int V = kVec<T>;
-    const bool vec = N % V == 0 && ldx % V == 0 && aligned16(x) && aligned16(g) &&
-                     aligned16(dx) && (weight == nullptr || aligned16(weight));
-    const RowLaunch l = row_launch(M, vec ? N / V : N);
-    if (vec)
-      ln_bwd_dx_kernel<T, V><<<l.grid, l.block, 0, stream>>>(g, x, ldx, weight, mean, rstd, dx,
-                                                             M, N);
-    else
-      ln_bwd_dx_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(g, x, ldx, weight, mean, rstd, dx,
-                                                             M, N);
+  constexpr int V = kVec<T>;
+  const bool vec = dx != nullptr && bwd_vec(g, x, ldx, weight, dx, N);
+  const FusedLaunch f = fused_launch(M, vec ? N / V : N, vec ? V : 1, want_params);
+  if (dx != nullptr && f.packs > 0) {
+    // One pass: dx, and the dγ/dβ partials when wanted.
+    P = want_params ? f.blocks : 0;
+    A* pw = dweight != nullptr ? pdw : nullptr;
+    A* pb = dbias != nullptr ? pdw + P * N : nullptr;
+    const unsigned grid = static_cast<unsigned>(f.blocks);
+#define LK_LN_FUSED(VV, PP)                                                                   \
+  ln_bwd_fused_kernel<T, VV, PP><<<grid, f.block, 0, stream>>>(g, x, ldx, weight, mean, rstd, \
+                                                               dx, pw, pb, M, N, f.rows_per)
+    if (vec) {
+      if (f.packs == 1) LK_LN_FUSED(V, 1);
+      else if constexpr (max_packs(V) == 2) LK_LN_FUSED(V, 2);  // not even instantiated with 4
+      else if (f.packs == 2) LK_LN_FUSED(V, 2);
+      else LK_LN_FUSED(V, 4);
+    } else {
+      if (f.packs == 1) LK_LN_FUSED(1, 1);
+      else if (f.packs == 2) LK_LN_FUSED(1, 2);
+      else LK_LN_FUSED(1, 4);
+    }
+#undef LK_LN_FUSED
     const cudaError_t e = last_error();
     if (e != cudaSuccess) return e;
+  } else {
+    // Rows too wide for registers (or dx not wanted): two passes for dx, and the
+    // column-tiled partials kernel (one more read of g and x) for dγ/dβ.
+    if (dx != nullptr) {
+      const RowLaunch l = row_launch(M, vec ? N / V : N);
+      if (vec)
+        ln_bwd_dx_kernel<T, V><<<l.grid, l.block, 0, stream>>>(g, x, ldx, weight, mean, rstd, dx,
+                                                               M, N);
+      else
+        ln_bwd_dx_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(g, x, ldx, weight, mean, rstd, dx,
+                                                               M, N);
+      const cudaError_t e = last_error();
+      if (e != cudaSuccess) return e;
+    }
+    if (want_params) {
+      P = partial_row_blocks(M, N);
+      const int64_t col_tiles = ceil_div(N, kColTile);
+      if (P > 65535 || col_tiles > 0x7fffffff) return cudaErrorInvalidValue;
+      const int64_t rows_per = ceil_div(M, P);
+      ln_bwd_partials_kernel<T>
+          <<<dim3(static_cast<unsigned>(col_tiles), static_cast<unsigned>(P)),
+             dim3(kColTile, kRowLanes), 0, stream>>>(g, x, ldx, mean, rstd,
+                                                     dweight != nullptr ? pdw : nullptr,
+                                                     dbias != nullptr ? pdw + P * N : nullptr, M,
+                                                     N, rows_per);
+      const cudaError_t e = last_error();
+      if (e != cudaSuccess) return e;
+    }
   }
 
   if (want_params) {
-    const int64_t P = partial_row_blocks(M, N);
-    const int64_t col_tiles = ceil_div(N, kColTile);
-    if (P > 65535 || col_tiles > 0x7fffffff) return cudaErrorInvalidValue;
-    A* pdw = static_cast<A*>(workspace);
-    A* pdb = pdw + P * N;
-    const int64_t rows_per = ceil_div(M, P);
-    ln_bwd_partials_kernel<T>
-        <<<dim3(static_cast<unsigned>(col_tiles), static_cast<unsigned>(P)),
-           dim3(kColTile, kRowLanes), 0, stream>>>(g, x, ldx, mean, rstd,
-                                                   dweight != nullptr ? pdw : nullptr,
-                                                   dbias != nullptr ? pdb : nullptr, M, N,
-                                                   rows_per);
-    cudaError_t e = last_error();
-    if (e != cudaSuccess) return e;
-    ln_bwd_sum_partials_kernel<T>
+    sum_partials_kernel<T>
         <<<static_cast<unsigned>(ceil_div(N, kSumCols)), dim3(kSumCols, kSumLanes), 0, stream>>>(
-            pdw, pdb, dweight, dbias, P, N);
-    e = last_error();
+            pdw, pdw + P * N, dweight, dbias, P, N);
+    const cudaError_t e = last_error();
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;

@@ -1,7 +1,8 @@
 // LoRA linear in plain CUDA: y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ, and its backward.
 //
-// Structure (the "split" form of the forward: simpler than fusing u into the GEMM main loop,
-// and it never recomputes u once per column tile):
+// Structure (the "split" form of the forward: it never recomputes u once per column tile;
+// lora_fused.cu's single launch, which does, replaces it where that is cheap: 16-bit, no dropout,
+// R <= 16 or one column tile, enough tiles):
 //   forward   1. rowdot:  u = drop(x) Aᵀ                      [M, R] acc_t, saved
 //             2. gemm:    y = x Wᵀ  + epilogue (s·u Bᵀ + b)   [M, N]
 //   backward  1. rowdot:  v = s·g B                           [M, R] acc_t, workspace
@@ -25,6 +26,7 @@
 // threshold mirror the Triton kernels (lora_kernels/triton/lora.py), so both backends draw
 // the same mask for the same seed.
 #include "lora.cuh"
+#include "lora_detail.cuh"
 
 #include <mma.h>
 
@@ -694,6 +696,11 @@ cudaError_t lora_fwd(const T* x, int64_t ldx, const T* weight, int64_t ldw, cons
   if (bad_sizes(M, N, K, R, dropout_p) || ldx < 0 || ldw < 0) return cudaErrorInvalidValue;
   if (M == 0) return cudaGetLastError();
   const Dropout drop = make_dropout(dropout_p, seed, K);
+  if (!drop.on) {  // one launch reading x once where lora_fused.cu applies (16-bit, R <= 64, ...)
+    const cudaError_t fused = lora_detail::lora_fwd_fused<T>(x, ldx, weight, ldw, bias, lora_A, lora_B, y, u,
+                                                             M, N, K, R, scaling, stream);
+    if (fused != cudaErrorNotSupported) return fused;
+  }
 
   RowdotParams<T> down{};
   down.x = x;

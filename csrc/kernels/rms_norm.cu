@@ -1,50 +1,21 @@
 // RMSNorm for LN-tuning: y = x·rstd·(offset + γ) over the last dimension, and its backward.
 //
-// The layout of layer_norm.cu: forward and dx give one row to a group of blockDim.x threads
-// (blockDim.y rows per block), with 16-byte vector accesses when every pointer is aligned and N
-// divides; dγ comes from a column-tiled kernel writing acc_t partials [P, N] (each block owns a
-// fixed row range) and a second kernel adding the P partials in a fixed order, so results are
-// bitwise reproducible. With dx not needed the backward reads g and x once.
+// The layout of layer_norm.cu (shared machinery in norm_common.cuh): forward and the two-pass dx
+// give one row to a group of blockDim.x threads (blockDim.y rows per block), with 16-byte vector
+// accesses when every pointer is aligned and N divides. Backward with dx, rows up to 8192 wide
+// (16-bit and fp32; 4096 fp64, 2048 unaligned): one pass (rms_bwd_fused_kernel), g and x read
+// once into registers, dx written once, the dγ partials [P, N] of each block's rows accumulated
+// on the way: per row 2·N·sizeof(T) bytes read and N·sizeof(T) written, plus 2·4·N bytes of
+// fp32 partials per block of >= 16 rows (written, then read by the sum); the two-pass path reads
+// g and x three times. Wider rows take the two-pass dx kernel and the column-tiled partials
+// kernel; dγ without dx takes the latter alone (g and x read once). One kernel then adds the P
+// partials in a fixed order, so results are bitwise reproducible.
 // No fast-math: rstd is 1/sqrtf (both IEEE-rounded), not the approximate rsqrtf.
 #include "rms_norm.cuh"
+#include "norm_common.cuh"
 
 namespace lk {
 namespace {
-
-template <typename T> constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-
-template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
-
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* p, int64_t unit) {
-  return reinterpret_cast<const Pack<T, V>*>(p)[unit];
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_pack(T* p, int64_t unit, const Pack<T, V>& v) {
-  reinterpret_cast<Pack<T, V>*>(p)[unit] = v;
-}
-
-__device__ __forceinline__ float rsqrt_acc(float v) { return 1.0f / sqrtf(v); }
-__device__ __forceinline__ double rsqrt_acc(double v) { return 1.0 / sqrt(v); }
-
-// Sum of v over the blockDim.x threads of this thread's row (threadIdx.y); every thread of the
-// row gets the same bits. blockDim.x is a multiple of 32. Every thread of the block must call it.
-// smem: blockDim.x*blockDim.y/32.
-template <typename A>
-__device__ __forceinline__ A row_sum(A v, A* smem) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int nw = blockDim.x / 32;
-  if (nw == 1) return v;
-  A* mine = smem + threadIdx.y * nw;
-  if (threadIdx.x % 32 == 0) mine[threadIdx.x / 32] = v;
-  __syncthreads();
-  A t = A(0);
-  for (int w = 0; w < nw; ++w) t += mine[w];
-  __syncthreads();  // smem is reused by the caller's next reduction
-  return t;
-}
 
 // The scale s = offset + γ of V consecutive columns (1 without a weight).
 template <typename T, int V, typename A>
@@ -58,11 +29,6 @@ __device__ __forceinline__ void scale_of(const T* weight, int64_t u, A offset, A
 #pragma unroll
   for (int k = 0; k < V; ++k) s[k] = offset + to_acc<A>(pw.v[k]);
 }
-
-// Threads per block of the row kernels, at most: with __launch_bounds__(1024) ptxas held the
-// 16-bit dx kernel to 32 registers on sm_80 and it spilled 20-24 B (as layer_norm.cu's kernels
-// did; rerun: python benchmarks/cuda_ptx_check.py). Wider rows give each of 512 threads more vectors.
-constexpr int kMaxRowThreads = 512;
 
 // x: [M, N] (row stride ldx); weight: [N] or nullptr; y: [M, N]; rstd: [M] or nullptr.
 template <typename T, int V>
@@ -157,6 +123,85 @@ rms_bwd_dx_kernel(const T* __restrict__ g, const T* __restrict__ x, int64_t ldx,
   }
 }
 
+// One-pass backward (as layer_norm.cu's ln_bwd_fused_kernel): g and x read once into registers
+// (PPT packs per thread), dx written from them, and the dγ = Σ g⊙x̂ partials of the thread's
+// columns accumulated over block blockIdx.x's rows [b·rows_per, (b+1)·rows_per) in row order,
+// then written to row b of pdw [P, N] (nullptr: dγ not wanted) with the lanes added in order.
+// __launch_bounds__(512, 1): with (512) alone ptxas held the 16-bit V=8 build to 64 registers and
+// spilled 16-24 B on sm_80 and sm_90; now 72-89 registers, no spills.
+template <typename T, int V, int PPT>
+__global__ void __launch_bounds__(kMaxRowThreads, 1)
+rms_bwd_fused_kernel(const T* __restrict__ g, const T* __restrict__ x, int64_t ldx,
+                     const T* __restrict__ weight, const acc_t<T>* __restrict__ rstd, T* __restrict__ dx,
+                     acc_t<T>* __restrict__ pdw, int64_t M, int64_t N, int64_t rows_per, acc_t<T> offset) {
+  using A = acc_t<T>;
+  using P = Pack<T, V>;
+  __shared__ A red[32];
+  __shared__ A lanes[kMaxRowThreads * V];
+  const int64_t units = N / V;
+  const A inv_n = A(1) / static_cast<A>(N);
+  const int bx = blockDim.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per;
+  const int64_t r1 = r0 + rows_per < M ? r0 + rows_per : M;
+  A aw[PPT][V];
+#pragma unroll
+  for (int k = 0; k < PPT; ++k)
+#pragma unroll
+    for (int j = 0; j < V; ++j) aw[k][j] = A(0);
+
+  // The bound is uniform over the block (r0, r1 are), so every thread reaches each barrier.
+  for (int64_t base = r0; base < r1; base += blockDim.y) {
+    const int64_t row = base + threadIdx.y;
+    const bool valid = row < r1;
+    const T* xr = x + (valid ? row : 0) * ldx;
+    const T* gr = g + (valid ? row : 0) * N;
+    const A rs = valid ? rstd[row] : A(0);
+    // Outside the row g = x = 0, so the sums get exact zeros from there without a branch
+    // (and no array element is read uninitialised, which made ptxas spill in layer_norm.cu).
+    P px[PPT], pg[PPT];
+    A s2 = A(0);
+#pragma unroll
+    for (int k = 0; k < PPT; ++k) {
+      const int64_t u = threadIdx.x + static_cast<int64_t>(k) * bx;
+      const bool in = valid && u < units;
+#pragma unroll
+      for (int j = 0; j < V; ++j) px[k].v[j] = pg[k].v[j] = from_acc<T>(A(0));
+      if (in) {
+        px[k] = load_pack<T, V>(xr, u);
+        pg[k] = load_pack<T, V>(gr, u);
+      }
+      A s[V];
+      scale_of<T, V>(in ? weight : nullptr, u, offset, s);  // outside: s = 1, times g = 0
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A gx = to_acc<A>(pg[k].v[j]) * to_acc<A>(px[k].v[j]);
+        s2 += s[j] * gx;
+        aw[k][j] += gx * rs;
+      }
+    }
+    const A c2 = row_sum(s2, red) * rs * inv_n;
+    if (valid) {
+      T* dxr = dx + row * N;
+#pragma unroll
+      for (int k = 0; k < PPT; ++k) {
+        const int64_t u = threadIdx.x + static_cast<int64_t>(k) * bx;
+        if (u < units) {
+          A s[V];
+          scale_of<T, V>(weight, u, offset, s);
+          P out;
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const A xh = to_acc<A>(px[k].v[j]) * rs;
+            out.v[j] = from_acc<T>(rs * (s[j] * to_acc<A>(pg[k].v[j]) - xh * c2));
+          }
+          store_pack<T, V>(dxr, u, out);
+        }
+      }
+    }
+  }
+  if (pdw != nullptr) flush_lanes<A, V, PPT>(aw, lanes, pdw + static_cast<int64_t>(blockIdx.x) * N, units);
+}
+
 // Partial column sums of dγ = Σ g⊙x̂. Block (bx, by) owns columns [64·bx, 64·bx + 64) and rows
 // [by·rows_per, (by+1)·rows_per) and writes row `by` of pdw [P, N]. Each thread walks its column
 // down every fourth row; the four row lanes are then added in a fixed order.
@@ -188,51 +233,8 @@ rms_bwd_partials_kernel(const T* __restrict__ g, const T* __restrict__ x, int64_
   }
 }
 
-// dweight[c] = Σ_p pdw[p, c], p in a fixed order: lane ty adds p ≡ ty (mod 8) in increasing p,
-// then the 8 lanes are added in lane order.
-constexpr int kSumCols = 32, kSumLanes = 8;
-
-template <typename T>
-__global__ void __launch_bounds__(kSumCols* kSumLanes)
-rms_bwd_sum_partials_kernel(const acc_t<T>* __restrict__ pdw, T* __restrict__ dweight, int64_t P, int64_t N) {
-  using A = acc_t<T>;
-  __shared__ A sw[kSumLanes][kSumCols];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kSumCols + tx;
-  A aw = A(0);
-  if (col < N) {
-    for (int64_t p = ty; p < P; p += kSumLanes) aw += pdw[p * N + col];
-  }
-  sw[ty][tx] = aw;
-  __syncthreads();
-  if (ty == 0 && col < N) {
-    A tw = A(0);
-#pragma unroll
-    for (int l = 0; l < kSumLanes; ++l) tw += sw[l][tx];
-    dweight[col] = from_acc<T>(tw);
-  }
-}
-
 // ---------------------------------------------------------------------------------------
-// Launch helpers (as layer_norm.cu's)
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-struct RowLaunch {
-  dim3 block;
-  unsigned grid;
-};
-
-// Threads per row: enough that each handles at most ~8 vector units, 32..kMaxRowThreads; rows per block
-// fill 256 threads when the row needs fewer.
-RowLaunch row_launch(int64_t M, int64_t units) {
-  int tx = 32;
-  while (tx < kMaxRowThreads && static_cast<int64_t>(tx) * 8 < units) tx *= 2;
-  const int ty = tx >= 256 ? 1 : 256 / tx;
-  const int64_t groups = ceil_div(M, ty);
-  const int64_t max_grid = int64_t(1) << 20;  // the kernels loop over the remaining rows
-  return {dim3(tx, ty), static_cast<unsigned>(groups < max_grid ? groups : max_grid)};
-}
+// Launch helpers (row_launch, fused_launch: norm_common.cuh)
 
 // Row blocks P of the dγ partials: about 2048 blocks in all, at least 16 rows each.
 // rms_norm_bwd_workspace and rms_norm_bwd must agree, hence one function.
@@ -253,7 +255,7 @@ int64_t partial_row_blocks(int64_t M, int64_t N) {
 template <typename T>
 cudaError_t rms_norm_fwd(const T* x, int64_t ldx, const T* weight, T* y, acc_t<T>* rstd, int64_t M,
                          int64_t N, double eps, double offset, cudaStream_t stream) {
-  if (M < 0 || N < 1 || (M > 1 && ldx < N)) return cudaErrorInvalidValue;
+  if (M < 0 || N < 1 || ldx < 0) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
   if (x == nullptr || y == nullptr) return cudaErrorInvalidValue;
   using A = acc_t<T>;
@@ -273,14 +275,21 @@ cudaError_t rms_norm_fwd(const T* x, int64_t ldx, const T* weight, T* y, acc_t<T
 template <typename T>
 size_t rms_norm_bwd_workspace(int64_t M, int64_t N) {
   if (M <= 0 || N <= 0) return 0;
-  return static_cast<size_t>(partial_row_blocks(M, N)) * static_cast<size_t>(N) * sizeof(acc_t<T>);
+  // One [P, N] acc_t array, P the larger of what either path (column-tiled partials, or the
+  // one-pass kernel with or without vectors) would take.
+  constexpr int V = kVec<T>;
+  int64_t p = partial_row_blocks(M, N);
+  const int64_t fused[2] = {fused_launch(M, N, 1, true).blocks,
+                            N % V == 0 ? fused_launch(M, N / V, V, true).blocks : 0};
+  for (int64_t f : fused) p = f > p ? f : p;
+  return static_cast<size_t>(p) * static_cast<size_t>(N) * sizeof(acc_t<T>);
 }
 
 template <typename T>
 cudaError_t rms_norm_bwd(const T* g, const T* x, int64_t ldx, const T* weight, const acc_t<T>* rstd,
                          T* dx, T* dweight, void* workspace, int64_t M, int64_t N, double offset,
                          cudaStream_t stream) {
-  if (M < 0 || N < 1 || (M > 1 && ldx < N)) return cudaErrorInvalidValue;
+  if (M < 0 || N < 1 || ldx < 0) return cudaErrorInvalidValue;
   using A = acc_t<T>;
   if (M == 0) {
     // The gradient over an empty batch is zero; all-zero bytes are +0 in every element type.
@@ -290,35 +299,65 @@ cudaError_t rms_norm_bwd(const T* g, const T* x, int64_t ldx, const T* weight, c
   if (dx == nullptr && dweight == nullptr) return cudaSuccess;
   if (g == nullptr || x == nullptr || rstd == nullptr) return cudaErrorInvalidValue;
   if (dweight != nullptr && workspace == nullptr) return cudaErrorInvalidValue;
+  A* pdw = static_cast<A*>(workspace);
+  int64_t P = 0;  // partial rows written, for the final sum
 
-  if (dx != nullptr) {
-    constexpr int V = kVec<T>;
-    const bool vec = N % V == 0 && ldx % V == 0 && aligned16(x) && aligned16(g) && aligned16(dx) &&
-                     (weight == nullptr || aligned16(weight));
-    const RowLaunch l = row_launch(M, vec ? N / V : N);
-    if (vec)
-      rms_bwd_dx_kernel<T, V><<<l.grid, l.block, 0, stream>>>(g, x, ldx, weight, rstd, dx, M, N,
-                                                              static_cast<A>(offset));
-    else
-      rms_bwd_dx_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(g, x, ldx, weight, rstd, dx, M, N,
-                                                              static_cast<A>(offset));
+  constexpr int V = kVec<T>;
+  const bool vec = dx != nullptr && N % V == 0 && ldx % V == 0 && aligned16(x) && aligned16(g) &&
+                   aligned16(dx) && (weight == nullptr || aligned16(weight));
+  const FusedLaunch f = fused_launch(M, vec ? N / V : N, vec ? V : 1, dweight != nullptr);
+  if (dx != nullptr && f.packs > 0) {
+    // One pass: dx, and the dγ partials when wanted.
+    P = dweight != nullptr ? f.blocks : 0;
+    A* pw = dweight != nullptr ? pdw : nullptr;
+    const unsigned grid = static_cast<unsigned>(f.blocks);
+#define LK_RMS_FUSED(VV, PP)                                                                  \
+  rms_bwd_fused_kernel<T, VV, PP><<<grid, f.block, 0, stream>>>(g, x, ldx, weight, rstd, dx, pw, \
+                                                                M, N, f.rows_per,            \
+                                                                static_cast<A>(offset))
+    if (vec) {
+      if (f.packs == 1) LK_RMS_FUSED(V, 1);
+      else if constexpr (max_packs(V) == 2) LK_RMS_FUSED(V, 2);  // not even instantiated with 4
+      else if (f.packs == 2) LK_RMS_FUSED(V, 2);
+      else LK_RMS_FUSED(V, 4);
+    } else {
+      if (f.packs == 1) LK_RMS_FUSED(1, 1);
+      else if (f.packs == 2) LK_RMS_FUSED(1, 2);
+      else LK_RMS_FUSED(1, 4);
+    }
+#undef LK_RMS_FUSED
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
+  } else {
+    // Rows too wide for registers (or dγ alone, which reads g and x once already): two passes
+    // for dx, and the column-tiled partials kernel for dγ.
+    if (dx != nullptr) {
+      const RowLaunch l = row_launch(M, vec ? N / V : N);
+      if (vec)
+        rms_bwd_dx_kernel<T, V><<<l.grid, l.block, 0, stream>>>(g, x, ldx, weight, rstd, dx, M, N,
+                                                                static_cast<A>(offset));
+      else
+        rms_bwd_dx_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(g, x, ldx, weight, rstd, dx, M, N,
+                                                                static_cast<A>(offset));
+      const cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
+    }
+    if (dweight != nullptr) {
+      P = partial_row_blocks(M, N);
+      const int64_t col_tiles = ceil_div(N, kColTile);
+      if (P > 65535 || col_tiles > 0x7fffffff) return cudaErrorInvalidValue;
+      rms_bwd_partials_kernel<T><<<dim3(static_cast<unsigned>(col_tiles), static_cast<unsigned>(P)),
+                                   dim3(kColTile, kRowLanes), 0, stream>>>(g, x, ldx, rstd, pdw, M, N,
+                                                                           ceil_div(M, P));
+      const cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
+    }
   }
 
   if (dweight != nullptr) {
-    const int64_t P = partial_row_blocks(M, N);
-    const int64_t col_tiles = ceil_div(N, kColTile);
-    if (P > 65535 || col_tiles > 0x7fffffff) return cudaErrorInvalidValue;
-    A* pdw = static_cast<A*>(workspace);
-    rms_bwd_partials_kernel<T><<<dim3(static_cast<unsigned>(col_tiles), static_cast<unsigned>(P)),
-                                 dim3(kColTile, kRowLanes), 0, stream>>>(g, x, ldx, rstd, pdw, M, N,
-                                                                         ceil_div(M, P));
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-    rms_bwd_sum_partials_kernel<T><<<static_cast<unsigned>(ceil_div(N, kSumCols)), dim3(kSumCols, kSumLanes), 0,
-                                     stream>>>(pdw, dweight, P, N);
-    e = cudaGetLastError();
+    sum_partials_kernel<T><<<static_cast<unsigned>(ceil_div(N, kSumCols)), dim3(kSumCols, kSumLanes), 0,
+                             stream>>>(pdw, nullptr, dweight, nullptr, P, N);
+    const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;

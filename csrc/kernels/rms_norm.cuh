@@ -6,7 +6,8 @@
 
 namespace lk {
 
-// x: [M, N], row stride ldx (elements), unit column stride. weight: [N] or nullptr (no scale;
+// x: [M, N], row stride ldx (elements, any ldx >= 0: rows may overlap, as in x.expand(M, N),
+// since x is only read), unit column stride. weight: [N] or nullptr (no scale;
 // offset is then ignored). y: [M, N] contiguous. rstd: [M] (acc_t), or nullptr (inference: not
 // kept). Any N >= 1, M >= 0.
 template <typename T>
