@@ -251,18 +251,20 @@ _NORM_CONFIGS = [_config(4, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, s in [
 
 
 # Register rules, from what ptxas made of every config for sm_90 (Triton 3.6, ptxas 12.8; rerun
-# `python benchmarks/triton_sm90.py --full --ops dora`, table in benchmarks/results/triton-sm90-3.6.0.md).
+# `python benchmarks/triton_sm90.py --full --ops dora`; table in
+# benchmarks/results/triton-sm90-3.6.0-rms_norm-dora-lora_multi.md).
 # Values a thread keeps live, in 4-byte words (fp64: two):
 # - forward, 16-bit on tensor cores: accumulators (two with dropout) plus the [BM, BR] tile of u
-#   (with dropout counted twice) within LIVE_TC = 112: with dropout at 128 (BM64 BN64 w4, r = 64)
-#   it spilled 856 B, at 128x128 w8 / 128x64 w4 with r = 128 164 / 112 B;
+#   (with dropout counted twice) within LIVE_TC = 112 (tf32 by the same rule, not measured): with
+#   dropout at 128 (BM64 BN64 w4, r = 64) it spilled 856 B, at 256 / 384 (128x128 w8 / 128x64 w4,
+#   r = 128) 164 / 112 B;
 # - forward, fp32 on CUDA cores (operands in registers): accumulators and one stage of operand
 #   tiles within LIVE_FMA = 96 (BM32 BN64 BK128 with dropout, 160, spilled 12-80 B), the epilogue's
 #   accumulators, u tile and Bᵀ tile within LIVE_FMA_EPILOGUE = 96 (BM64 BN64 w4 at r = 128, 160,
 #   spilled 2268 B);
 # - misaligned sizes or strides (K = N = 1000, loaded element by element): the output tile plus
-#   one stage within LIVE_MISALIGNED = 80 on tensor cores (BM64 BN64 BK64, 96, spilled 124 B;
-#   BM64 BN128, 1268 B) and LIVE_FMA_MISALIGNED = 64 on CUDA cores (BM16 BN64 BK128, 106: 312 B).
+#   one stage within LIVE_MISALIGNED = 80 on tensor cores (BM64 BN64 BK64 at r = 8, 104, spilled
+#   124 B; BM64 BN128, 168, 1268 B) and LIVE_FMA_MISALIGNED = 64 on CUDA cores (BM16 BN64 BK128, 106: 312 B).
 # When no tile passes, the one with the fewest live values runs (a spilling tile is no faster).
 LIVE_TC, LIVE_FMA, LIVE_FMA_EPILOGUE, LIVE_MISALIGNED, LIVE_FMA_MISALIGNED = 112, 96, 96, 80, 64
 _FWD_INTS = ("N", "K", "stride_xm", "stride_dm", "stride_wn", "stride_ar")
@@ -308,7 +310,8 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 def _prune_norm(configs, named_args, **kwargs):
     """fp64 keeps to [BN, BR] tiles of 64 x 64; fp32 (CUDA-core dot, the W0 and Aᵀ tiles in
-    registers) to BN <= 32 and BK·BR <= 4096: at r = 64 BN16 BK128 spilled 92 B, BN64 BK64 1628 B.
+    registers) to BN <= 32 and BK·BR <= 4096: at r = 64 BN16 BK128 spilled 92 B, BN64 BK64 1628 B
+    (measured while B G Bᵀ was still a tl.dot; the configs this rule keeps do not spill now).
     16-bit with a misaligned size or stride (element-by-element loads): one stage of W0 and Aᵀ
     tiles plus the accumulator within 88 values a thread: at r = 64, 96 (BN64 BK64) and 112
     (BN32 BK128) spilled 252 / 152 B, 88 (BN16 BK128) none. (Same run as _prune_fwd's rules.)"""
