@@ -15,10 +15,13 @@ def _config(num_warps, num_stages, **blocks):
 # Short, conservative lists (blocks <= 128, stages <= 3; see the sm_90 spill gate): (BLOCK_M,
 # output width, reduction step, warps, stages) for the forward (N, K) and dx (K, N) GEMMs.
 # BK32 tall tiles: the ones that pass the rules with misaligned sizes (64x64) and in fp32 at r = 64
-# (64x32; 64x64 BK32 w8, LoRA's fp32 tile, spilled 8-48 B here at 128 registers).
+# (64x32; 64x64 BK32 w8, LoRA's fp32 tile, spilled 8-48 B here at 128 registers). Order matters for
+# LORA_KERNELS_AUTOTUNE=0 (the first kept tile runs): in fp32, 16x32 BK128 as the forward (r = 64,
+# M = 16) spilled 8 B where 16x32 BK64 did not. (The fp32 64x64 / 64x32 BK32 tiles each spilled 12 B
+# at 128 registers on one shape and not on another: no order avoids both.)
 _GEMM_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3),
                (64, 64, 32, 4, 3), (64, 32, 32, 4, 3),
-               (32, 64, 64, 4, 2), (16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (16, 32, 128, 4, 2), (16, 32, 64, 4, 3)]
+               (32, 64, 64, 4, 2), (16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (16, 32, 64, 4, 3), (16, 32, 128, 4, 2)]
 _STREAM_TILES = [(16, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32, 64, 4, 2),
                  (16, 64, 4, 3), (32, 32, 4, 2)]
 
