@@ -9,9 +9,9 @@ autotuner's pruning see: the constexprs the launcher derives (tile widths, flags
 pick one shape per such class, from the widest the launchers meet (LoRA rank up to 256, adapter
 bottleneck up to 1024, LayerNorm width up to 131072, InfoNCE batch up to 262144).
 
-Adding an op (say triton/rms_norm.py): write ``def rms_norm(mod, dt, M, N): ...`` calling
+Adding an op (say triton/group_norm.py): write ``def group_norm(mod, dt, M, N): ...`` calling
 ``mod.forward`` and ``mod.backward`` on ``t(...)`` tensors, and add
-``"rms_norm": (rms_norm, [("quick", dict(M=16384, N=4096)), ("full", dict(M=16384, N=131072))])``
+``"group_norm": (group_norm, [("quick", dict(M=16384, N=4096)), ("full", dict(M=16384, N=131072))])``
 to OPS. If the launcher sizes grids by the SM count through a module-level function, name it
 like one of ``SM_HOOKS`` (or add its name there) so the gate can give it an H100's 132 SMs.
 """
@@ -23,10 +23,12 @@ LEVELS = ("quick", "default", "full")
 # Module-level functions through which launchers learn the SM count (they fall back to a few
 # "programs" off CUDA); the gate replaces each one a launcher module defines.
 SM_HOOKS = {
-    "_target_programs": lambda device: 2 * H100_SMS,            # lora
+    "_target_programs": lambda device: 2 * H100_SMS,            # lora, lora_multi
     "_num_sms": lambda device: H100_SMS,                        # adapter, infonce
-    "_max_programs": lambda device, per_sm: H100_SMS * per_sm,  # layer_norm
+    "_max_programs": lambda device, per_sm: H100_SMS * per_sm,  # layer_norm, rms_norm
 }
+# (dora's scale pass sizes its row chunks from _common.sm_count directly: only runtime ints, each
+# chunk a multiple of its 32-row tile either way, so the compiles are the same.)
 
 
 def t(*shape, dtype):
