@@ -97,10 +97,16 @@ def _dora_norm_kernel(
         sq = tl.load(WSQ + rn, mask=n_ok, other=0.0).to(ACC)
     b = tl.load(B + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :] * stride_br,
                 mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(ACC)
-    gram = tl.load(GRAM + rr[:, None] * R + rr[None, :], mask=r_ok[:, None] & r_ok[None, :], other=0.0)
-    bg = _common.dot(b, gram.to(ACC), tl.zeros((BLOCK_N, BLOCK_R), ACC), False, "ieee")
+    # ‖s·B_n A‖² = s²·B_n G B_nᵀ (G = AAᵀ, symmetric): one rank at a time, (B_n G)_i = Σ_j B_nj G_ji
+    # from row i of G, with no tl.dot: an fp32 product in a 16-bit kernel would run on CUDA cores
+    # with G whole in registers (at r = 128 that alone was 128 a thread, and spilled).
+    bgb = tl.zeros((BLOCK_N,), ACC)
+    for i in range(0, R):
+        g_i = tl.load(GRAM + i * R + rr, mask=r_ok, other=0.0).to(ACC)
+        b_i = tl.load(B + rn.to(tl.int64) * stride_bn + i * stride_br, mask=n_ok, other=0.0).to(ACC)
+        bgb += b_i * tl.sum(b * g_i[None, :], axis=1)
     s = _scalar(scale_hi, scale_lo, ACC)
-    n2 = sq + 2.0 * s * tl.sum(b * wa, axis=1) + s * s * tl.sum(bg * b, axis=1)
+    n2 = sq + 2.0 * s * tl.sum(b * wa, axis=1) + s * s * bgb
     # Rounding can push a (near-)zero norm² below zero; the true value never is.
     rnorm = 1.0 / tl.sqrt(tl.where(n_ok, tl.maximum(n2, 0.0), 1.0))  # lanes past N: no 1/0
     mag = tl.load(MAG + rn * stride_mag, mask=n_ok, other=0.0).to(ACC)
@@ -191,7 +197,9 @@ def _dora_fwd_kernel(
         tl.store(Z + out, z.to(Z.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+# M = 1 specialised (a decode step's backward) spilled 4 B at 96 registers in 16-bit (sm_90,
+# Triton 3.6: benchmarks/triton_sm90.py --ops dora --kernel dora_bwd_scale); the constant buys nothing.
+@triton.jit(do_not_specialize=["M"])
 def _dora_bwd_scale_kernel(
     G,        # [M, N] upstream gradient, contiguous
     Z,        # [M, N] saved z (or y = c⊙z), contiguous (unused without NEED_DM)
@@ -239,29 +247,85 @@ _FWD_CONFIGS = [_config(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8) for
     (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3),
     (32, 64, 128, 4, 3), (16, 64, 128, 4, 3), (16, 32, 128, 4, 2)]]
 _NORM_CONFIGS = [_config(4, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, s in [
-    (32, 128, 3), (64, 64, 3), (32, 64, 2), (16, 128, 3)]]
+    (32, 128, 3), (64, 64, 3), (32, 64, 2), (16, 128, 3), (16, 32, 3)]]
+
+
+# Register rules, from what ptxas made of every config for sm_90 (Triton 3.6, ptxas 12.8; rerun
+# `python benchmarks/triton_sm90.py --full --ops dora`; table in
+# benchmarks/results/triton-sm90-3.6.0-rms_norm-dora-lora_multi.md).
+# Values a thread keeps live, in 4-byte words (fp64: two):
+# - forward, 16-bit on tensor cores: accumulators (two with dropout) plus the [BM, BR] tile of u
+#   (with dropout counted twice) within LIVE_TC = 112 (tf32 by the same rule, not measured): with
+#   dropout at 128 (BM64 BN64 w4, r = 64) it spilled 856 B, at 256 / 384 (128x128 w8 / 128x64 w4,
+#   r = 128) 164 / 112 B;
+# - forward, fp32 on CUDA cores (operands in registers): accumulators and one stage of operand
+#   tiles within LIVE_FMA = 96 (BM32 BN64 BK128 with dropout, 160, spilled 12-80 B), the epilogue's
+#   accumulators, u tile and Bᵀ tile within LIVE_FMA_EPILOGUE = 96 (BM64 BN64 w4 at r = 128, 160,
+#   spilled 2268 B);
+# - misaligned sizes or strides (K = N = 1000, loaded element by element): the output tile plus
+#   one stage within LIVE_MISALIGNED = 80 on tensor cores (BM64 BN64 BK64 at r = 8, 104, spilled
+#   124 B; BM64 BN128, 168, 1268 B) and LIVE_FMA_MISALIGNED = 64 on CUDA cores (BM16 BN64 BK128, 106: 312 B).
+# When no tile passes, the one with the fewest live values runs (a spilling tile is no faster).
+LIVE_TC, LIVE_FMA, LIVE_FMA_EPILOGUE, LIVE_MISALIGNED, LIVE_FMA_MISALIGNED = 112, 96, 96, 80, 64
+_FWD_INTS = ("N", "K", "stride_xm", "stride_dm", "stride_wn", "stride_ar")
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    """Keep tiles that fit shared memory, whose accumulators (two with dropout, 8-byte in fp64)
-    stay within 128 registers a thread, and whose row tile suits the row count."""
+    """Keep tiles that fit shared memory and the register rules above, and among them those whose
+    row tile suits the row count (when none does, the ones that fit)."""
     esize, m = named_args["X"].element_size(), named_args["M_BUCKET"]
-    accs = 2 if kwargs["DUAL"] else 1
+    fma = esize >= 4 and kwargs.get("PRECISION", "ieee") == "ieee"
+    loose = _common.misaligned(named_args, _FWD_INTS)
+    dual, fused, br = 1 if kwargs["DUAL"] else 0, 1 if kwargs["FUSED"] else 0, kwargs["BLOCK_R"]
 
-    def ok(c):
+    def live(c):
+        """(values a thread keeps live in the main loop / epilogue, its limit) in 4-byte words."""
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        stage = ((1 + (kwargs["DUAL"])) * bm + bn + (kwargs["BLOCK_R"] if kwargs["FUSED"] else 0)) * bk * esize
-        regs = accs * bm * bn * max(1, esize // 4) <= 128 * 32 * c.num_warps
-        rows = bm >= 64 if m > 64 else bm <= max(16, m)
-        return rows and regs and stage * c.num_stages <= _SMEM_BUDGET
-    kept = [c for c in configs if ok(c)]
-    return kept or [configs[-1]]
+        threads, words = 32 * c.num_warps, max(1, esize // 4)
+        if fma:
+            main = (1 + dual) * (bm * bn + bm * bk) + bk * bn + fused * (bm * br + bk * br)
+            epilogue = (1 + dual) * bm * bn + bm * br + br * bn
+            main_limit = LIVE_FMA_MISALIGNED if loose else LIVE_FMA
+            if epilogue / LIVE_FMA_EPILOGUE > main / main_limit:
+                return epilogue * words / threads, LIVE_FMA_EPILOGUE
+            return main * words / threads, main_limit
+        acc = (1 + dual) * (bm * bn + bm * br) / threads
+        streamed = (bm * bn + ((1 + dual) * bm + bn + fused * br) * bk) / threads
+        if loose and streamed / LIVE_MISALIGNED > acc / LIVE_TC:
+            return streamed, LIVE_MISALIGNED
+        return acc, LIVE_TC
+
+    def fits(c):
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        stage = ((1 + dual) * bm + bn + fused * br) * bk * esize
+        used, limit = live(c)
+        return (esize < 8 or bm * bn <= 64 * 64) and used <= limit and stage * c.num_stages <= _SMEM_BUDGET
+
+    def rows(c):
+        bm = c.kwargs["BLOCK_M"]
+        return bm >= 64 if m > 64 else bm <= max(16, m)
+    fit = [c for c in configs if fits(c)]
+    return [c for c in fit if rows(c)] or fit or [min(configs, key=lambda c: live(c)[0] / live(c)[1])]
 
 
 def _prune_norm(configs, named_args, **kwargs):
-    esize = named_args["W"].element_size()
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] * kwargs["BLOCK_R"] * max(1, esize // 4) <= 64 * 64
-            or esize < 8]
+    """fp64 keeps to [BN, BR] tiles of 64 x 64; fp32 (CUDA-core dot, the W0 and Aᵀ tiles in
+    registers) to BN <= 32 and BK·BR <= 4096: at r = 64 BN16 BK128 spilled 92 B, BN64 BK64 1628 B
+    (measured while B G Bᵀ was still a tl.dot; the configs this rule keeps do not spill now).
+    16-bit with a misaligned size or stride (element-by-element loads): one stage of W0 and Aᵀ
+    tiles plus the accumulator within 88 values a thread: at r = 64, 96 (BN64 BK64) and 112
+    (BN32 BK128) spilled 252 / 152 B, 88 (BN16 BK128) none. (Same run as _prune_fwd's rules.)"""
+    esize, br = named_args["W"].element_size(), kwargs["BLOCK_R"]
+    loose = _common.misaligned(named_args, ("N", "K", "stride_wn", "stride_ar"))
+
+    def ok(c):
+        bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if esize == 8:
+            return bn * br <= 64 * 64
+        if esize == 4:
+            return bn <= 32 and bk * br <= 4096
+        return not loose or (bn + br) * bk + bn * br <= 88 * 32 * c.num_warps
+    kept = [c for c in configs if ok(c)]
     return kept or [configs[-1]]
 
 
