@@ -366,8 +366,11 @@ def row_scale(weight, lora_A, lora_B, magnitude, w_sq, scaling):
     N, K = weight.shape
     r = lora_A.shape[0]
     ct = compute_dtype(weight.dtype)
-    a = lora_A.to(ct)
-    gram = (a @ a.T).contiguous()  # r×r×K: negligible next to the N×r×K of W0 Aᵀ
+    # r×r×K: negligible next to the N×r×K of W0 Aᵀ. An fp32 matmul would run in TF32 under
+    # allow_tf32, and like W0 Aᵀ in the kernel (ieee) this term sets c, which scales every output:
+    # fp32 gets it through fp64, never TF32.
+    a = lora_A.to(torch.float64 if ct == torch.float32 else ct)
+    gram = (a @ a.T).to(ct).contiguous()
     c = _common.empty((N,), ct, weight.device)
     rnorm = _common.empty((N,), ct, weight.device)
     scale_hi, scale_lo = _fp32_halves(float(scaling), weight.dtype)
