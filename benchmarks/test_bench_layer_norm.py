@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import floors
-from lk_bench import (ON_GPU, SHAPES, Case, compiled, default_dtype, liger_unavailable, providers, randn, rows,
+from lk_bench import (SHAPES, Case, compiled, default_dtype, liger_unavailable, providers, randn, rows,
                       run_row, step)
 from lora_kernels.ops.layer_norm import IMPLS
 

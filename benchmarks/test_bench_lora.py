@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import floors
-from lk_bench import DEVICE, SHAPES, Case, compiled, default_dtype, providers, randn, rows, run_row, step
+from lk_bench import SHAPES, Case, compiled, default_dtype, providers, randn, rows, run_row, step
 from lora_kernels.ops.lora import IMPLS
 
 import lora_kernels as lk

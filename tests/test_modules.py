@@ -13,7 +13,6 @@ import lora_kernels as lk
 from lora_kernels import backend
 from lora_kernels.ops import layer_norm as ln_op
 from lora_kernels.reference import adapter as ref_adapter
-from lora_kernels.reference import layer_norm as ref_ln
 from lora_kernels.reference import lora as ref_lora
 
 from conftest import DEVICE, TOLERANCE, assert_close, randn, rel_err
