@@ -31,6 +31,8 @@ from ..reference import dora as ref
 from ..reference.lora import apply_dropout, dropout_mask
 from . import _common
 from . import lora as _lora
+from .lora import _fp32_halves, _launch, _rank_block
+from .lora_kernels import _scalar
 
 _ACC = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32,
         torch.float64: tl.float64}
@@ -49,12 +51,6 @@ def _fuse_u(M: int, N: int, K: int, r: int, esize: int) -> bool:
         return False
     fused = 2.0 * M * K * r_pad * -(-N // 128) / _FLOPS[esize]
     return fused <= M * K * esize / _HBM_BYTES_PER_S + _LAUNCH_S
-
-
-@triton.jit
-def _scalar(hi, lo, ACC: tl.constexpr):
-    """hi + lo in the accumulator's dtype: fp64 kernels get back the bits an fp32 argument loses."""
-    return tl.zeros((1,), ACC) + hi + lo
 
 
 @triton.jit
@@ -341,24 +337,6 @@ _fwd = _autotuned(_dora_fwd_kernel, _FWD_CONFIGS, ["M_BUCKET", "N", "K", "R", "D
 _norm = _autotuned(_dora_norm_kernel, _NORM_CONFIGS, ["N", "K", "R", "HAS_WSQ"], _prune_norm)
 _INTERP_BLOCK = 32  # small, so the small test shapes cross tile boundaries
 _SCALE_BLOCK_M, _SCALE_BLOCK_N = (16, 32) if _common.INTERPRET else (32, 128)
-
-
-def _launch(kernel, grid, args, consts, interp_blocks):
-    if _common.INTERPRET:
-        meta = {**consts, **interp_blocks}
-        kernel[grid(meta)](*args, **meta)
-    else:
-        kernel[grid](*args, **consts)
-
-
-def _fp32_halves(value: float, dtype: torch.dtype):
-    """Triton passes Python floats as fp32: an fp64 kernel gets value = hi + lo instead."""
-    hi, lo = _common.split_fp32(value)
-    return hi, (lo if dtype == torch.float64 else 0.0)
-
-
-def _rank_block(r: int) -> int:
-    return max(16, _common.next_pow2(r))
 
 
 def row_scale(weight, lora_A, lora_B, magnitude, w_sq, scaling):

@@ -35,6 +35,8 @@ import triton.language as tl
 
 from ..reference import compute_dtype, empty_grad
 from . import _common
+# Launch, fp64-scalar and dropout-argument rules are LoRA's: one seed, one keep-mask in both ops.
+from .lora import _dropout_args, _interp_m, _launch, _m_bucket
 from .lora_multi_configs import (da as _da, down_rows as _down_rows, down_seg as _down_seg, dx as _dx,
                                  fwd as _fwd, gb as _gb)
 
@@ -49,35 +51,6 @@ _DECODE_M = 16        # up to this many rows, u comes from the per-row (gathered
 _INTERP_BLOCK = 32
 if _common.INTERPRET:
     _K_GRANULE = _INTERP_BLOCK
-
-
-def _launch(kernel, grid, args, consts, interp_blocks):
-    """Launch ``kernel`` (autotuned on a GPU) on ``grid(meta)``; interp_blocks: the fixed config."""
-    if _common.INTERPRET:
-        meta = {**consts, **interp_blocks}
-        kernel[grid(meta)](*args, **meta)
-    else:
-        kernel[grid](*args, **consts)
-
-
-def _interp_m(m):
-    return 16 if m <= 16 else _INTERP_BLOCK
-
-
-def _fp32_halves(value: float, dtype: torch.dtype):
-    """Triton passes Python floats as fp32: an fp64 kernel gets value = hi + lo instead."""
-    hi, lo = _common.split_fp32(value)
-    return hi, (lo if dtype == torch.float64 else 0.0)
-
-
-def _dropout_args(dropout_p: float, seed: int, dtype: torch.dtype):
-    """(1/(1−p) in two halves, seed, threshold) exactly as triton/lora.py derives them: the same
-    seed gives the same keep-mask in both ops."""
-    if dropout_p <= 0.0:
-        return (1.0, 0.0, 1 << 62, 0)
-    hi, lo = _fp32_halves(1.0 / (1.0 - dropout_p), dtype)
-    threshold = min(int(round(dropout_p * 2.0 ** 31)), 2 ** 31 - 1)
-    return (hi, lo, (int(seed) & ((1 << 62) - 1)) | (1 << 62), threshold)
 
 
 def _wide_counters(M: int, K: int) -> bool:
@@ -116,10 +89,6 @@ def _common_args(dtype):
 
 def _rank_block(r: int) -> int:
     return min(max(16, _common.next_pow2(r)), _MAX_BLOCK_R)
-
-
-def _m_bucket(m: int) -> int:
-    return min(_common.next_pow2(max(m, 1)), 1 << 16)
 
 
 def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, dropout_p, seed):

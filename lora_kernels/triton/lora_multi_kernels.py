@@ -4,36 +4,9 @@ import triton
 import triton.language as tl
 
 from . import _common
-
-
-@triton.jit
-def _tile_ids(NUM_M, NUM_N, GROUP_M: tl.constexpr):
-    # GROUP_M row tiles walk one column tile together, so the weight tile they share stays in L2.
-    pid = tl.program_id(0)
-    per_group = GROUP_M * NUM_N
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(NUM_M - first_m, GROUP_M)
-    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
-
-
-@triton.jit
-def _scalar(hi, lo, ACC: tl.constexpr):
-    """hi + lo in the accumulator's dtype: fp64 kernels get back the bits an fp32 argument loses."""
-    return tl.zeros((1,), ACC) + hi + lo
-
-
-@triton.jit
-def _keep_mask(seed, threshold, rm, k0, K4, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
-    """Dropout keep-mask of x[rm, k0:k0+BLOCK_K]: bit for bit triton/lora.py's _keep_mask (word
-    k % 4 of Philox(seed, m·K4 + k // 4)); tests/test_lora_multi_op.py checks the two agree."""
-    quads = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-    if WIDE:
-        counter = rm.to(tl.int64)[:, None] * K4 + quads[None, :]
-    else:
-        counter = rm[:, None] * K4 + quads[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, counter)
-    words = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (BLOCK_M, BLOCK_K))
-    return (words >> 1).to(tl.int32) >= threshold
+# The tile order, fp64 scalars and the dropout keep-mask are LoRA's own: the same seed draws the
+# same mask in both ops because it is the same function.
+from .lora_kernels import _keep_mask, _scalar, _tile_ids
 
 
 @triton.jit
