@@ -268,8 +268,8 @@ ln_bwd_fused_kernel(const T* __restrict__ g, const T* __restrict__ x, int64_t ld
 // Partial column sums for dγ = Σ g⊙x̂ and dβ = Σ g. Block (bx, by) owns columns
 // [64·bx, 64·bx + 64) and rows [by·rows_per, (by+1)·rows_per); it writes row `by` of
 // pdw / pdb ([P, N], either may be nullptr). Each thread walks its column down every
-// fourth row, then the four row lanes are added in a fixed order.
-constexpr int kColTile = 64, kRowLanes = 4;
+// fourth row, then the four row lanes are added in a fixed order (kColTile, kRowLanes:
+// norm_common.cuh).
 
 template <typename T>
 __global__ void __launch_bounds__(kColTile* kRowLanes)
@@ -309,18 +309,7 @@ ln_bwd_partials_kernel(const T* __restrict__ g, const T* __restrict__ x, int64_t
 }
 
 // ---------------------------------------------------------------------------------------
-// Launch helpers
-
-// Number of row blocks P of the dγ/dβ partials: about 2048 blocks in all, at least 16 rows
-// each. layer_norm_bwd_workspace and layer_norm_bwd must agree, hence one function.
-int64_t partial_row_blocks(int64_t M, int64_t N) {
-  if (M <= 0) return 0;
-  const int64_t col_tiles = ceil_div(N, kColTile);
-  int64_t p = ceil_div(2048, col_tiles);
-  const int64_t by_rows = ceil_div(M, 16);
-  if (p > by_rows) p = by_rows;
-  return p < 1 ? 1 : p;
-}
+// Launch helpers (row_launch, fused_launch, partial_row_blocks: norm_common.cuh)
 
 cudaError_t last_error() { return cudaGetLastError(); }
 

@@ -207,5 +207,20 @@ sum_partials_kernel(const acc_t<T>* __restrict__ part, const acc_t<T>* __restric
   }
 }
 
+// The column-tiled dγ (/dβ) partials kernels of layer_norm.cu and rms_norm.cu: a block owns
+// kColTile columns and walks them with kRowLanes row lanes.
+constexpr int kColTile = 64, kRowLanes = 4;
+
+// Row blocks P of those partials: about 2048 blocks in all, at least 16 rows each. Each op's
+// *_bwd_workspace and *_bwd must agree, hence one function.
+int64_t partial_row_blocks(int64_t M, int64_t N) {
+  if (M <= 0) return 0;
+  const int64_t col_tiles = ceil_div(N, kColTile);
+  int64_t p = ceil_div(2048, col_tiles);
+  const int64_t by_rows = ceil_div(M, 16);
+  if (p > by_rows) p = by_rows;
+  return p < 1 ? 1 : p;
+}
+
 }  // namespace
 }  // namespace lk

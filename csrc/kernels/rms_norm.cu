@@ -204,8 +204,8 @@ rms_bwd_fused_kernel(const T* __restrict__ g, const T* __restrict__ x, int64_t l
 
 // Partial column sums of dγ = Σ g⊙x̂. Block (bx, by) owns columns [64·bx, 64·bx + 64) and rows
 // [by·rows_per, (by+1)·rows_per) and writes row `by` of pdw [P, N]. Each thread walks its column
-// down every fourth row; the four row lanes are then added in a fixed order.
-constexpr int kColTile = 64, kRowLanes = 4;
+// down every fourth row; the four row lanes are then added in a fixed order (kColTile,
+// kRowLanes: norm_common.cuh).
 
 template <typename T>
 __global__ void __launch_bounds__(kColTile* kRowLanes)
@@ -234,18 +234,7 @@ rms_bwd_partials_kernel(const T* __restrict__ g, const T* __restrict__ x, int64_
 }
 
 // ---------------------------------------------------------------------------------------
-// Launch helpers (row_launch, fused_launch: norm_common.cuh)
-
-// Row blocks P of the dγ partials: about 2048 blocks in all, at least 16 rows each.
-// rms_norm_bwd_workspace and rms_norm_bwd must agree, hence one function.
-int64_t partial_row_blocks(int64_t M, int64_t N) {
-  if (M <= 0) return 0;
-  const int64_t col_tiles = ceil_div(N, kColTile);
-  int64_t p = ceil_div(2048, col_tiles);
-  const int64_t by_rows = ceil_div(M, 16);
-  if (p > by_rows) p = by_rows;
-  return p < 1 ? 1 : p;
-}
+// Launch helpers: row_launch, fused_launch, partial_row_blocks (norm_common.cuh)
 
 }  // namespace
 
