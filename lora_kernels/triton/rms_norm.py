@@ -14,7 +14,9 @@ import triton.language as tl
 
 from ..reference import compute_dtype, empty_grad
 from . import _common
-from .layer_norm import _layer_norm_bwd_reduce_kernel, _rsqrt
+# layer_norm's pure helpers serve both; _whole_row_tile and _max_programs stay per module: they read
+# this module's own _TILE and _INTERPRETER_PROGRAMS (the tests shrink those per op).
+from .layer_norm import _layer_norm_bwd_reduce_kernel, _rsqrt, _tl_dtype, _warps
 
 # Same limits and tiles as layer_norm.py (the same register budget per element, one fewer
 # accumulator): see there.
@@ -178,14 +180,6 @@ _fwd_kernel = _rms_norm_fwd_kernel if _common.INTERPRET else triton.autotune(
     configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16)],
     key=["N", "BLOCK_M", "BLOCK_N", "WHOLE_ROW", "STATS"], prune_configs_by=_common.prune_by(_prune_fwd),
 )(_rms_norm_fwd_kernel)
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _warps(elements: int) -> int:
-    return max(2, min(16, elements // 512))
 
 
 def _whole_row_tile(width: int):
