@@ -76,6 +76,24 @@ def finite_number(name: str, value):
     return value
 
 
+def lora_shapes(x, weight, bias, lora_A, lora_B) -> tuple:
+    """(K, N, r) of a LoRA-style layer after checking x [..., K], weight [N, K], bias [N] or None,
+    lora_A [r, K] (r >= 1) and lora_B [N, r]; lora_linear and dora_linear share these rules."""
+    tensor("x", x, min_ndim=1)
+    tensor("weight", weight, ndim=2)
+    tensor("lora_A", lora_A, ndim=2)
+    tensor("lora_B", lora_B, ndim=2)
+    k, (n, kw), r = x.shape[-1], weight.shape, lora_A.shape[0]
+    if kw != k:
+        raise ValueError(f"weight must have shape [N, K] with K = x.shape[-1] = {k}, got {list(weight.shape)}")
+    if r == 0:
+        raise ValueError("LoRA rank r must be >= 1, got lora_A of shape [0, K]")
+    shape("lora_A", lora_A, (r, k), "[r, K]")
+    shape("lora_B", lora_B, (n, r), "[N, r]")
+    shape("bias", bias, (n,), "[N]")
+    return k, n, r
+
+
 def rows(x: torch.Tensor, width: int, trailing: int = 1) -> torch.Tensor:
     """View ``x`` as [M, width], merging its last ``trailing`` dims into one row
     (a copy only when strides make a view impossible)."""

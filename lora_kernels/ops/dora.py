@@ -112,20 +112,9 @@ def dora_linear_cached(x, weight, bias, lora_A, lora_B, magnitude, scaling, drop
     to the autocast dtype first, as ``F.linear`` would be.
     """
     x, weight, bias, lora_A, lora_B, magnitude = _autocast.like_matmul(x, weight, bias, lora_A, lora_B, magnitude)
-    check.tensor("x", x, min_ndim=1)
-    check.tensor("weight", weight, ndim=2)
-    check.tensor("lora_A", lora_A, ndim=2)
-    check.tensor("lora_B", lora_B, ndim=2)
+    k, n, r = check.lora_shapes(x, weight, bias, lora_A, lora_B)
     check.tensor("magnitude", magnitude, ndim=1)
-    k, (n, kw), r = x.shape[-1], weight.shape, lora_A.shape[0]
-    if kw != k:
-        raise ValueError(f"weight must have shape [N, K] with K = x.shape[-1] = {k}, got {list(weight.shape)}")
-    if r == 0:
-        raise ValueError("LoRA rank r must be >= 1, got lora_A of shape [0, K]")
-    check.shape("lora_A", lora_A, (r, k), "[r, K]")
-    check.shape("lora_B", lora_B, (n, r), "[N, r]")
     check.shape("magnitude", magnitude, (n,), "[N]")
-    check.shape("bias", bias, (n,), "[N]")
     check.same_device_and_dtype(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude)
     if weight_sq_norm is not None:
         check.shape("weight_sq_norm", weight_sq_norm, (n,), "[N]")

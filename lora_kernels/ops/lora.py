@@ -92,18 +92,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     Under autocast every tensor is cast to the autocast dtype first, as ``F.linear`` would be.
     """
     x, weight, bias, lora_A, lora_B = _autocast.like_matmul(x, weight, bias, lora_A, lora_B)
-    check.tensor("x", x, min_ndim=1)
-    check.tensor("weight", weight, ndim=2)
-    check.tensor("lora_A", lora_A, ndim=2)
-    check.tensor("lora_B", lora_B, ndim=2)
-    k, (n, kw), r = x.shape[-1], weight.shape, lora_A.shape[0]
-    if kw != k:
-        raise ValueError(f"weight must have shape [N, K] with K = x.shape[-1] = {k}, got {list(weight.shape)}")
-    if r == 0:
-        raise ValueError("LoRA rank r must be >= 1, got lora_A of shape [0, K]")
-    check.shape("lora_A", lora_A, (r, k), "[r, K]")
-    check.shape("lora_B", lora_B, (n, r), "[N, r]")
-    check.shape("bias", bias, (n,), "[N]")
+    k, n, r = check.lora_shapes(x, weight, bias, lora_A, lora_B)
     check.same_device_and_dtype(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     scaling = check.finite_float("scaling", scaling)
     p = check.probability("dropout_p", dropout_p)
