@@ -17,19 +17,11 @@ from lora_kernels.ops import dora as dora_op  # noqa: E402
 from lora_kernels.reference.lora import dropout_mask  # noqa: E402
 
 from conftest import backends_for  # noqa: E402
+from _surgery_helpers import _one_thread  # noqa: E402,F401  (autouse: one intra-op thread here)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 FP32_TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _gpt2():

@@ -19,6 +19,7 @@ from lora_kernels.ops import rms_norm as rms_op  # noqa: E402
 from lora_kernels.surgery import selective  # noqa: E402
 
 from conftest import DEVICE, backends_for  # noqa: E402
+from _surgery_helpers import _one_thread  # noqa: E402,F401  (autouse: one intra-op thread here)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning:peft")]
@@ -28,15 +29,6 @@ TIGHT = 1e-12
 F32 = 1e-5
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
 VOCAB = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _decoder(config_cls, model_cls, **extra):

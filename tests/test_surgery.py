@@ -15,21 +15,13 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import lora_kernels as lk  # noqa: E402
 from lora_kernels.surgery import AdapterAfter  # noqa: E402
+from _surgery_helpers import _one_thread  # noqa: E402,F401  (autouse: one intra-op thread here)
 
 # Deprecation chatter from transformers/peft internals, not from this package.
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning:peft")]
 
 TIGHT = 1e-12  # float64, same math in a different order
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost ~50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- tiny models
