@@ -114,6 +114,33 @@ def test_peft_switches_after_from_peft():
 
 # --------------------------------------------------------------------------- PEFT's MHA LoRA
 
+def _statuses(model):
+    """PEFT's layer statuses as comparable dicts, without the module type (ours names our class)."""
+    return [{k: v for k, v in vars(s).items() if k != "module_type"} for s in model.get_layer_status()]
+
+
+def test_peft_status_after_from_peft():
+    """get_layer_status/get_model_status report the LoRALinear layers as PEFT reports its own
+    (PEFT alone raises "No adapter layers found"), through its switches; add_adapter says why not."""
+    peft = pytest.importorskip("peft")
+    _, twin, _ = _peft_pair()
+    twin.add_adapter("other", peft.LoraConfig(r=3, target_modules=["query"]))
+    pm = lk.from_peft(copy.deepcopy(twin))
+    steps = [lambda m: None, lambda m: m.disable_adapter_layers(), lambda m: m.enable_adapter_layers(),
+             lambda m: m.set_adapter("other"), lambda m: m.merge_adapter(), lambda m: m.unmerge_adapter()]
+    for step in steps:
+        step(pm), step(twin)
+        assert _statuses(pm) == _statuses(twin)
+        assert vars(pm.get_model_status()) == vars(twin.get_model_status())
+    with pm.disable_adapter(), twin.disable_adapter():
+        assert _statuses(pm) == _statuses(twin)
+    assert _statuses(pm) == _statuses(twin)  # enabled again, the active adapter trainable again
+    types = {s.module_type for s in pm.get_layer_status()}
+    assert types == {"lora_kernels.LoRALinear"}, types
+    with pytest.raises(NotImplementedError, match="before calling lk.from_peft"):
+        pm.add_adapter("third", peft.LoraConfig(r=2, target_modules=["query"]))
+
+
 def _mha_model():
     """The same weights every call."""
     torch.manual_seed(0)
@@ -137,6 +164,14 @@ def _mha_peft():
     perturb([p for n, p in pm.named_parameters() if "lora_" in n], scale=0.2)
     _zero_out_proj_b(pm)
     return pm
+
+
+def test_peft_status_of_multihead_attention_after_from_peft():
+    twin = _mha_peft()
+    pm = lk.from_peft(copy.deepcopy(twin))
+    assert _statuses(pm) == _statuses(twin)
+    assert {s.module_type for s in pm.get_layer_status()} == {"lora_kernels.LoRAMultiheadAttention",
+                                                              "lora_kernels.LoRALinear"}
 
 
 def test_lora_multihead_attention_is_the_merged_weights():

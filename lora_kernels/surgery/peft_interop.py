@@ -15,6 +15,7 @@ from ._common import _import_optional, _in_out_features, _is_linear, _set_submod
 from .mha import LoRAMultiheadAttention, lora_layers
 from .batching import adapter_batch
 from .peft_format import save_adapter
+from . import peft_status
 
 
 def _is_peft_lora_layer(module: nn.Module) -> bool:
@@ -159,6 +160,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     ``set_adapter(name)`` and ``delete_adapter(name)`` are routed to the ``LoRALinear`` layers too, with PEFT's outputs; and
     PEFT's mixed batches, ``peft_model(..., adapter_names=[...])`` and ``generate(...,
     adapter_names=...)``, run through ``lk.adapter_batch`` (in training mode too, which PEFT refuses).
+    ``get_layer_status()`` / ``get_model_status()`` report the LoRALinear layers as PEFT reports its
+    own. PEFT cannot inject a new adapter into them: ``add_adapter`` (and ``load_adapter`` of a new
+    name) raises and says what to do instead (add adapters before from_peft, or ``lk.load_adapter``).
     """
     # Without peft there is no PEFT model; say how to install it rather than "no LoRA layer found".
     _import_optional("peft", "from_peft")
@@ -173,6 +177,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     if converted:
         _route_peft_methods(peft_model)
         _route_peft_switches(peft_model)
+        peft_status.route(peft_model)
     return peft_model
 
 
@@ -271,27 +276,43 @@ def _peft_layers_left(peft_model) -> bool:
     return any(_is_peft_lora_layer(m) for m in peft_model.modules())
 
 
+def _held_parameters(lora) -> dict:
+    """{adapter: its parameters} of a LoRALinear or LoRAMultiheadAttention."""
+    if isinstance(lora, LoRAMultiheadAttention):
+        return {lora.__dict__.get("_peft_adapter", "default"): [lora.lora_A, lora.lora_B]}
+    return {a: multi.adapter_parameters(lora, a) for a in lora.adapter_names}
+
+
 def _enable_layers(peft_model, lora_model, enabled: bool) -> None:
+    """PEFT's layer switch, requires_grad included: disabled freezes every adapter; enabled makes
+    the active adapter trainable and the others frozen (PEFT's layer-level set_adapter)."""
     for lora in _loras(peft_model):
         lora.enable_adapters(enabled)
+        active = getattr(lora, "active_adapter", None) if isinstance(lora, LoRALinear) else \
+            lora.__dict__.get("_peft_adapter", "default")
+        for adapter, params in _held_parameters(lora).items():
+            for p in params:
+                p.requires_grad_(enabled and adapter == active)
     method = type(lora_model).enable_adapter_layers if enabled else type(lora_model).disable_adapter_layers
     method(lora_model)  # PEFT's own: its warnings (bias) and the layers left alone
 
 
 @contextlib.contextmanager
 def _disable_adapter(peft_model, lora_model):
-    """``PeftModel.disable_adapter()``: the base model inside, each layer's previous state after."""
-    loras = _loras(peft_model)
-    peft_layers = [m for m in peft_model.modules() if _is_peft_lora_layer(m)]
-    before = [m.disable_adapters for m in loras + peft_layers]
+    """``PeftModel.disable_adapter()`` with PEFT's rule: the base model inside; after, every layer
+    enabled (active adapter trainable) unless all were disabled before."""
+    enabled = peft_model.get_model_status().enabled
+    if enabled == "irregular":
+        warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                      "After exiting the disable_adapter context, all adapters will be enabled")
     was_disabled = getattr(peft_model, "_adapters_disabled", False)
     try:
         lora_model.disable_adapter_layers()
         peft_model._adapters_disabled = True
         yield
     finally:
-        for module, disabled in zip(loras + peft_layers, before):
-            module.enable_adapters(not disabled)
+        if enabled is not False:
+            lora_model.enable_adapter_layers()
         peft_model._adapters_disabled = was_disabled
 
 
