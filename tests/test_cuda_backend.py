@@ -209,7 +209,7 @@ def test_launchers_accept_any_row_stride_of_x(tmp_path):
     # PTX only, for one virtual arch: the probe runs host code alone, so skip ptxas and sm_90.
     cmd = ["nvcc", "-std=c++17", "-O0", "-gencode", "arch=compute_80,code=compute_80", f"-I{kernels}",
            str(tmp_path / "probe.cu"), str(kernels / "layer_norm.cu"), str(kernels / "adapter.cu"),
-           str(kernels / "adapter_fused.cu"), str(kernels / "rms_norm.cu"),
+           str(kernels / "adapter_bwd.cu"), str(kernels / "adapter_fused.cu"), str(kernels / "rms_norm.cu"),
            "-o", str(tmp_path / "probe")]
     built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
