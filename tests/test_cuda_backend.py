@@ -159,13 +159,13 @@ def test_unavailable_backend_names_the_exact_op(monkeypatch):
 
 
 def test_adapter_activation_order_matches_the_kernels():
-    """bindings.cpp maps names to lk::Activation by position: both must follow ACTIVATIONS."""
+    """csrc/glue/adapter.cpp maps names to lk::Activation by position: both must follow ACTIVATIONS."""
     header = (ROOT / "csrc" / "kernels" / "adapter.cuh").read_text()
     body = re.search(r"enum class Activation[^{]*\{([^}]*)\}", header).group(1)
     enum = {name: int(value) for name, value in re.findall(r"(\w+)\s*=\s*(\d+)", body)}
     assert sorted(enum, key=enum.get) == list(ref_adapter.ACTIVATIONS)
-    bindings = (ROOT / "csrc" / "bindings.cpp").read_text()
-    names = re.search(r"names\[\]\s*=\s*\{([^}]*)\}", bindings).group(1)
+    glue = (ROOT / "csrc" / "glue" / "adapter.cpp").read_text()
+    names = re.search(r"names\[\]\s*=\s*\{([^}]*)\}", glue).group(1)
     assert re.findall(r'"(\w+)"', names) == list(ref_adapter.ACTIVATIONS)
 
 
