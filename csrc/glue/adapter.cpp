@@ -1,4 +1,5 @@
-// Torch glue of the adapter bottleneck: checks, outputs, and the launchers of csrc/kernels/adapter.cuh.
+// Torch glue of the adapter bottleneck: checks, outputs, and the launchers of
+// csrc/kernels/adapter.cuh.
 #include "glue.h"
 #include "adapter.cuh"
 

@@ -1,5 +1,6 @@
-// Pieces of the adapter shared by adapter.cu (the tiled GEMMs) and adapter_fused.cu (the
-// single-pass forward): the activations, and the fused forward's entry point.
+// Pieces of the adapter shared by the tiled GEMM (adapter_gemm.cuh, launched by adapter.cu and
+// adapter_bwd.cu) and adapter_fused.cu (the single-pass forward): the activations, and the fused
+// forward's entry point.
 #pragma once
 #include "adapter.cuh"
 

@@ -15,7 +15,7 @@
 // block: K above 5696-6560 in 16-bit, 2832-3264 fp32, 1024-1456 fp64 on H100/H200 (R = 64-16);
 // 3648-4512, 1808-2240, 512-944 on A100) the caller keeps the two-GEMM path.
 // half/bf16 multiply on tensor cores (WMMA m16n16k16, fp32 accumulation; act(h) rounded to T in
-// shared memory, as adapter.cu's GEMM and an eager half matmul do); fp32/fp64 on CUDA cores.
+// shared memory, as adapter_gemm.cuh's GEMM and an eager half matmul do); fp32/fp64 on CUDA cores.
 // Deterministic: every sum has a fixed order (phase 1's k-slices are added in slice order).
 #include "adapter_detail.cuh"
 
