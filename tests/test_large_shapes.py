@@ -54,8 +54,9 @@ def test_lora_large(backend, dtype):
 def test_adapter_large(backend, dtype):
     # adapter_bwd.cu bwd_layout: r = 24 > 16 takes the square tiles, ceil(384/64)·ceil(24/64) = 6
     # tiles, so the weight-gradient GEMMs split M = 2048 into S = min(ceil(512/6), 2048/256) = 8
-    # row ranges whose partials sum_splits_kernel adds up. The forward is adapter_fused.cu's single
-    # pass (RP = 32, BM = 64: 32 row blocks, 384 = 3 chunks of 128 columns).
+    # row ranges whose partials sum_splits_kernel adds up. The forward, and the backward's dh and dx,
+    # are adapter_fused.cu's single passes (RP = 32, BM = 64: 32 row blocks, 384 = 3 chunks of 128
+    # columns).
     m, k, r = 2048, 384, 24
     args = [randn(m, k, requires_grad=True), randn(r, k, requires_grad=True, scale=k**-0.5),
             randn(r, requires_grad=True), randn(k, r, requires_grad=True, scale=r**-0.5), randn(k, requires_grad=True)]
