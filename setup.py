@@ -46,7 +46,8 @@ def cuda_build():
     flag = os.environ.get("LORA_KERNELS_BUILD_CUDA", "").strip()
     if flag == "0":
         return {}
-    sources = sorted(glob.glob("csrc/kernels/*.cu")) + glob.glob("csrc/bindings.cpp")
+    sources = (sorted(glob.glob("csrc/kernels/*.cu")) + sorted(glob.glob("csrc/glue/*.cpp"))
+               + glob.glob("csrc/bindings.cpp"))
     pin_cuda_home()
     try:
         import torch

@@ -11,14 +11,14 @@ and sm_90, keeping nvcc's PTX, then checks:
           rsqrt.approx (rsqrtf, 2 ulp; __frsqrt_rn's seed). Forbidden: tanh/sin/cos/lg2/sqrt
           .approx and div.approx/div.full (what --use_fast_math produces). Not caught: an explicit
           __expf in fp32 code (its ex2.approx looks like the one inside precise tanhf); the
-          kernels use it only under `if constexpr` for 16-bit types (infonce.cu's ex()).
+          kernels use it only under `if constexpr` for 16-bit types (infonce_detail.cuh's ex()).
           16-bit kernels (a __half or __nv_bfloat16 in the kernel's name) may use any: their
           tolerances (3e-3, 2e-2) are 100x looser, and each use is justified where it is made.
   spills  ptxas -v reports no spill stores or loads in any 16-bit or fp32 function (fp64, the
           gradcheck type, is reported but not gated), except the builds KNOWN_SPILLS lists with
           the reason; a listed build that stops spilling fails too, so the list only shrinks.
-  tensor  the SASS of every 16-bit GEMM-class kernel (the GEMMs of lora.cu and adapter.cu, the
-          single-pass forwards of adapter_fused.cu and lora_fused.cu, the S tiles of infonce.cu)
+  tensor  the SASS of every 16-bit GEMM-class kernel (the GEMMs of lora_gemm.cu and adapter_gemm.cuh, the
+          single-pass forwards of adapter_fused.cu and lora_fused.cu, the S tiles of infonce_*.cu)
           holds HMMA instructions, on sm_80 and on sm_90 (cuobjdump from the triton wheel, or the
           toolkit's).
 
@@ -43,7 +43,7 @@ ARCHS = ("80", "90")
 # Kernels whose 16-bit instantiations must run on tensor cores (demangled-name patterns).
 GEMM_CLASS = re.compile(r"\bgemm_kernel<|infonce_detail::(?:fwd|grad)_kernel<|\bfused_fwd_kernel<|\blora_fused_kernel<")
 # (arch, pattern of the demangled name, why not fixed yet). CUDA 13.0's ptxas, sm_80 only.
-_ADAPTER_WHY = ("__launch_bounds__(256, 2) caps adapter.cu's GEMM at 128 registers; (256, 1) removes "
+_ADAPTER_WHY = ("__launch_bounds__(256, 2) caps adapter_gemm.cuh's GEMM at 128 registers; (256, 1) removes "
                 "these spills but lets most 16-bit adapter GEMMs take 133-166 registers on sm_80, one "
                 "block per SM instead of two. Left to the GEMM rewrite of issue 18 Part 2")
 KNOWN_SPILLS = [

@@ -159,13 +159,13 @@ def test_unavailable_backend_names_the_exact_op(monkeypatch):
 
 
 def test_adapter_activation_order_matches_the_kernels():
-    """bindings.cpp maps names to lk::Activation by position: both must follow ACTIVATIONS."""
+    """csrc/glue/adapter.cpp maps names to lk::Activation by position: both must follow ACTIVATIONS."""
     header = (ROOT / "csrc" / "kernels" / "adapter.cuh").read_text()
     body = re.search(r"enum class Activation[^{]*\{([^}]*)\}", header).group(1)
     enum = {name: int(value) for name, value in re.findall(r"(\w+)\s*=\s*(\d+)", body)}
     assert sorted(enum, key=enum.get) == list(ref_adapter.ACTIVATIONS)
-    bindings = (ROOT / "csrc" / "bindings.cpp").read_text()
-    names = re.search(r"names\[\]\s*=\s*\{([^}]*)\}", bindings).group(1)
+    glue = (ROOT / "csrc" / "glue" / "adapter.cpp").read_text()
+    names = re.search(r"names\[\]\s*=\s*\{([^}]*)\}", glue).group(1)
     assert re.findall(r'"(\w+)"', names) == list(ref_adapter.ACTIVATIONS)
 
 
@@ -209,7 +209,7 @@ def test_launchers_accept_any_row_stride_of_x(tmp_path):
     # PTX only, for one virtual arch: the probe runs host code alone, so skip ptxas and sm_90.
     cmd = ["nvcc", "-std=c++17", "-O0", "-gencode", "arch=compute_80,code=compute_80", f"-I{kernels}",
            str(tmp_path / "probe.cu"), str(kernels / "layer_norm.cu"), str(kernels / "adapter.cu"),
-           str(kernels / "adapter_fused.cu"), str(kernels / "rms_norm.cu"),
+           str(kernels / "adapter_bwd.cu"), str(kernels / "adapter_fused.cu"), str(kernels / "rms_norm.cu"),
            "-o", str(tmp_path / "probe")]
     built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
@@ -438,11 +438,12 @@ def test_rms_norm_backward_paths(dtype, m, n, path, needs):
     assert all(torch.equal(a, c) for a, c in zip(got, again)), f"{path}: not bitwise reproducible"
 
 
-# ---- with a GPU: the single-pass adapter forward (adapter_fused.cu) and its fallback ----
+# ---- with a GPU: the single-pass adapter forward and backward (adapter_fused.cu), their fallback ----
 
 # (dtype, M, K, R, activation, path by adapter_fused.cu's launch arithmetic: layout() and
 # pick_rows(), with 227 KB of shared memory per block on H100/H200, 163 KB on A100). The backward
-# reads the h the forward saved, so the gradients check h too.
+# reads the h the forward saved, so the gradients check h too; its dh and dx take the same path
+# (one pass on the g tile, or the DhBwd and DxBwd GEMMs).
 ADAPTER_PATHS = [
     (torch.bfloat16, 37, 129, 3, "gelu", "one pass, RP=16 BM=64 (70 KB smem) WMMA, scalar x loads (129 % 8)"),
     (torch.float16, 1, 256, 16, "silu", "one pass, RP=16 WMMA, 16-byte x loads, one row; BM=64 (84 KB) on H100, 16 on A100"),
@@ -458,7 +459,7 @@ ADAPTER_PATHS = [
 @needs_cuda
 @pytest.mark.parametrize("dtype,m,k,r,activation,path", ADAPTER_PATHS,
                          ids=[f"{d}-{m}x{k}-r{r}" for d, m, k, r, *_ in ADAPTER_PATHS])
-def test_adapter_forward_paths(dtype, m, k, r, activation, path):
+def test_adapter_fused_paths(dtype, m, k, r, activation, path):
     from conftest import check_against_reference
     args = [randn(m, k, requires_grad=True), randn(r, k, requires_grad=True, scale=k**-0.5),
             randn(r, requires_grad=True), randn(k, r, requires_grad=True, scale=r**-0.5), randn(k, requires_grad=True)]
@@ -469,7 +470,16 @@ def test_adapter_forward_paths(dtype, m, k, r, activation, path):
         x = randn(m, k, dtype=dtype)
         w = [a.detach().to(dtype) for a in args[1:]]
         once, again = (lk.adapter(x, *w, activation=activation, scale=0.7) for _ in range(2))
+        # Backward twice with dx, once without (the fused pass then skips its dx phase).
+        up, grads = randn(m, k, dtype=dtype), []
+        for need_dx in (True, True, False):
+            xi, wi = x.clone().requires_grad_(need_dx), [a.clone().requires_grad_(True) for a in w]
+            lk.adapter(xi, *wi, activation=activation, scale=0.7).backward(up)
+            grads.append([a.grad for a in wi] + ([xi.grad] if need_dx else []))
     assert torch.equal(once, again), f"{path}: not bitwise reproducible"
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1])), f"{path}: backward not bitwise reproducible"
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[2])), \
+        f"{path}: the weight gradients change when dx is not asked for"
 
 
 # ---- with a GPU: the one-launch LoRA forward (lora_fused.cu) and the cases it leaves to lora.cu ----

@@ -35,7 +35,7 @@ def gpu_backends(impls):
 @pytest.mark.parametrize("backend", gpu_backends(lora_op.IMPLS))
 @pytest.mark.parametrize("dtype", LARGE_DTYPES, ids=str)
 def test_lora_large(backend, dtype):
-    # lora.cu: y (fp32; bf16 takes lora_fused.cu's one launch, r = 16 and 272 tiles) and dW get
+    # lora_gemm.cu: y (fp32; bf16 takes lora_fused.cu's one launch, r = 16 and 272 tiles) and dW get
     # the wide GEMM tiles (ceil(1024/64)·ceil(1056/64) = 272 and
     # ceil(1056/64)·ceil(1000/64) = 272 tiles >= kWideTilesWanted = 264), dx the narrow ones
     # (256 tiles); the colsums of dB, dA and db split M = 1024 into 8 chunks of 128 rows, so
@@ -52,10 +52,11 @@ def test_lora_large(backend, dtype):
 @pytest.mark.parametrize("backend", gpu_backends(adapter_op.IMPLS))
 @pytest.mark.parametrize("dtype", LARGE_DTYPES, ids=str)
 def test_adapter_large(backend, dtype):
-    # adapter.cu bwd_layout: r = 24 > 16 takes the square tiles, ceil(384/64)·ceil(24/64) = 6
+    # adapter_bwd.cu bwd_layout: r = 24 > 16 takes the square tiles, ceil(384/64)·ceil(24/64) = 6
     # tiles, so the weight-gradient GEMMs split M = 2048 into S = min(ceil(512/6), 2048/256) = 8
-    # row ranges whose partials sum_splits_kernel adds up. The forward is adapter_fused.cu's single
-    # pass (RP = 32, BM = 64: 32 row blocks, 384 = 3 chunks of 128 columns).
+    # row ranges whose partials sum_splits_kernel adds up. The forward, and the backward's dh and dx,
+    # are adapter_fused.cu's single passes (RP = 32, BM = 64: 32 row blocks, 384 = 3 chunks of 128
+    # columns).
     m, k, r = 2048, 384, 24
     args = [randn(m, k, requires_grad=True), randn(r, k, requires_grad=True, scale=k**-0.5),
             randn(r, requires_grad=True), randn(k, r, requires_grad=True, scale=r**-0.5), randn(k, requires_grad=True)]
@@ -81,7 +82,7 @@ def test_layer_norm_large(backend, dtype):
 @pytest.mark.parametrize("backend", gpu_backends(infonce_op.IMPLS))
 @pytest.mark.parametrize("dtype", LARGE_DTYPES, ids=str)
 def test_infonce_large(backend, dtype):
-    # infonce.cu: N = 17000 > 264·64 row blocks, so each forward block owns two row blocks and
+    # infonce_*.cu: N = 17000 > 264·64 row blocks, so each forward block owns two row blocks and
     # merges its column partials (the not-first path); d = 320 > DV = 256 gives the backward two
     # D slabs, each recomputing S.
     n, d = 17000, 320

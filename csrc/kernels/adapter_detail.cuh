@@ -1,5 +1,6 @@
-// Pieces of the adapter shared by adapter.cu (the tiled GEMMs) and adapter_fused.cu (the
-// single-pass forward): the activations, and the fused forward's entry point.
+// Pieces of the adapter shared by the tiled GEMM (adapter_gemm.cuh, launched by adapter.cu and
+// adapter_bwd.cu) and adapter_fused.cu (the single-pass kernels): the activations, and the fused
+// passes' entry points.
 #pragma once
 #include "adapter.cuh"
 
@@ -78,6 +79,16 @@ template <typename T>
 cudaError_t adapter_fwd_fused(const T* x, int64_t ldx, const T* w_down, const T* b_down, const T* w_up,
                               const T* b_up, T* y, acc_t<T>* h, int64_t M, int64_t K, int64_t R,
                               Activation act, double scale, cudaStream_t stream);
+
+// The backward's first and last products in one pass of the same kernel (g read once for both):
+// dh = s·(g W_u) ⊙ act'(h) into dh [M, R] (acc_t), and dx = g + dh W_d into dx [M, K] unless dx is
+// null. g: [M, K] contiguous; the rest as adapter_bwd. Returns cudaErrorNotSupported, having
+// launched nothing, exactly where adapter_fwd_fused does (same tiles): the caller then runs the
+// DhBwd and DxBwd GEMMs.
+template <typename T>
+cudaError_t adapter_bwd_fused(const T* g, const T* w_down, const T* w_up, const acc_t<T>* h, acc_t<T>* dh,
+                              T* dx, int64_t M, int64_t K, int64_t R, Activation act, double scale,
+                              cudaStream_t stream);
 
 }  // namespace adapter_detail
 }  // namespace lk

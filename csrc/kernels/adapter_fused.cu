@@ -15,8 +15,12 @@
 // block: K above 5696-6560 in 16-bit, 2832-3264 fp32, 1024-1456 fp64 on H100/H200 (R = 64-16);
 // 3648-4512, 1808-2240, 512-944 on A100) the caller keeps the two-GEMM path.
 // half/bf16 multiply on tensor cores (WMMA m16n16k16, fp32 accumulation; act(h) rounded to T in
-// shared memory, as adapter.cu's GEMM and an eager half matmul do); fp32/fp64 on CUDA cores.
+// shared memory, as adapter_gemm.cuh's GEMM and an eager half matmul do); fp32/fp64 on CUDA cores.
 // Deterministic: every sum has a fixed order (phase 1's k-slices are added in slice order).
+// The backward's dh and dx (adapter_bwd_fused) run the same phases with the weights swapped:
+// the g tile on chip, phase 1 dh = s·(g W_u) ⊙ act'(h) (written once, for dW_d, and kept),
+// phase 2 dx = g + dh W_d; g is read once for both (traffic: adapter_bwd.cu). Same tiles, so it
+// applies exactly where the forward does.
 #include "adapter_detail.cuh"
 
 #include <mma.h>
@@ -68,12 +72,16 @@ __host__ __device__ inline Layout layout(int64_t K) {
   return l;
 }
 
-template <typename T, int RP, int BM>
-__global__ void __launch_bounds__(kThreads, 1)
-fused_fwd_kernel(const T* __restrict__ x, int64_t ldx_g, const T* __restrict__ wd,
-                 const T* __restrict__ bd, const T* __restrict__ wu, const T* __restrict__ bu,
-                 T* __restrict__ y, acc_t<T>* __restrict__ h, int64_t M, int64_t K, int64_t R,
-                 Activation act, acc_t<T> scale, bool vec) {
+// Both passes, written with the forward's names. kBwd swaps the roles: x is g, wd is W_u [K, R]
+// (phase 1: dh = s·(g W_u) ⊙ act'(hin), written to h), wu is W_d [R, K] (phase 2: dx = g + dh W_d,
+// written to y unless y is null); bd, bu are unused.
+template <typename T, int RP, int BM, bool kBwd>
+__device__ __forceinline__ void fused_pass(const T* __restrict__ x, int64_t ldx_g, const T* __restrict__ wd,
+                                           const T* __restrict__ bd, const T* __restrict__ wu,
+                                           const T* __restrict__ bu, T* __restrict__ y,
+                                           acc_t<T>* __restrict__ h, const acc_t<T>* __restrict__ hin,
+                                           int64_t M, int64_t K, int64_t R, Activation act, acc_t<T> scale,
+                                           bool vec) {
   using A = acc_t<T>;
   constexpr bool kWmma = UseWmma<T>::value;
   using S = typename std::conditional<kWmma, T, A>::type;  // operand type in shared memory
@@ -121,7 +129,8 @@ fused_fwd_kernel(const T* __restrict__ x, int64_t ldx_g, const T* __restrict__ w
     for (int e = tid; e < RP * kBK; e += kThreads) {
       const int r = e / kBK, c = e % kBK;
       const int64_t k = k0 + c;
-      ws[r * L.ldw + c] = (r < R && k < K) ? from_acc<S>(to_acc<A>(wd[r * K + k])) : from_acc<S>(A(0));
+      const int64_t at = kBwd ? k * R + r : r * K + k;  // W_u[k, r] : W_d[r, k]
+      ws[r * L.ldw + c] = (r < R && k < K) ? from_acc<S>(to_acc<A>(wd[at])) : from_acc<S>(A(0));
     }
   };
   if constexpr (kWmma) {
@@ -188,6 +197,7 @@ fused_fwd_kernel(const T* __restrict__ x, int64_t ldx_g, const T* __restrict__ w
   __syncthreads();
 
   // h = Σ slices + b_d, written once; act(h) kept (zero past R, so phase 2's padding adds 0).
+  // Backward: dh = s·Σ slices·act'(h) (as adapter_bwd.cu's DhBwd), written once and kept.
   for (int e = tid; e < BM * RP; e += kThreads) {
     const int m = e / RP, r = e % RP;
     const int64_t row = row0 + m;
@@ -196,22 +206,33 @@ fused_fwd_kernel(const T* __restrict__ x, int64_t ldx_g, const T* __restrict__ w
     for (int s = 0; s < WS; ++s) v += red[s * BM * RP + e];
     A a = A(0);
     if (r < R) {
-      if (bd != nullptr) v += to_acc<A>(bd[r]);
-      if (row < M) h[row * R + r] = v;
-      a = act_fwd(v, act);
+      if constexpr (kBwd) {
+        if (row < M) {
+          a = scale * v * act_grad(hin[row * R + r], act);
+          h[row * R + r] = a;
+        }
+      } else {
+        if (bd != nullptr) v += to_acc<A>(bd[r]);
+        if (row < M) h[row * R + r] = v;
+        a = act_fwd(v, act);
+      }
     }
     acts[m * L.ldh + r] = from_acc<S>(a);
   }
   __syncthreads();
+  if constexpr (kBwd) {
+    if (y == nullptr) return;  // dx not asked for (uniform over the block)
+  }
 
-  // Phase 2: y chunks of kBN columns; W_u[k, r] staged as us[k - k0][r].
+  // Phase 2: y chunks of kBN columns; W_u[k, r] staged as us[k - k0][r] (backward: W_d[r, k]).
   S* us = ws;
   float* cs = reinterpret_cast<float*>(red);  // WMMA path only (A is float there)
   for (int64_t k0 = 0; k0 < K; k0 += kBN) {
     for (int e = tid; e < kBN * RP; e += kThreads) {
       const int c = e / RP, r = e % RP;
       const int64_t k = k0 + c;
-      us[c * L.ldu + r] = (r < R && k < K) ? from_acc<S>(to_acc<A>(wu[k * R + r])) : from_acc<S>(A(0));
+      const int64_t at = kBwd ? r * K + k : k * R + r;  // W_d[r, k] : W_u[k, r]
+      us[c * L.ldu + r] = (r < R && k < K) ? from_acc<S>(to_acc<A>(wu[at])) : from_acc<S>(A(0));
     }
     __syncthreads();
     if constexpr (kWmma) {
@@ -238,8 +259,12 @@ fused_fwd_kernel(const T* __restrict__ x, int64_t ldx_g, const T* __restrict__ w
         const int64_t row = row0 + m, k = k0 + c;
         if (row < M && k < K) {
           A v = cs[m * L.ldc + c];
-          if (bu != nullptr) v += to_acc<A>(bu[k]);
-          y[row * K + k] = from_acc<T>(to_acc<A>(xs[m * L.ldx + k]) + scale * v);
+          if constexpr (kBwd) {
+            y[row * K + k] = from_acc<T>(to_acc<A>(xs[m * L.ldx + k]) + v);
+          } else {
+            if (bu != nullptr) v += to_acc<A>(bu[k]);
+            y[row * K + k] = from_acc<T>(to_acc<A>(xs[m * L.ldx + k]) + scale * v);
+          }
         }
       }
     } else {
@@ -271,8 +296,12 @@ fused_fwd_kernel(const T* __restrict__ x, int64_t ldx_g, const T* __restrict__ w
           const int64_t k = k0 + lane + 16 * c;
           if (row < M && k < K) {
             A v = acc[i][c];
-            if (bu != nullptr) v += to_acc<A>(bu[k]);
-            y[row * K + k] = from_acc<T>(to_acc<A>(xs[m * L.ldx + k]) + scale * v);
+            if constexpr (kBwd) {
+              y[row * K + k] = from_acc<T>(to_acc<A>(xs[m * L.ldx + k]) + v);
+            } else {
+              if (bu != nullptr) v += to_acc<A>(bu[k]);
+              y[row * K + k] = from_acc<T>(to_acc<A>(xs[m * L.ldx + k]) + scale * v);
+            }
           }
         }
       }
@@ -282,12 +311,29 @@ fused_fwd_kernel(const T* __restrict__ x, int64_t ldx_g, const T* __restrict__ w
 }
 
 template <typename T, int RP, int BM>
-cudaError_t launch(const T* x, int64_t ldx, const T* wd, const T* bd, const T* wu, const T* bu, T* y,
-                   acc_t<T>* h, int64_t M, int64_t K, int64_t R, Activation act, double scale,
-                   size_t smem, cudaStream_t stream) {
+__global__ void __launch_bounds__(kThreads, 1)
+fused_fwd_kernel(const T* __restrict__ x, int64_t ldx_g, const T* __restrict__ wd,
+                 const T* __restrict__ bd, const T* __restrict__ wu, const T* __restrict__ bu,
+                 T* __restrict__ y, acc_t<T>* __restrict__ h, int64_t M, int64_t K, int64_t R,
+                 Activation act, acc_t<T> scale, bool vec) {
+  fused_pass<T, RP, BM, false>(x, ldx_g, wd, bd, wu, bu, y, h, nullptr, M, K, R, act, scale, vec);
+}
+
+// dh = s·(g W_u) ⊙ act'(h) into dh, and dx = g + dh W_d into dx unless it is null; g is [M, K].
+template <typename T, int RP, int BM>
+__global__ void __launch_bounds__(kThreads, 1)
+fused_bwd_kernel(const T* __restrict__ g, const T* __restrict__ wu, const T* __restrict__ wd,
+                 const acc_t<T>* __restrict__ h, acc_t<T>* __restrict__ dh, T* __restrict__ dx,
+                 int64_t M, int64_t K, int64_t R, Activation act, acc_t<T> scale, bool vec) {
+  fused_pass<T, RP, BM, true>(g, K, wu, nullptr, wd, nullptr, dx, dh, h, M, K, R, act, scale, vec);
+}
+
+// Launches kernel (one of the two above, for BM) over the row blocks of x [M, K], row stride ldx.
+template <typename T, int BM, typename Kernel, typename... Args>
+cudaError_t launch(Kernel kernel, const T* x, int64_t ldx, int64_t M, int64_t K, size_t smem,
+                   cudaStream_t stream, Args... args) {
   const int64_t grid = ceil_div(M, BM);
   if (grid > 0x7fffffff) return cudaErrorNotSupported;
-  auto kernel = fused_fwd_kernel<T, RP, BM>;
   if (smem > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -295,25 +341,54 @@ cudaError_t launch(const T* x, int64_t ldx, const T* wd, const T* bd, const T* w
   }
   constexpr int V = 16 / sizeof(T);
   const bool vec = K % V == 0 && ldx % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(
-      x, ldx, wd, bd, wu, bu, y, h, M, K, R, act, static_cast<acc_t<T>>(scale), vec);
+  kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(args..., vec);
   return cudaGetLastError();
 }
 
 // BM = 64 where its tile leaves room for a second block on the SM, or, for R > 16, where it fits
 // at all: with BM = 16 the weights read from L2 per block would outweigh x and y R/16 times over.
 // Else BM = 16 where that fits. (Register use also caps BM = 64, RP = 64 16-bit blocks at one per
-// SM: 144-148 registers, ptxas -v.)
-template <typename T, int RP>
-cudaError_t pick_rows(const T* x, int64_t ldx, const T* wd, const T* bd, const T* wu, const T* bu, T* y,
-                      acc_t<T>* h, int64_t M, int64_t K, int64_t R, Activation act, double scale,
-                      size_t budget, cudaStream_t stream) {
+// SM: 144-148 registers, ptxas -v.) go(std::integral_constant<int, BM>, smem) launches.
+template <typename T, int RP, typename Go>
+cudaError_t pick_rows(int64_t K, size_t budget, Go&& go) {
   const size_t big = layout<T, RP, 64>(K).total, small = layout<T, RP, 16>(K).total;
-  if (big <= budget / 2 || (RP > 16 && big <= budget))
-    return launch<T, RP, 64>(x, ldx, wd, bd, wu, bu, y, h, M, K, R, act, scale, big, stream);
-  if (small <= budget)
-    return launch<T, RP, 16>(x, ldx, wd, bd, wu, bu, y, h, M, K, R, act, scale, small, stream);
+  if (big <= budget / 2 || (RP > 16 && big <= budget)) return go(std::integral_constant<int, 64>{}, big);
+  if (small <= budget) return go(std::integral_constant<int, 16>{}, small);
   return cudaErrorNotSupported;
+}
+
+// The largest dynamic shared memory a block may opt in to, or 0 (then nothing fits).
+size_t smem_budget() {
+  int dev = 0, budget = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&budget, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();  // not sticky: leave no error behind for the fallback's launch check
+    return 0;
+  }
+  return static_cast<size_t>(budget);
+}
+
+template <typename T, int RP>
+cudaError_t fwd_rows(const T* x, int64_t ldx, const T* wd, const T* bd, const T* wu, const T* bu, T* y,
+                     acc_t<T>* h, int64_t M, int64_t K, int64_t R, Activation act, double scale,
+                     size_t budget, cudaStream_t stream) {
+  const acc_t<T> s = static_cast<acc_t<T>>(scale);
+  return pick_rows<T, RP>(K, budget, [&](auto bm, size_t smem) {
+    constexpr int BM = decltype(bm)::value;
+    return launch<T, BM>(fused_fwd_kernel<T, RP, BM>, x, ldx, M, K, smem, stream, x, ldx, wd, bd, wu, bu,
+                         y, h, M, K, R, act, s);
+  });
+}
+
+template <typename T, int RP>
+cudaError_t bwd_rows(const T* g, const T* wu, const T* wd, const acc_t<T>* h, acc_t<T>* dh, T* dx, int64_t M,
+                     int64_t K, int64_t R, Activation act, double scale, size_t budget, cudaStream_t stream) {
+  const acc_t<T> s = static_cast<acc_t<T>>(scale);
+  return pick_rows<T, RP>(K, budget, [&](auto bm, size_t smem) {
+    constexpr int BM = decltype(bm)::value;
+    return launch<T, BM>(fused_bwd_kernel<T, RP, BM>, g, K, M, K, smem, stream, g, wu, wd, h, dh, dx, M, K,
+                         R, act, s);
+  });
 }
 
 }  // namespace
@@ -323,22 +398,29 @@ cudaError_t adapter_fwd_fused(const T* x, int64_t ldx, const T* w_down, const T*
                               const T* b_up, T* y, acc_t<T>* h, int64_t M, int64_t K, int64_t R,
                               Activation act, double scale, cudaStream_t stream) {
   if (R > kMaxR || K > (int64_t(1) << 24)) return cudaErrorNotSupported;
-  int dev = 0, budget = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&budget, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
-    cudaGetLastError();  // not sticky: leave no error behind for the fallback's launch check
-    return cudaErrorNotSupported;
-  }
-  const size_t b = static_cast<size_t>(budget);
-  if (R <= 16) return pick_rows<T, 16>(x, ldx, w_down, b_down, w_up, b_up, y, h, M, K, R, act, scale, b, stream);
-  if (R <= 32) return pick_rows<T, 32>(x, ldx, w_down, b_down, w_up, b_up, y, h, M, K, R, act, scale, b, stream);
-  return pick_rows<T, 64>(x, ldx, w_down, b_down, w_up, b_up, y, h, M, K, R, act, scale, b, stream);
+  const size_t b = smem_budget();
+  if (R <= 16) return fwd_rows<T, 16>(x, ldx, w_down, b_down, w_up, b_up, y, h, M, K, R, act, scale, b, stream);
+  if (R <= 32) return fwd_rows<T, 32>(x, ldx, w_down, b_down, w_up, b_up, y, h, M, K, R, act, scale, b, stream);
+  return fwd_rows<T, 64>(x, ldx, w_down, b_down, w_up, b_up, y, h, M, K, R, act, scale, b, stream);
+}
+
+template <typename T>
+cudaError_t adapter_bwd_fused(const T* g, const T* w_down, const T* w_up, const acc_t<T>* h, acc_t<T>* dh,
+                              T* dx, int64_t M, int64_t K, int64_t R, Activation act, double scale,
+                              cudaStream_t stream) {
+  if (R > kMaxR || K > (int64_t(1) << 24)) return cudaErrorNotSupported;
+  const size_t b = smem_budget();
+  if (R <= 16) return bwd_rows<T, 16>(g, w_up, w_down, h, dh, dx, M, K, R, act, scale, b, stream);
+  if (R <= 32) return bwd_rows<T, 32>(g, w_up, w_down, h, dh, dx, M, K, R, act, scale, b, stream);
+  return bwd_rows<T, 64>(g, w_up, w_down, h, dh, dx, M, K, R, act, scale, b, stream);
 }
 
 #define LK_INSTANTIATE_ADAPTER_FUSED(T)                                                              \
   template cudaError_t adapter_fwd_fused<T>(const T*, int64_t, const T*, const T*, const T*, const T*, \
                                             T*, acc_t<T>*, int64_t, int64_t, int64_t, Activation,    \
-                                            double, cudaStream_t);
+                                            double, cudaStream_t);                                   \
+  template cudaError_t adapter_bwd_fused<T>(const T*, const T*, const T*, const acc_t<T>*, acc_t<T>*, T*,  \
+                                            int64_t, int64_t, int64_t, Activation, double, cudaStream_t);
 LK_FOR_EACH_TYPE(LK_INSTANTIATE_ADAPTER_FUSED)
 #undef LK_INSTANTIATE_ADAPTER_FUSED
 

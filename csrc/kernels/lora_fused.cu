@@ -7,9 +7,10 @@
 // u does not go through memory in between: the blocks of column tile 0 write it (acc_t) once,
 // for the backward. The price: every column tile recomputes u, RP/64 more tensor-core work per
 // tile, so lora_fwd_fused takes R <= 16 (25%) unless there is a single column tile, and only
-// the shapes whose tile count fills the GPU (lora.cu's wide-tile rule). Not timed (no GPU so far).
+// the shapes whose tile count fills the GPU (lora_gemm.cu's wide-tile rule). Not timed (no GPU
+// so far).
 // Numerics: the low-rank term multiplies T(s·u) by B on tensor cores (fp32 accumulation), where
-// lora.cu's epilogue keeps s·u in fp32: one more rounding of that term, 2^-9 (bf16) or 2^-12
+// lora_gemm.cu's epilogue keeps s·u in fp32: one more rounding of that term, 2^-9 (bf16) or 2^-12
 // (fp16) relative. Deterministic: each output has one owner and a fixed order.
 #include "lora_detail.cuh"
 
@@ -26,7 +27,7 @@ namespace wmma = nvcuda::wmma;
 constexpr int BM = 64, BN = 64, BK = 32, kThreads = 128;  // 4 warps, 2×2, 32×32 each
 constexpr int LDA = BK + 8;                                // x, W, A tiles (T), WMMA ldm rule
 constexpr int LDC = BN + 4;                                // y tile (float)
-constexpr int64_t kTilesWanted = 264;                      // as lora.cu's kWideTilesWanted
+constexpr int64_t kTilesWanted = 264;                      // as lora_gemm.cu's kWideTilesWanted
 
 __host__ __device__ constexpr size_t up128(size_t b) { return (b + 127) / 128 * 128; }
 

@@ -1,5 +1,6 @@
 """The compiled CUDA backend: thin wrappers over ``torch.ops.lora_kernels.<op>_{fwd,bwd}_cuda``,
-which ``csrc/bindings.cpp`` registers when ``lora_kernels._C`` is imported.
+which ``csrc/bindings.cpp`` registers (their glue: ``csrc/glue/<op>.cpp``) when ``lora_kernels._C``
+is imported.
 
 Each op module exposes ``forward``, ``backward`` (same signatures and results as the matching
 ``reference`` module) and ``supports(*tensors) -> reason or None``; ``ops/`` wires them in with

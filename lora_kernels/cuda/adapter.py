@@ -1,5 +1,5 @@
-"""Bottleneck adapter on the compiled CUDA kernels (csrc/kernels/adapter.cu).
-The activation travels by name; bindings.cpp maps it onto lk::Activation (adapter.cuh),
+"""Bottleneck adapter on the compiled CUDA kernels (csrc/kernels/adapter*.cu).
+The activation travels by name; csrc/glue/adapter.cpp maps it onto lk::Activation (adapter.cuh),
 whose order is reference.adapter.ACTIVATIONS."""
 from typing import Optional
 

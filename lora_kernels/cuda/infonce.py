@@ -1,5 +1,5 @@
-"""Symmetric InfoNCE on the compiled CUDA kernels (csrc/kernels/infonce.cu). logit_scale
-and the loss gradient stay on the device: bindings.cpp hands them to the kernels as one
+"""Symmetric InfoNCE on the compiled CUDA kernels (csrc/kernels/infonce_*.cu). logit_scale
+and the loss gradient stay on the device: csrc/glue/infonce.cpp hands them to the kernels as one
 accumulator-dtype value each, so no call synchronises with the host."""
 from typing import Optional
 

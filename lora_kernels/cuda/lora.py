@@ -1,4 +1,4 @@
-"""LoRA linear on the compiled CUDA kernels (csrc/kernels/lora.cu). The dropout mask is the
+"""LoRA linear on the compiled CUDA kernels (csrc/kernels/lora*.cu). The dropout mask is the
 kernels' own counter-based one, keyed on ``seed``: regenerated in the backward, never stored,
 and not the reference's torch.Generator mask."""
 from typing import Optional

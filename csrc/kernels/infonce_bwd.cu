@@ -1,0 +1,460 @@
+// InfoNCE backward: the square loss (infonce_bwd) and the rows op's one direction
+// (infonce_rows_bwd). See infonce_detail.cuh for the plan.
+#include "infonce_detail.cuh"
+
+namespace lk {
+namespace infonce_detail {
+
+template <typename T>
+struct GradSmem {
+  using C = Cfg<T>;
+  static constexpr size_t tile = align128(sizeof(typename C::S) * C::BT * C::LDK);
+  static constexpr size_t slab = align128(sizeof(typename C::S) * C::KC * C::LDV);
+  // The X/Y tiles (S phase) and the Y slab chunk (H·Y phase) are never live together.
+  static constexpr size_t x = 0, y = tile, ys = 0;
+  static constexpr size_t region = 2 * tile > slab ? 2 * tile : slab;
+  static constexpr size_t d = region;
+  static constexpr size_t dbytes = C::kWmma ? align128(sizeof(float) * C::BT * C::LDD) : 0;
+  static constexpr size_t h = d + dbytes;
+  static constexpr size_t red = h + align128(sizeof(typename C::S) * C::BT * C::LDH);
+  static constexpr size_t total = red + align128(sizeof(typename C::A) * kWarps);
+  static_assert(!C::kWmma || dbytes >= sizeof(float) * 256 * kWarps, "epilogue scratch");
+  static_assert(total <= 48 * 1024, "static shared memory limit");
+};
+
+// Turns dẑ (gradient w.r.t. the unit rows, fp32/fp64, contiguous [N, D]) into dx:
+// dx = a·(dẑ − ẑ(ẑ·dẑ)) with a = 1/‖x‖, ẑ = a·x. dz may alias out (fp32/fp64 outputs are
+// reused as that buffer): each element is read, then written, by the same lane.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) norm_bwd_kernel(const T* __restrict__ X, int64_t ld,
+                                                            const acc_t<T>* __restrict__ inv,
+                                                            const acc_t<T>* dz, T* out, int64_t N,
+                                                            int64_t D) {
+  using A = acc_t<T>;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (row >= N) return;
+  const int lane = threadIdx.x & 31;
+  const A a = inv[row];
+  const A* g = dz + row * D;
+  A r = A(0);
+  for (int64_t k = lane; k < D; k += 32) r = vfma(a * to_acc<A>(X[row * ld + k]), g[k], r);
+  r = group_sum(r, 32);
+  for (int64_t k = lane; k < D; k += 32) {
+    const A z = a * to_acc<A>(X[row * ld + k]);
+    const A v = a * (g[k] - z * r);
+    out[row * D + k] = from_acc<T>(v);
+  }
+}
+
+// ---------------------------------------------------------------- backward tile kernel
+
+// H·Y on CUDA cores: acc[a][j][e] += Σ_k H[ty+16a][k] · Yslab[k][4tx + 64j + e].
+template <typename T>
+__device__ __forceinline__ void hy_fma(acc_t<T> (&acc)[Cfg<T>::TM][Cfg<T>::TV][4],
+                                       const acc_t<T>* sH, const acc_t<T>* sYs, int kc) {
+  using C = Cfg<T>;
+  using A = acc_t<T>;
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll
+  for (int k = 0; k < C::KC; k += 4) {
+    A h[C::TM][4];
+#pragma unroll
+    for (int a = 0; a < C::TM; ++a) load4(sH + (ty + 16 * a) * C::LDH + kc + k, h[a]);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      A yv[C::TV][4];
+#pragma unroll
+      for (int j = 0; j < C::TV; ++j) load4(sYs + (k + kk) * C::LDV + 4 * tx + 64 * j, yv[j]);
+#pragma unroll
+      for (int a = 0; a < C::TM; ++a)
+#pragma unroll
+        for (int j = 0; j < C::TV; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[a][j][e] = vfma(h[a][kk], yv[j][e], acc[a][j][e]);
+    }
+  }
+}
+
+// Accumulators of the H·Y product, one D slab of BT rows. FMA: registers in the (ty, tx)
+// layout. WMMA: warp w holds rows 32·(w/4) + 16i, columns 64·(w%4) + 16j, i < 2, j < 4.
+template <typename T, bool W = Cfg<T>::kWmma>
+struct HYAcc;
+
+template <typename T>
+struct HYAcc<T, false> {
+  using C = Cfg<T>;
+  using A = acc_t<T>;
+  A acc[C::TM][C::TV][4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int a = 0; a < C::TM; ++a)
+#pragma unroll
+      for (int j = 0; j < C::TV; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[a][j][e] = A(0);
+  }
+  __device__ __forceinline__ void mma(const A* sH, const A* sYs, int kc) {
+    hy_fma<T>(acc, sH, sYs, kc);
+  }
+  // out[row][d] = scale·acc, to T (outT) or to the accumulator type (outA).
+  __device__ __forceinline__ void store(float* /*scratch*/, A scale, int64_t row0, int64_t d0,
+                                        int64_t N, int64_t D, T* outT, A* outA) {
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll
+    for (int a = 0; a < C::TM; ++a) {
+      const int64_t row = row0 + ty + 16 * a;
+      if (row >= N) continue;
+#pragma unroll
+      for (int j = 0; j < C::TV; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t d = d0 + 4 * tx + 64 * j + e;
+          if (d >= D) continue;
+          const A v = scale * acc[a][j][e];
+          if (outT != nullptr) {
+            outT[row * D + d] = from_acc<T>(v);
+          } else {
+            outA[row * D + d] = v;
+          }
+        }
+    }
+  }
+};
+
+template <typename T>
+struct HYAcc<T, true> {
+  using C = Cfg<T>;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+  }
+  __device__ __forceinline__ void mma(const T* sH, const T* sYs, int kc) {
+    namespace wmma = nvcuda::wmma;
+    const int warp = threadIdx.x >> 5, rg = warp >> 2, cg = warp & 3;
+#pragma unroll
+    for (int ks = 0; ks < C::KC; ks += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(fa[i], sH + (rg * 2 + i) * 16 * C::LDH + kc + ks, C::LDH);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, sYs + ks * C::LDV + (cg * 4 + j) * 16, C::LDV);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[i][j], fa[i], fb, acc[i][j]);
+      }
+    }
+  }
+  // Fragments go through a private 16×16 fp32 patch of `scratch` per warp (the fragment's
+  // register layout is opaque), then out with bounds checks.
+  __device__ __forceinline__ void store(float* scratch, float scale, int64_t row0, int64_t d0,
+                                        int64_t N, int64_t D, T* outT, float* outA) {
+    namespace wmma = nvcuda::wmma;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, rg = warp >> 2, cg = warp & 3;
+    float* patch = scratch + warp * 256;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        wmma::store_matrix_sync(patch, acc[i][j], 16, wmma::mem_row_major);
+        __syncwarp();
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int idx = lane + 32 * e, r = idx >> 4, cc = idx & 15;
+          const int64_t row = row0 + (rg * 2 + i) * 16 + r;
+          const int64_t d = d0 + (cg * 4 + j) * 16 + cc;
+          if (row < N && d < D) {
+            const float v = scale * patch[idx];
+            if (outT != nullptr) {
+              outT[row * D + d] = from_acc<T>(v);
+            } else {
+              outA[row * D + d] = v;
+            }
+          }
+        }
+        __syncwarp();
+      }
+  }
+};
+
+// Grid (row blocks, D slabs). See infonce_detail.cuh's file comment for the roles of (X, Y, lse_x, lse_y, wx,
+// wy); X has NX rows, Y has NY, and the −δ sits at column x + doff. A null lse_x (lse_y) drops
+// its term, whose weight is then 0 (the rows op has one direction only). do_out = false: only
+// Σ G'⊙u (d logit_scale), grid.y must be 1. Outputs [NX, D] contiguous, scaled by c·gloss/denom:
+// outT (T, final) or outA (accumulator type, dẑ before the normalisation chain);
+// dc_part[row block] (or nullptr) gets Σ G'⊙u of the block's rows.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grad_kernel(
+    const T* __restrict__ X, int64_t ldx, const T* __restrict__ Y, int64_t ldy,
+    const acc_t<T>* __restrict__ scale_ptr, const acc_t<T>* __restrict__ gloss_ptr,
+    const acc_t<T>* __restrict__ inv_x, const acc_t<T>* __restrict__ inv_y,
+    const acc_t<T>* __restrict__ lse_x, const acc_t<T>* __restrict__ lse_y, acc_t<T> wx,
+    acc_t<T> wy, int64_t NX, int64_t NY, int64_t doff, acc_t<T> denom, int64_t D, bool vx,
+    bool vy, bool do_out, T* outT, acc_t<T>* outA, acc_t<T>* __restrict__ dc_part) {
+  using C = Cfg<T>;
+  using A = acc_t<T>;
+  using S = typename C::S;
+  using L = GradSmem<T>;
+  constexpr int TM = C::TM, BT = C::BT;
+  __shared__ __align__(128) unsigned char smem[L::total];
+  S* sH = reinterpret_cast<S*>(smem + L::h);
+  S* sYs = reinterpret_cast<S*>(smem + L::ys);
+
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  const int64_t ncb = (NY + BT - 1) / BT;
+  const int64_t rb = blockIdx.x, row0 = rb * BT, d0 = static_cast<int64_t>(blockIdx.y) * C::DV;
+  const A c = *scale_ptr;
+  const bool has_x = lse_x != nullptr, has_y = lse_y != nullptr;
+
+  bool rv[TM];
+  A ax[TM], lx[TM];
+#pragma unroll
+  for (int a = 0; a < TM; ++a) {
+    const int64_t row = row0 + ty + 16 * a;
+    rv[a] = row < NX;
+    ax[a] = (inv_x != nullptr && rv[a]) ? inv_x[row] : A(1);
+    lx[a] = (has_x && rv[a]) ? lse_x[row] : A(0);
+  }
+  HYAcc<T> hy;
+  hy.zero();
+  A dc = A(0);
+
+  for (int64_t cb = 0; cb < ncb; ++cb) {
+    const int64_t col0 = cb * BT;
+    A s[TM][TM];
+    // Begins with a barrier: the previous H·Y pass is done with sH and the slab chunk.
+    dot_tile<T>(s, smem, L::x, L::y, L::d, X, ldx, Y, ldy, row0, col0, NX, NY, D, vx, vy);
+    bool cv[TM];
+    A by[TM], ly[TM];
+#pragma unroll
+    for (int b = 0; b < TM; ++b) {
+      const int64_t col = col0 + tx + 16 * b;
+      cv[b] = col < NY;
+      by[b] = (inv_y != nullptr && cv[b]) ? inv_y[col] : A(1);
+      ly[b] = (has_y && cv[b]) ? lse_y[col] : A(0);
+    }
+#pragma unroll
+    for (int a = 0; a < TM; ++a)
+#pragma unroll
+      for (int b = 0; b < TM; ++b) {
+        const bool valid = rv[a] && cv[b];
+        const A u = s[a][b] * (ax[a] * by[b]);  // same expression as the forward: same bits
+        const A sv = c * u;
+        A g = A(0);
+        if (has_x) g = wx * ex<T>(sv - lx[a]);
+        if (has_y) g = vfma(wy, ex<T>(sv - ly[b]), g);
+        if (row0 + ty + 16 * a + doff == col0 + tx + 16 * b) g -= A(1);
+        g = valid ? g : A(0);
+        if (valid) dc = vfma(g, u, dc);
+        // H = G' ∈ [−1, 1]; b_y goes onto the Y slab rows instead (load_tile's rscale): a
+        // fp16 H = G'·b_y would fall into subnormals for features of large norm.
+        if (do_out) sH[(ty + 16 * a) * C::LDH + tx + 16 * b] = from_acc_s<S>(g);
+      }
+    if (!do_out) continue;
+    __syncthreads();  // sH complete; the X/Y tiles (aliased by the slab chunk) no longer read
+    for (int kc = 0; kc < BT; kc += C::KC) {
+      load_tile<T, S, C::KC, C::DV, C::LDV>(sYs, Y, ldy, col0 + kc, NY, d0, D, vy, inv_y);
+      __syncthreads();
+      hy.mma(sH, sYs, kc);
+      __syncthreads();
+    }
+  }
+
+  if (do_out) {
+    const A scale = c * *gloss_ptr / denom;
+    __syncthreads();  // the WMMA epilogue reuses the fp32 tile region as scratch
+    hy.store(reinterpret_cast<float*>(smem + L::d), scale, row0, d0, NX, D, outT, outA);
+  }
+  if (dc_part != nullptr && blockIdx.y == 0) {
+    const A total = block_sum(dc, reinterpret_cast<A*>(smem + L::red));
+    if (threadIdx.x == 0) dc_part[rb] = total;
+  }
+}
+
+template <typename T>
+struct BwdWs {
+  using A = acc_t<T>;
+  A *inv_x, *inv_y, *dc_part, *dz;
+  size_t bytes;
+  BwdWs(void* base, int64_t NX, int64_t NY, int64_t D) {
+    const int64_t n = NX > NY ? NX : NY;
+    Carver cv{static_cast<char*>(base)};
+    inv_x = cv.take<A>(static_cast<size_t>(NX));
+    inv_y = cv.take<A>(static_cast<size_t>(NY));
+    dc_part = cv.take<A>(static_cast<size_t>(ceil_div(n, Cfg<T>::BT)));
+    // dẑ in the accumulator type for the normalisation chain: 16-bit outputs cannot hold it,
+    // fp32/fp64 outputs hold it in place. The passes run one after the other and share it.
+    dz = cv.take<A>(sizeof(T) < sizeof(A) ? static_cast<size_t>(n) * static_cast<size_t>(D) : 0);
+    bytes = cv.off;
+  }
+};
+
+// One operand of the backward: n rows z (row stride ld), its inverse norms (normalize), and the
+// log-sum-exp of its rows with that direction's weight (lse == nullptr: no direction from it).
+template <typename T>
+struct Side {
+  const T* z;
+  int64_t ld, n;
+  bool vec;
+  const acc_t<T>* inv;
+  const acc_t<T>* lse;
+  acc_t<T> w;
+};
+
+// Gradient w.r.t. the rows of x (against the columns y, −δ at column x + doff) into out
+// [x.n, D], or only dc_part (per row block of x) when out is null.
+template <typename T>
+cudaError_t grad_pass(const Side<T>& x, const Side<T>& y, int64_t doff, double denom,
+                      const acc_t<T>* scale, const acc_t<T>* gloss, int64_t D, bool normalize,
+                      acc_t<T>* dz, T* out, acc_t<T>* dc_part, cudaStream_t stream) {
+  using C = Cfg<T>;
+  using A = acc_t<T>;
+  const bool do_out = out != nullptr && D > 0;
+  if (!do_out && dc_part == nullptr) return cudaSuccess;
+  const int64_t nrb = ceil_div(x.n, C::BT), nslab = ceil_div(D, C::DV);
+  if (nrb > 0x7fffffff || nslab > 65535) return cudaErrorInvalidValue;
+  T* outT = nullptr;
+  A* outA = nullptr;
+  if (do_out) {
+    if (!normalize) {
+      outT = out;
+    } else if constexpr (sizeof(T) < sizeof(A)) {
+      outA = dz;
+    } else {
+      outA = reinterpret_cast<A*>(out);
+    }
+  }
+  const dim3 grid(static_cast<unsigned>(nrb), do_out ? static_cast<unsigned>(nslab) : 1u);
+  grad_kernel<T><<<grid, kThreads, 0, stream>>>(
+      x.z, x.ld, y.z, y.ld, scale, gloss, x.inv, y.inv, x.lse, y.lse, x.w, y.w, x.n, y.n, doff,
+      static_cast<A>(denom), D, x.vec, y.vec, do_out, outT, outA, dc_part);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || !do_out || !normalize) return err;
+  norm_bwd_kernel<T><<<static_cast<unsigned>(ceil_div(x.n, kWarps)), kThreads, 0, stream>>>(
+      x.z, x.ld, x.inv, outA, out, x.n, D);
+  return cudaGetLastError();
+}
+
+// The backward of both ops: d a (rows of a against b, −δ at a-row + doff) and d b (the
+// transposed problem, −δ at b-row − doff), then d logit_scale = gloss/denom · Σ G'⊙u, taken by
+// the first pass that runs (a pass of its own when neither gradient is asked for).
+template <typename T>
+cudaError_t backward(const acc_t<T>* gloss, Side<T> a, Side<T> b, const acc_t<T>* scale, T* da,
+                     T* db, acc_t<T>* dscale, int64_t doff, int64_t D, double denom, bool normalize,
+                     void* workspace, cudaStream_t stream) {
+  using A = acc_t<T>;
+  BwdWs<T> ws(workspace, a.n, b.n, D);
+  cudaError_t e;
+  if (normalize) {
+    if ((e = launch_inv_norms(a.z, a.ld, a.n, D, ws.inv_x, stream)) != cudaSuccess) return e;
+    if ((e = launch_inv_norms(b.z, b.ld, b.n, D, ws.inv_y, stream)) != cudaSuccess) return e;
+    a.inv = ws.inv_x;
+    b.inv = ws.inv_y;
+  }
+  A* dc_part = dscale != nullptr ? ws.dc_part : nullptr;
+  int64_t dc_blocks = ceil_div(a.n, Cfg<T>::BT);
+  if (da != nullptr) {
+    e = grad_pass(a, b, doff, denom, scale, gloss, D, normalize, ws.dz, da, dc_part, stream);
+    if (e != cudaSuccess) return e;
+    dc_part = nullptr;
+  }
+  if (db != nullptr) {
+    e = grad_pass(b, a, -doff, denom, scale, gloss, D, normalize, ws.dz, db, dc_part, stream);
+    if (e != cudaSuccess) return e;
+    if (dc_part != nullptr) dc_blocks = ceil_div(b.n, Cfg<T>::BT);
+    dc_part = nullptr;
+  }
+  if (dc_part != nullptr) {
+    e = grad_pass(a, b, doff, denom, scale, gloss, D, normalize, ws.dz, static_cast<T*>(nullptr),
+                  dc_part, stream);
+    if (e != cudaSuccess) return e;
+  }
+  if (dscale != nullptr)
+    return launch_sum<A>(ws.dc_part, dc_blocks, gloss, static_cast<A>(denom), dscale, stream);
+  return cudaGetLastError();
+}
+
+}  // namespace infonce_detail
+
+template <typename T>
+size_t infonce_bwd_workspace(int64_t N, int64_t D) {
+  if (N <= 0 || D < 0) return 0;
+  return infonce_detail::BwdWs<T>(nullptr, N, N, D).bytes;
+}
+
+template <typename T>
+cudaError_t infonce_bwd(const acc_t<T>* gloss, const T* image, int64_t ldi, const T* text,
+                        int64_t ldt, const acc_t<T>* logit_scale, const acc_t<T>* lse_row,
+                        const acc_t<T>* lse_col, T* dimage, T* dtext, acc_t<T>* dscale,
+                        int64_t N, int64_t D, double lambda, bool normalize, void* workspace,
+                        cudaStream_t stream) {
+  using namespace infonce_detail;
+  using A = acc_t<T>;
+  if (N < 0 || D < 0 || ldi < 0 || ldt < 0) return cudaErrorInvalidValue;
+  if (N == 0) {
+    const cudaError_t e = zero_fill(dscale, sizeof(A), stream);
+    return e != cudaSuccess ? e : cudaGetLastError();
+  }
+  if (workspace == nullptr || gloss == nullptr || image == nullptr || text == nullptr ||
+      logit_scale == nullptr || lse_row == nullptr || lse_col == nullptr)
+    return cudaErrorInvalidValue;
+  // d image: rows of I against T, P_row weighted by λ; d text: rows of T against I, P_col by 1−λ.
+  const Side<T> img{image, ldi, N, vec_ok(image, ldi, D), nullptr, lse_row, static_cast<A>(lambda)};
+  const Side<T> txt{text, ldt, N, vec_ok(text, ldt, D), nullptr, lse_col,
+                    static_cast<A>(1.0 - lambda)};
+  return backward<T>(gloss, img, txt, logit_scale, dimage, dtext, dscale, 0, D,
+                     static_cast<double>(N), normalize, workspace, stream);
+}
+
+template <typename T>
+size_t infonce_rows_bwd_workspace(int64_t M, int64_t N, int64_t D) {
+  if (M <= 0 || N <= 0 || D < 0) return 0;
+  return infonce_detail::BwdWs<T>(nullptr, M, N, D).bytes;
+}
+
+template <typename T>
+cudaError_t infonce_rows_bwd(const acc_t<T>* gpart, const T* queries, int64_t ldq, const T* keys,
+                             int64_t ldk, const acc_t<T>* logit_scale, const acc_t<T>* lse,
+                             T* dqueries, T* dkeys, acc_t<T>* dscale, int64_t M, int64_t N, int64_t D,
+                             int64_t offset, bool normalize, void* workspace, cudaStream_t stream) {
+  using namespace infonce_detail;
+  using A = acc_t<T>;
+  if (M < 0 || D < 0 || ldq < 0 || ldk < 0 || offset < 0 || offset > N - M)
+    return cudaErrorInvalidValue;
+  if (M == 0) {  // no query rows: every gradient is a sum over no terms
+    cudaError_t e = zero_fill(dscale, sizeof(A), stream);
+    const size_t nd = static_cast<size_t>(N) * static_cast<size_t>(D);
+    if (e == cudaSuccess) e = zero_fill(dkeys, nd * sizeof(T), stream);
+    return e != cudaSuccess ? e : cudaGetLastError();
+  }
+  if (workspace == nullptr || gpart == nullptr || queries == nullptr || keys == nullptr ||
+      logit_scale == nullptr || lse == nullptr)
+    return cudaErrorInvalidValue;
+  // One direction: G = gpart/N·(P_row − δ(key = query + offset)); the keys carry no log-sum-exp.
+  const Side<T> q{queries, ldq, M, vec_ok(queries, ldq, D), nullptr, lse, A(1)};
+  const Side<T> k{keys, ldk, N, vec_ok(keys, ldk, D), nullptr, nullptr, A(0)};
+  return backward<T>(gpart, q, k, logit_scale, dqueries, dkeys, dscale, offset, D,
+                     static_cast<double>(N), normalize, workspace, stream);
+}
+
+#define LK_INFONCE_INSTANTIATE(T)                                                                  \
+  template size_t infonce_bwd_workspace<T>(int64_t, int64_t);                                      \
+  template cudaError_t infonce_bwd<T>(const acc_t<T>*, const T*, int64_t, const T*, int64_t,       \
+                                      const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, T*, T*,   \
+                                      acc_t<T>*, int64_t, int64_t, double, bool, void*,            \
+                                      cudaStream_t);                                               \
+  template size_t infonce_rows_bwd_workspace<T>(int64_t, int64_t, int64_t);                        \
+  template cudaError_t infonce_rows_bwd<T>(const acc_t<T>*, const T*, int64_t, const T*, int64_t,  \
+                                           const acc_t<T>*, const acc_t<T>*, T*, T*, acc_t<T>*,    \
+                                           int64_t, int64_t, int64_t, int64_t, bool, void*,        \
+                                           cudaStream_t);
+LK_FOR_EACH_TYPE(LK_INFONCE_INSTANTIATE)
+#undef LK_INFONCE_INSTANTIATE
+
+}  // namespace lk
