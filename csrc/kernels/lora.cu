@@ -754,7 +754,7 @@ cudaError_t lora_fwd(const T* x, int64_t ldx, const T* weight, int64_t ldw, cons
 template <typename T>
 size_t lora_bwd_workspace(int64_t M, int64_t N, int64_t K, int64_t R) {
   if (bad_sizes(M, N, K, R, 0.0)) return 0;
-  return plan_bwd<T>(M, N, K, R).bytes;
+  return plan_bwd<T>(M, N, K, R).bytes + lora_detail::lora_dx_cutlass_workspace<T>(M, N, K, R);  // dx's after
 }
 
 template <typename T>
@@ -822,7 +822,15 @@ cudaError_t lora_bwd(const T* g, const T* x, int64_t ldx, const T* weight, int64
   err = launch_colsum(ca, plan.dA, reinterpret_cast<Acc*>(ws + plan.off_dA), stream);
   if (err != cudaSuccess) return err;
 
-  if (dx != nullptr) {
+  // dx on CUTLASS (lora_cutlass.cuh) without dropout where it applies, its workspace after lora.cu's
+  void* dx_ws = lora_detail::lora_dx_cutlass_workspace<T>(M, N, K, R) > 0 ? ws + plan.bytes : nullptr;
+  const lora_detail::CutlassPath dx_cutlass =
+      dx == nullptr || drop.on ? lora_detail::CutlassPath::none
+                               : lora_detail::lora_dx_cutlass_path<T>(g, weight, ldw, M, N, K, R, dx_ws);
+  if (dx_cutlass != lora_detail::CutlassPath::none) {
+    err = lora_detail::lora_dx_cutlass<T>(dx_cutlass, g, weight, ldw, lora_A, v, dx, M, N, K, R, dx_ws, stream);
+    if (err != cudaSuccess) return err;
+  } else if (dx != nullptr) {
     // dx[m, k] = Σ_n g[m, n] W[n, k] + keep(m, k)/(1−p)·Σ_r v[m, r] A[r, k]
     GemmParams<T> gp{};
     gp.a = g;

@@ -1,4 +1,5 @@
-// LoRA forward GEMM for sm_90a (H100/H200) on CUTLASS 3.x: y = x W0ᵀ + h Bᵀ + b (lora_cutlass.cuh).
+// LoRA GEMMs for sm_90a (H100/H200) on CUTLASS 3.x: y = a bᵀ + a2 b2ᵀ + bias (lora_cutlass.cuh):
+// the forward (x, W0 then h, B) and dx (g, W0 then T(v), A; B operands N-major).
 //
 // One block per 128×128 tile of y, warp-specialized like CUTLASS's KernelTmaWarpSpecialized
 // (non-persistent): warp group 0 is the producer, one warp of it issuing TMA loads into a
@@ -6,12 +7,12 @@
 // (64×128×16 instructions, fp32 accumulators, 128 a thread). The collective is CUTLASS's
 // MainloopSm90TmaGmmaWarpSpecialized, built by its CollectiveBuilder for 128×128×64 tiles.
 // The low-rank term as extra k-iterations: the producer runs the collective's load() over
-// (x, W0) for ⌈K/64⌉ k-tiles, then over (h, B) for ⌈RP/64⌉ more through the same pipeline (same
+// (a, b) for ⌈K/64⌉ k-tiles, then over (a2, b2) for ⌈K2/64⌉ more through the same pipeline (same
 // tile shape, so the same shared-memory layout and transaction bytes; a second pair of TMA
 // descriptors), and the consumer's mma() runs once over all of them into one accumulator. Its
 // first k-tile starts the accumulators from zero (wgmma scale-d 0): that is why the two
 // mainloops share one mma() call rather than calling it twice. TMA fills out-of-bounds elements
-// with zeros, which covers the residues in M, N and K (also K2 = RP < 64). Our epilogue adds
+// with zeros, which covers the residues in M, N and K (also K2 < 64). Our epilogue adds
 // the bias and stores y through the TiledMma's C partition, predicated on M and N.
 // Why 128×128 with one consumer warp group: the simplest tested CUTLASS schedule; the
 // cooperative/ping-pong persistent schedules with 128×256 tiles that cuBLAS-class speed needs are
@@ -39,16 +40,17 @@ template <typename T> struct Sm90Element;
 template <> struct Sm90Element<__half> { using type = cutlass::half_t; };
 template <> struct Sm90Element<__nv_bfloat16> { using type = cutlass::bfloat16_t; };
 
-template <typename T>
+template <typename T, bool kBMN>
 struct Sm90Config {
   using E = typename Sm90Element<T>::type;
   using TileShape = Shape<_128, _128, _64>;
   static constexpr int BM = 128, BN = 128;
-  // A = x or h: [rows, K] row-major; B = W0 or B: [N, K] row-major, i.e. K×N column-major. Both
-  // K-major, 8-element (16-byte) alignment as TMA needs.
+  // A: [M, K] row-major (K-major). B(n, k): [N, K] row-major, i.e. K×N column-major (K-major), or
+  // with kBMN [K, N] row-major (N-major). 8-element (16-byte) alignment, as TMA needs.
+  using LayoutB = cute::conditional_t<kBMN, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, E, cutlass::layout::RowMajor, 8, E,
-      cutlass::layout::ColumnMajor, 8, float, TileShape, Shape<_1, _1, _1>,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, E, cutlass::layout::RowMajor, 8, E, LayoutB, 8, float,
+      TileShape, Shape<_1, _1, _1>,
       cutlass::gemm::collective::StageCount<5>, cutlass::gemm::KernelTmaWarpSpecialized>::CollectiveOp;
   using TiledMma = typename Mainloop::TiledMma;
   using Pipeline = typename Mainloop::MainloopPipeline;
@@ -64,19 +66,21 @@ struct Sm90Config {
   static_assert(kConsumers == cutlass::NumThreadsPerWarpGroup, "one consumer warp group");
 };
 
-template <typename T>
+template <typename T, bool kBMN>
 struct Sm90Params {
-  typename Sm90Config<T>::Mainloop::Params main;  // TMA descriptors of x [M, K] and W0 [N, K]
-  typename Sm90Config<T>::Mainloop::Params low;   // and of h [M, RP] and B [N, RP]
+  typename Sm90Config<T, kBMN>::Mainloop::Params main;  // TMA descriptors of a [M, K] and b
+  typename Sm90Config<T, kBMN>::Mainloop::Params low;   // and of a2 [M, K2] and b2
   const T* bias;
   T* y;
-  int M, N, K, RP;
+  int64_t ldy;
+  int M, N, K, K2;
 };
 
-template <typename T>
-__global__ void __launch_bounds__(Sm90Config<T>::kThreads, 1) lora_sm90_kernel(const __grid_constant__ Sm90Params<T> p) {
+template <typename T, bool kBMN>
+__global__ void __launch_bounds__(Sm90Config<T, kBMN>::kThreads, 1)
+    lora_sm90_kernel(const __grid_constant__ Sm90Params<T, kBMN> p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = Sm90Config<T>;
+  using C = Sm90Config<T, kBMN>;
   using Pipeline = typename C::Pipeline;
   extern __shared__ __align__(128) char smem[];
   auto& shared = *reinterpret_cast<typename C::SharedStorage*>(smem);
@@ -101,7 +105,7 @@ __global__ void __launch_bounds__(Sm90Config<T>::kThreads, 1) lora_sm90_kernel(c
 
   typename C::Mainloop collective;
   auto main_in = collective.load_init(make_shape(p.M, p.N, p.K, 1), p.main);   // (BLK, BK, tiles, k, l)
-  auto low_in = collective.load_init(make_shape(p.M, p.N, p.RP, 1), p.low);
+  auto low_in = collective.load_init(make_shape(p.M, p.N, p.K2, 1), p.low);
   const int k_main = size<3>(get<0>(main_in)), k_low = size<3>(get<0>(low_in));
   const auto blk = make_coord(int(blockIdx.x), int(blockIdx.y), _, 0);
 
@@ -132,58 +136,68 @@ __global__ void __launch_bounds__(Sm90Config<T>::kThreads, 1) lora_sm90_kernel(c
       if (i < p.M && j < p.N) {
         float v = acc(e);
         if (p.bias != nullptr) v += to_acc<float>(p.bias[j]);
-        p.y[i * p.N + j] = from_acc<T>(v);
+        p.y[i * p.ldy + j] = from_acc<T>(v);
       }
     }
   }
 #endif
 }
 
-// TMA descriptors of one phase: A [rows, K] and B [N, K], row strides lda and ldb (elements).
-template <typename T>
-typename Sm90Config<T>::Mainloop::Params tma_params(const T* a, int64_t lda, const T* b, int64_t ldb, int M, int N,
-                                                    int K) {
-  using C = Sm90Config<T>;
+// TMA descriptors of one phase: A [M, K] and B(n, k), row strides lda and ldb (elements).
+template <typename T, bool kBMN>
+typename Sm90Config<T, kBMN>::Mainloop::Params tma_params(const T* a, int64_t lda, const T* b, int64_t ldb, int M,
+                                                          int N, int K) {
+  using C = Sm90Config<T, kBMN>;
   using E = typename C::E;
+  typename C::StrideB stride_b{};
+  if constexpr (kBMN) {
+    stride_b = typename C::StrideB{Int<1>{}, ldb, int64_t(K) * ldb};
+  } else {
+    stride_b = typename C::StrideB{ldb, Int<1>{}, int64_t(N) * ldb};
+  }
   typename C::Mainloop::Arguments args{reinterpret_cast<const E*>(a),
                                        typename C::StrideA{lda, Int<1>{}, int64_t(M) * lda},
-                                       reinterpret_cast<const E*>(b),
-                                       typename C::StrideB{ldb, Int<1>{}, int64_t(N) * ldb}};
+                                       reinterpret_cast<const E*>(b), stride_b};
   return C::Mainloop::to_underlying_arguments(make_shape(M, N, K, 1), args, nullptr);
 }
 
 }  // namespace
 
-template <typename T>
+template <typename T, bool kBMN>
 bool lora_sm90_ready(int device) {
   int optin = 0;
   cudaFuncAttributes attr{};
   const bool ok = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
-                  optin >= Sm90Config<T>::kSmem && cudaFuncGetAttributes(&attr, lora_sm90_kernel<T>) == cudaSuccess;
+                  optin >= Sm90Config<T, kBMN>::kSmem &&
+                  cudaFuncGetAttributes(&attr, lora_sm90_kernel<T, kBMN>) == cudaSuccess;
   if (!ok) (void)cudaGetLastError();  // no image for this device: not an error of the forward
   return ok;
 }
 
-template <typename T>
-cudaError_t lora_sm90_launch(const CutlassFwd<T>& f, cudaStream_t stream) {
-  using C = Sm90Config<T>;
+template <typename T, bool kBMN>
+cudaError_t lora_sm90_launch(const CutlassGemm<T>& f, cudaStream_t stream) {
+  using C = Sm90Config<T, kBMN>;
   const int M = static_cast<int>(f.M), N = static_cast<int>(f.N), K = static_cast<int>(f.K);
-  const int RP = static_cast<int>(f.rp);
+  const int K2 = static_cast<int>(f.K2);
   // to_underlying_arguments encodes the descriptors through the driver (cuTensorMapEncodeTiled)
-  const Sm90Params<T> p{tma_params<T>(f.x, f.ldx, f.w, f.ldw, M, N, K), tma_params<T>(f.h, RP, f.b, RP, M, N, RP),
-                        f.bias, f.y, M, N, K, RP};
-  cudaError_t err = cudaFuncSetAttribute(lora_sm90_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+  const Sm90Params<T, kBMN> p{tma_params<T, kBMN>(f.a, f.lda, f.b, f.ldb, M, N, K),
+                              tma_params<T, kBMN>(f.a2, f.lda2, f.b2, f.ldb2, M, N, K2), f.bias, f.y, f.ldy,
+                              M, N, K, K2};
+  cudaError_t err =
+      cudaFuncSetAttribute(lora_sm90_kernel<T, kBMN>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(ceil_div(f.M, C::BM)), static_cast<unsigned>(ceil_div(f.N, C::BN)));
-  lora_sm90_kernel<T><<<grid, C::kThreads, C::kSmem, stream>>>(p);
+  lora_sm90_kernel<T, kBMN><<<grid, C::kThreads, C::kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
-#define LK_INSTANTIATE_LORA_SM90(T)                      \
-  template bool lora_sm90_ready<T>(int);                 \
-  template cudaError_t lora_sm90_launch<T>(const CutlassFwd<T>&, cudaStream_t);
-LK_INSTANTIATE_LORA_SM90(__half)
-LK_INSTANTIATE_LORA_SM90(__nv_bfloat16)
+#define LK_INSTANTIATE_LORA_SM90(T, BMN)                 \
+  template bool lora_sm90_ready<T, BMN>(int);            \
+  template cudaError_t lora_sm90_launch<T, BMN>(const CutlassGemm<T>&, cudaStream_t);
+LK_INSTANTIATE_LORA_SM90(__half, false)
+LK_INSTANTIATE_LORA_SM90(__nv_bfloat16, false)
+LK_INSTANTIATE_LORA_SM90(__half, true)
+LK_INSTANTIATE_LORA_SM90(__nv_bfloat16, true)
 #undef LK_INSTANTIATE_LORA_SM90
 
 }  // namespace lora_detail
