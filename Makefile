@@ -6,14 +6,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-triton bench gate-sm90 clean
+.PHONY: setup test test-triton bench gate-sm90 cutlass-headers clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[test,hf,bench,examples]"
+	$(PY) -m pip install -e ".[test,hf,bench,examples,cuda]"
 	# Model families for the surgery tests, without their torchvision requirement: PyPI's
 	# torchvision is a CUDA build that pulls a CUDA torch and does not import beside the CPU one.
 	$(PY) -m pip install --no-deps "timm>=1.0.17,<2" "open-clip-torch>=3,<4"
@@ -37,6 +37,13 @@ gate-sm90:
 	$(PYTHON) -m venv "$$venv" && \
 	"$$venv/bin/pip" install -q torch==2.13.0 triton==3.6.0 "numpy<2.4" && \
 	"$$venv/bin/python" benchmarks/triton_sm90.py --quick --no-cache --only-flagged
+
+# CUTLASS's headers (from the nvidia-cutlass wheel that setup installs) copied into the ignored
+# .cutlass/include, where setup.py looks last: a GPU machine without network builds the CUDA
+# extension from that copy when it travels with the working tree (README: CUDA backend).
+cutlass-headers: $(STAMP)
+	src=$$($(PY) benchmarks/cuda_ptx_check.py --cutlass-include) && \
+	if [ "$$src" != "$$(pwd)/.cutlass/include" ]; then rm -rf .cutlass && mkdir .cutlass && cp -r "$$src" .cutlass/include; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,8 +1,9 @@
 """Static gates for the CUDA kernels, no GPU needed (CI runs it from .ci/run).
 
 Compiles every csrc/kernels/*.cu once, with the flags the extension ships (setup.py's
-NVCC_FLAGS, read from the file so they cannot drift, plus torch's COMMON_NVCC_FLAGS) for sm_80
-and sm_90, keeping nvcc's PTX, then checks:
+NVCC_FLAGS and its CUTLASS include folder, read from the file so they cannot drift, plus torch's
+COMMON_NVCC_FLAGS) for sm_80 and sm_90a (setup.py's default arch list), keeping nvcc's PTX, then
+checks:
 
   approx  no fp32/fp64 kernel's PTX holds an approximate instruction that the fp32 tolerance
           (1e-5 relative) rules out. Allowed there are only the approximations that precise
@@ -18,11 +19,14 @@ and sm_90, keeping nvcc's PTX, then checks:
           gradcheck type, is reported but not gated), except the builds KNOWN_SPILLS lists with
           the reason; a listed build that stops spilling fails too, so the list only shrinks.
   tensor  the SASS of every 16-bit GEMM-class kernel (the GEMMs of lora_gemm.cu and adapter_gemm.cuh, the
-          single-pass forwards of adapter_fused.cu and lora_fused.cu, the S tiles of infonce_*.cu)
-          holds HMMA instructions, on sm_80 and on sm_90 (cuobjdump from the triton wheel, or the
-          toolkit's).
+          single-pass kernels of adapter_fused.cu (forward and backward) and lora_fused.cu, the S
+          tiles of infonce_*.cu, the CUTLASS LoRA kernel of lora_sm80.cu) holds HMMA instructions, on sm_80
+          and on sm_90a (lora_sm80.cu: sm_80 only); lora_sm90.cu's wgmma kernel holds HGMMA on
+          sm_90a. Those two compile to empty bodies for the other target, which the host never
+          launches. cuobjdump from the triton wheel, or the toolkit's.
 
 Usage: python benchmarks/cuda_ptx_check.py [-j JOBS] [--keep DIR] [FILE.cu ...]
+       python benchmarks/cuda_ptx_check.py --cutlass-include   (prints setup.py's CUTLASS folder)
 The nvcc time is printed; it replaces the plain compile check .ci/run used to run (same
 files, same two targets), so CI compiles each kernel once.
 """
@@ -39,9 +43,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHS = ("80", "90")
+ARCHS = ("80", "90a")
 # Kernels whose 16-bit instantiations must run on tensor cores (demangled-name patterns).
-GEMM_CLASS = re.compile(r"\bgemm_kernel<|infonce_detail::(?:fwd|grad)_kernel<|\bfused_fwd_kernel<|\blora_fused_kernel<")
+GEMM_CLASS = re.compile(r"\bgemm_kernel<|infonce_detail::(?:fwd|grad)_kernel<|\bfused_fwd_kernel<|\blora_fused_kernel<"
+                        r"|\bfused_bwd_kernel<|\blora_sm80_kernel<")
+# wgmma kernels: HGMMA on sm_90a; their other builds are empty bodies the host never launches.
+WGMMA_CLASS = re.compile(r"\blora_sm90_kernel<")
+# mma.sync kernels that sm_90a code leaves empty (the wgmma kernel replaces them there).
+NOT_ON_SM90A = re.compile(r"\blora_sm80_kernel<")
 # (arch, pattern of the demangled name, why not fixed yet). CUDA 13.0's ptxas, sm_80 only.
 _ADAPTER_WHY = ("__launch_bounds__(256, 2) caps adapter_gemm.cuh's GEMM at 128 registers; (256, 1) removes "
                 "these spills but lets most 16-bit adapter GEMMs take 133-166 registers on sm_80, one "
@@ -54,20 +63,35 @@ KNOWN_SPILLS = [
 FORBIDDEN = re.compile(r"\b(?:(?:tanh|sin|cos|lg2|sqrt)\.approx|div\.(?:approx|full))[.\w]*")
 
 
+def cutlass_include():
+    """setup.py's cutlass_include(), run from its source (setup.py runs setup() on import)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    found = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "cutlass_include"]
+    if not found:
+        sys.exit("setup.py defines no cutlass_include()")
+    namespace = {"__file__": str(ROOT / "setup.py")}
+    exec(compile(ast.Module(found, type_ignores=[]), str(ROOT / "setup.py"), "exec"), namespace)
+    return namespace["cutlass_include"]()
+
+
 def shipped_flags():
-    """setup.py's NVCC_FLAGS (parsed, not executed: setup.py runs setup() on import) and
-    torch's COMMON_NVCC_FLAGS, which CUDAExtension adds (no implicit half conversions...)."""
+    """setup.py's NVCC_FLAGS (parsed, not executed: setup.py runs setup() on import), its CUTLASS
+    include folder and the define it passes with sm_90a, and torch's COMMON_NVCC_FLAGS, which
+    CUDAExtension adds (no implicit half conversions...)."""
     tree = ast.parse((ROOT / "setup.py").read_text())
     flags = next((ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
                   and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets)), None)
     if flags is None:
         sys.exit("setup.py defines no module-level NVCC_FLAGS list")
+    include = cutlass_include()
+    if include is None:
+        sys.exit("no CUTLASS headers (setup.py's cutlass_include): pip install 'nvidia-cutlass>=4.2,<5'")
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
-    return ["-std=c++17", *flags, *COMMON_NVCC_FLAGS]
+    return ["-std=c++17", *flags, f"-I{include}", "-DLK_BUILT_SM90A", *COMMON_NVCC_FLAGS]
 
 
 def compile_one(src, out_dir, flags):
-    """nvcc -c for sm_80 and sm_90, keeping the PTX and cubins in out_dir/<stem>/;
+    """nvcc -c for sm_80 and sm_90a, keeping the PTX and cubins in out_dir/<stem>/;
     returns (src, seconds, ptxas -v output)."""
     keep = out_dir / src.stem
     keep.mkdir(parents=True, exist_ok=True)
@@ -120,7 +144,7 @@ def check_spills(ptxas_logs):
     for log in ptxas_logs:
         name = arch = None
         for line in log.splitlines():
-            if m := re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)'", line):
+            if m := re.search(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'", line):
                 name, arch = m.groups()
             elif m := re.search(r"Function properties for (\S+)", line):
                 name = m.group(1)
@@ -164,18 +188,26 @@ def cuobjdump():
 
 
 def check_tensor_cores(cubins, tool):
-    """(16-bit GEMM-class functions checked, those without HMMA in their SASS)."""
+    """(16-bit GEMM-class functions checked, those without HMMA, or HGMMA for the wgmma kernels
+    on sm_90a, in their SASS)."""
     bodies = {}
     for cubin in cubins:
         sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-        arch = re.search(r"code for (sm_\d+)", sass).group(1)
+        arch = re.search(r"code for (sm_\d+a?)", sass).group(1)
         for part in re.split(r"^\s*Function : ", sass, flags=re.M)[1:]:
             name, _, body = part.partition("\n")
             bodies[(name.strip(), arch)] = body
     names = demangle(sorted({n for n, _ in bodies}))
     checked, failures = 0, []
     for (name, arch), body in sorted(bodies.items()):
-        if is_16bit(names[name]) and GEMM_CLASS.search(names[name]):
+        if not is_16bit(names[name]):
+            continue
+        if WGMMA_CLASS.search(names[name]):
+            if arch == "sm_90a":
+                checked += 1
+                if not re.search(r"\bHGMMA\.", body):
+                    failures.append(f"{arch}: {names[name]} (no HGMMA)")
+        elif GEMM_CLASS.search(names[name]) and not (arch == "sm_90a" and NOT_ON_SM90A.search(names[name])):
             checked += 1
             if not re.search(r"\bHMMA\.", body):
                 failures.append(f"{arch}: {names[name]}")
@@ -205,7 +237,15 @@ def main():
     parser.add_argument("files", nargs="*", type=Path, help="default: every csrc/kernels/*.cu")
     parser.add_argument("-j", "--jobs", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="keep nvcc's output here (default: a temporary folder)")
+    parser.add_argument("--cutlass-include", action="store_true",
+                        help="print the CUTLASS include folder setup.py would use, and exit (make cutlass-headers)")
     args = parser.parse_args()
+    if args.cutlass_include:
+        include = cutlass_include()
+        if include is None:
+            sys.exit("no CUTLASS headers found: pip install 'nvidia-cutlass>=4.2,<5'")
+        print(include)
+        return 0
     files = args.files or sorted((ROOT / "csrc" / "kernels").glob("*.cu"))
     flags = shipped_flags()
     print("nvcc flags:", " ".join(flags), flush=True)
@@ -215,7 +255,7 @@ def main():
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             results = list(pool.map(lambda f: compile_one(f, out_dir, flags), files))
         for src, seconds, _ in results:
-            print(f"nvcc -c {src.name} (sm_80, sm_90): {seconds:.1f} s")
+            print(f"nvcc -c {src.name} (sm_{', sm_'.join(ARCHS)}): {seconds:.1f} s")
         print(f"nvcc total: {time.perf_counter() - start:.1f} s wall, {args.jobs} at a time")
         ptx = sorted(out_dir.glob("*/*.ptx"))
         if len(ptx) != len(files) * len(ARCHS):
@@ -236,7 +276,7 @@ def main():
         else:
             cubins = sorted(out_dir.glob("*/*.cubin"))
             checked, scalar = check_tensor_cores(cubins, tool)
-            print(f"tensor: {checked} 16-bit GEMM-class kernel builds checked, {len(scalar)} without HMMA")
+            print(f"tensor: {checked} 16-bit GEMM-class kernel builds checked, {len(scalar)} without HMMA/HGMMA")
             for line in scalar:
                 print("  " + line)
             failures += scalar

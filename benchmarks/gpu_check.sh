@@ -152,6 +152,10 @@ if [ ! -f csrc/bindings.cpp ]; then
 elif ! "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null; then
   printf 'cuda-ext\tSKIPPED\t0\tthis torch is not a CUDA build\n' >> "$STAGES"
 else
+  # CUTLASS's headers: the nvidia-cutlass wheel, else the .cutlass/include that `make cutlass-headers`
+  # made on a machine with network and that travelled with the working tree (README: CUDA backend).
+  # setup.py builds a visible capability-9.0 GPU as 9.0a (the wgmma/TMA LoRA forward) by itself.
+  say "CUTLASS headers: $("$PY" benchmarks/cuda_ptx_check.py --cutlass-include 2>&1)"
   LORA_KERNELS_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} stage cuda-ext 300 210 '' \
     "$PY" setup.py build_ext --inplace
 fi

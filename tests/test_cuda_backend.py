@@ -482,17 +482,22 @@ def test_adapter_fused_paths(dtype, m, k, r, activation, path):
         f"{path}: the weight gradients change when dx is not asked for"
 
 
-# ---- with a GPU: the one-launch LoRA forward (lora_fused.cu) and the cases it leaves to lora.cu ----
+# ---- with a GPU: the LoRA forward's paths: CUTLASS (lora_cutlass.cuh), one launch (lora_fused.cu), lora.cu ----
 
-# (dtype, M, K, N, R, path by lora_fwd_fused's rule: 16-bit, no dropout, >= 264 64×64 tiles,
-# R <= 16 or a single column tile). The backward reads the u the forward saved. With dropout
+# (dtype, M, K, N, R, path). CUTLASS first (16-bit, no dropout, M >= 128, K, ldx, ldw multiples
+# of 8, sm_80+; the backward's dx too where N is a multiple of 8); then lora_fwd_fused's rule
+# (16-bit, no dropout, >= 264 64×64 tiles, R <= 16 or a single column tile); else two launches.
+# An odd K keeps a case off CUTLASS. The backward reads the u the forward saved. With dropout
 # lora.cu always takes two launches (the op tests cover it).
 LORA_PATHS = [
+    (torch.bfloat16, 300, 264, 520, 16, "CUTLASS fwd and dx: 3·5 128×128 tiles, residues in M, N and K"),
+    (torch.float16, 1000, 1000, 130, 5, "CUTLASS fwd (r = 5 padded to 16, N = 130 = 128 + 2); dx: lora.cu"),
     (torch.bfloat16, 1100, 129, 1000, 16, "one launch, RP=16: 18·16 = 288 tiles"),
-    (torch.float16, 17000, 72, 60, 40, "one launch, RP=64: 266 row tiles, one column tile"),
-    (torch.bfloat16, 17000, 40, 64, 24, "one launch, RP=32: one column tile"),
+    (torch.float16, 17000, 73, 60, 40, "one launch, RP=64: 266 row tiles, one column tile"),
+    (torch.bfloat16, 17000, 41, 64, 24, "one launch, RP=32: one column tile"),
     (torch.float16, 1100, 129, 1000, 24, "two launches: R > 16 and 16 column tiles"),
     (torch.bfloat16, 300, 129, 1000, 16, "two launches: 5·16 = 80 tiles < 264"),
+    (torch.bfloat16, 127, 264, 520, 16, "two launches: M < 128 (CUTLASS's tile is 128 rows)"),
     (torch.float32, 1100, 129, 1000, 16, "two launches: fp32"),
 ]
 
@@ -511,3 +516,42 @@ def test_lora_forward_paths(dtype, m, k, n, r, path):
         low = [a.detach().to(dtype) for a in args]
         once, again = (lk.lora_linear(*low, scaling=0.75) for _ in range(2))
     assert torch.equal(once, again), f"{path}: not bitwise reproducible"
+
+
+def _cuda_kernels_run(fn):
+    """Names of the CUDA kernels that fn() launched (torch.profiler), or None without CUPTI."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return names or None
+
+
+@needs_cuda
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_lora_cutlass_forward(dtype, bias):
+    """The CUTLASS forward and dx at an odd shape (residues in M, N, K; r = 12 padded to 16), with
+    and without bias, and a check that the CUTLASS kernels ran (lora_sm90_kernel on a
+    capability-9.0 GPU in a build with sm_90a, lora_sm80_kernel on other sm_80+ GPUs): <T, false>
+    for the forward, <T, true> (W0 and A read N-major) for dx."""
+    from conftest import check_against_reference
+    from lora_kernels.reference import lora as ref_lora
+    m, k, n, r = 300, 264, 520, 12
+    args = [randn(m, k, requires_grad=True), randn(n, k, scale=k**-0.5), randn(n) if bias else None,
+            randn(r, k, requires_grad=True, scale=k**-0.5), randn(n, r, requires_grad=True, scale=r**-0.5)]
+    with lk.use_backend("cuda"):
+        check_against_reference(lambda *a: lk.lora_linear(*a, scaling=0.75),
+                                lambda *a: ref_lora.lora_linear(*a, 0.75), args, dtype, f"lora CUTLASS bias={bias}")
+        low = [a.detach().to(dtype).requires_grad_(a.requires_grad) if a is not None else None for a in args]
+        names = _cuda_kernels_run(lambda: lk.lora_linear(*low, scaling=0.75).sum().backward())
+    if names is None:
+        pytest.skip("the outputs and gradients matched; the profiler recorded no CUDA kernel (no CUPTI), "
+                    "so which kernels ran is unknown")
+    cutlass = [name for name in names if "lora_sm80_kernel" in name or "lora_sm90_kernel" in name]
+    # the bool template argument as demanglers print it: false/true or (bool)0/(bool)1
+    assert any(re.search(r", (?:false|\(bool\)0)>", name) for name in cutlass), \
+        f"the CUTLASS LoRA forward did not run; kernels: {names}"
+    assert any(re.search(r", (?:true|\(bool\)1)>", name) for name in cutlass), \
+        f"the CUTLASS LoRA dx did not run; kernels: {names}"

@@ -35,7 +35,8 @@ def gpu_backends(impls):
 @pytest.mark.parametrize("backend", gpu_backends(lora_op.IMPLS))
 @pytest.mark.parametrize("dtype", LARGE_DTYPES, ids=str)
 def test_lora_large(backend, dtype):
-    # lora_gemm.cu: y (fp32; bf16 takes lora_fused.cu's one launch, r = 16 and 272 tiles) and dW get
+    # lora_gemm.cu: y (fp32; bf16 takes the CUTLASS forward of lora_cutlass.cuh on sm_80+: M >= 128, K
+    # and the row strides multiples of 8, 8·9 tiles of 128×128, K = 1000 = 15·64 + 40) and dW get
     # the wide GEMM tiles (ceil(1024/64)·ceil(1056/64) = 272 and
     # ceil(1056/64)·ceil(1000/64) = 272 tiles >= kWideTilesWanted = 264), dx the narrow ones
     # (256 tiles); the colsums of dB, dA and db split M = 1024 into 8 chunks of 128 rows, so

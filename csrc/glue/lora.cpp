@@ -55,9 +55,10 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cuda(const Tensor& x, const Tensor& w
   launched(op, dispatch(op, in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = lk::acc_t<T>;
+    Tensor ws = workspace(lk::lora_fwd_workspace<T>(s.M, s.N, s.K, s.R, dropout_p), x);
     return lk::lora_fwd<T>(cptr<T>(x), x.stride(0), cptr<T>(weight), weight.stride(0), cptr<T>(bias),
                            cptr<T>(lora_A), cptr<T>(lora_B), ptr<T>(y), ptr<A>(u), s.M, s.N, s.K, s.R, scaling,
-                           dropout_p, static_cast<uint64_t>(seed), stream);
+                           dropout_p, static_cast<uint64_t>(seed), data_or_null(ws), stream);
   }));
   return {y, u};
 }

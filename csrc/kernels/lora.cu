@@ -30,6 +30,7 @@
 // the same mask for the same seed.
 #include "lora.cuh"
 #include "lora_common.cuh"
+#include "lora_cutlass.cuh"
 #include "lora_detail.cuh"
 
 #include <algorithm>
@@ -99,12 +100,16 @@ bool bad_sizes(int64_t M, int64_t N, int64_t K, int64_t R, double dropout_p) {
 template <typename T>
 cudaError_t lora_fwd(const T* x, int64_t ldx, const T* weight, int64_t ldw, const T* bias, const T* lora_A,
                      const T* lora_B, T* y, acc_t<T>* u, int64_t M, int64_t N, int64_t K, int64_t R,
-                     double scaling, double dropout_p, uint64_t seed, cudaStream_t stream) {
+                     double scaling, double dropout_p, uint64_t seed, void* workspace, cudaStream_t stream) {
   using Acc = acc_t<T>;
   if (bad_sizes(M, N, K, R, dropout_p) || ldx < 0 || ldw < 0) return cudaErrorInvalidValue;
   if (M == 0) return cudaGetLastError();
   const Dropout drop = make_dropout(dropout_p, seed, K);
-  if (!drop.on) {  // one launch reading x once where lora_fused.cu applies (16-bit, R <= 64, ...)
+  // CUTLASS first where it applies (lora_cutlass.cuh: 16-bit, aligned, M >= 128, sm_80+)
+  const lora_detail::CutlassPath cutlass =
+      drop.on ? lora_detail::CutlassPath::none
+              : lora_detail::lora_cutlass_path<T>(x, ldx, weight, ldw, M, N, K, R, workspace);
+  if (!drop.on && cutlass == lora_detail::CutlassPath::none) {  // lora_fused.cu: 16-bit, R <= 64, ...
     const cudaError_t fused = lora_detail::lora_fwd_fused<T>(x, ldx, weight, ldw, bias, lora_A, lora_B, y, u,
                                                              M, N, K, R, scaling, stream);
     if (fused != cudaErrorNotSupported) return fused;
@@ -124,6 +129,9 @@ cudaError_t lora_fwd(const T* x, int64_t ldx, const T* weight, int64_t ldw, cons
   down.drop = drop;
   cudaError_t err = launch_rowdot(down, stream);
   if (err != cudaSuccess) return err;
+  if (cutlass != lora_detail::CutlassPath::none)
+    return lora_detail::lora_fwd_cutlass<T>(cutlass, x, ldx, weight, ldw, bias, lora_B, y, u, M, N, K, R, scaling,
+                                            workspace, stream);
 
   GemmParams<T> gp{};
   gp.a = x;  // A(m, k) = x[m, k]
@@ -154,7 +162,7 @@ cudaError_t lora_fwd(const T* x, int64_t ldx, const T* weight, int64_t ldw, cons
 template <typename T>
 size_t lora_bwd_workspace(int64_t M, int64_t N, int64_t K, int64_t R) {
   if (bad_sizes(M, N, K, R, 0.0)) return 0;
-  return plan_bwd<T>(M, N, K, R).bytes;
+  return plan_bwd<T>(M, N, K, R).bytes + lora_detail::lora_dx_cutlass_workspace<T>(M, N, K, R);  // dx's after
 }
 
 template <typename T>
@@ -222,7 +230,15 @@ cudaError_t lora_bwd(const T* g, const T* x, int64_t ldx, const T* weight, int64
   err = launch_colsum(ca, plan.dA, reinterpret_cast<Acc*>(ws + plan.off_dA), stream);
   if (err != cudaSuccess) return err;
 
-  if (dx != nullptr) {
+  // dx on CUTLASS (lora_cutlass.cuh) without dropout where it applies, its workspace after lora.cu's
+  void* dx_ws = lora_detail::lora_dx_cutlass_workspace<T>(M, N, K, R) > 0 ? ws + plan.bytes : nullptr;
+  const lora_detail::CutlassPath dx_cutlass =
+      dx == nullptr || drop.on ? lora_detail::CutlassPath::none
+                               : lora_detail::lora_dx_cutlass_path<T>(g, weight, ldw, M, N, K, R, dx_ws);
+  if (dx_cutlass != lora_detail::CutlassPath::none) {
+    err = lora_detail::lora_dx_cutlass<T>(dx_cutlass, g, weight, ldw, lora_A, v, dx, M, N, K, R, dx_ws, stream);
+    if (err != cudaSuccess) return err;
+  } else if (dx != nullptr) {
     // dx[m, k] = Σ_n g[m, n] W[n, k] + keep(m, k)/(1−p)·Σ_r v[m, r] A[r, k]
     GemmParams<T> gp{};
     gp.a = g;
@@ -294,7 +310,7 @@ cudaError_t lora_bwd(const T* g, const T* x, int64_t ldx, const T* weight, int64
 #define LK_LORA_INSTANTIATE(T)                                                                                  \
   template cudaError_t lora_fwd<T>(const T*, int64_t, const T*, int64_t, const T*, const T*, const T*, T*,     \
                                    acc_t<T>*, int64_t, int64_t, int64_t, int64_t, double, double, uint64_t,   \
-                                   cudaStream_t);                                                              \
+                                   void*, cudaStream_t);                                                       \
   template size_t lora_bwd_workspace<T>(int64_t, int64_t, int64_t, int64_t);                                   \
   template cudaError_t lora_bwd<T>(const T*, const T*, int64_t, const T*, int64_t, const T*, const T*,         \
                                    const acc_t<T>*, T*, T*, T*, T*, T*, void*, int64_t, int64_t, int64_t,      \

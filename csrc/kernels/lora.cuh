@@ -9,11 +9,16 @@ namespace lk {
 // x: [M, K], row stride ldx; weight: [N, K], row stride ldw (unit column strides).
 // bias: [N] or nullptr; lora_A: [R, K], lora_B: [N, R] contiguous.
 // y: [M, N] contiguous; u = drop(x) Aᵀ: [M, R] (acc_t), saved for the backward.
+// workspace: lora_fwd_workspace bytes (nullptr when 0), 16-byte aligned; the CUTLASS path keeps
+// its low-rank operands there (lora_cutlass.cuh) and runs only when it is given.
 template <typename T>
 cudaError_t lora_fwd(const T* x, int64_t ldx, const T* weight, int64_t ldw, const T* bias,
                      const T* lora_A, const T* lora_B, T* y, acc_t<T>* u, int64_t M, int64_t N,
                      int64_t K, int64_t R, double scaling, double dropout_p, uint64_t seed,
-                     cudaStream_t stream);
+                     void* workspace, cudaStream_t stream);
+
+template <typename T>
+size_t lora_fwd_workspace(int64_t M, int64_t N, int64_t K, int64_t R, double dropout_p);
 
 template <typename T>
 size_t lora_bwd_workspace(int64_t M, int64_t N, int64_t K, int64_t R);

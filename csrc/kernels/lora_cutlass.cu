@@ -1,0 +1,201 @@
+// Host side of the CUTLASS LoRA forward and dx (lora_cutlass.cuh): which kernel applies, the
+// workspaces, the low-rank operands. The GEMM kernels live in lora_sm80.cu and lora_sm90.cu.
+//
+// Cost of computing u in a kernel of its own (lora.cu's rowdot) instead of inside the GEMM: one
+// more read of x. At M = 8192, K = 4096 in bf16 that is 67 MB: ~14 µs at 4.8 TB/s (H200) if rowdot
+// ran at full bandwidth, against ~350 µs for the main GEMM's 2·M·N·K = 275 GFLOP at N = 4096
+// (~790 TFLOP/s), ~4% (arithmetic, not measured: no GPU so far). Computing u inside the GEMM
+// would need x·Aᵀ in every column tile's mainloop (lora_fused.cu's design), which CUTLASS's
+// collectives do not offer. The second mainloop's ⌈RP/64⌉ k-tiles cost 1/64 of the first's
+// ⌈K/64⌉ at K = 4096, r <= 64 (1.6%; the zero columns past r are multiplied too). dx likewise:
+// v = s·g B by rowdot (which lora_bwd needs for dA anyway), then g W0 + T(v) A in one GEMM.
+#include "lora_cutlass.cuh"
+
+#include <algorithm>
+#include <climits>
+#include <type_traits>
+
+namespace lk {
+namespace lora_detail {
+namespace {
+
+template <typename T>
+constexpr bool k16 = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+constexpr int64_t kRankPad = 16;      // RP: R rounded up to a multiple of this
+constexpr int64_t kMinRows = 128;     // one 128-row tile; below, lora.cu's narrow split tiles
+constexpr size_t kAlign = 256;
+
+int64_t padded_rank(int64_t R) { return (R + kRankPad - 1) / kRankPad * kRankPad; }
+size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// h = T(scale·u) [M, RP] with zeros in the columns R..RP-1, and dst = src zero-padded from
+// [src_rows, src_cols] to [dst_rows, dst_cols] (lora_B to [N, RP], or lora_A to [RP, K]): the
+// second mainloop then reads whole 16-byte rows and k-tiles (TMA and cp.async want them).
+template <typename T>
+__global__ void __launch_bounds__(256) lowrank_operands_kernel(const float* __restrict__ u, T* __restrict__ h,
+                                                               int64_t M, int64_t R, int64_t RP, float scale,
+                                                               const T* __restrict__ src, int64_t src_rows,
+                                                               int64_t src_cols, T* __restrict__ dst,
+                                                               int64_t dst_rows, int64_t dst_cols) {
+  const int64_t nh = M * RP, total = nh + dst_rows * dst_cols;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (e < nh) {
+      const int64_t row = e / RP, r = e % RP;
+      h[e] = from_acc<T>(r < R ? scale * u[row * R + r] : 0.0f);
+    } else {
+      const int64_t row = (e - nh) / dst_cols, col = (e - nh) % dst_cols;
+      dst[e - nh] = row < src_rows && col < src_cols ? src[row * src_cols + col] : from_acc<T>(0.0f);
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_operands(const float* u, T* h, int64_t M, int64_t R, int64_t RP, double scale, const T* src,
+                            int64_t src_rows, int64_t src_cols, T* dst, int64_t dst_rows, int64_t dst_cols,
+                            cudaStream_t stream) {
+  const int64_t total = M * RP + dst_rows * dst_cols;
+  const int64_t blocks = std::min<int64_t>((total + 255) / 256, 4096);
+  lowrank_operands_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      u, h, M, R, RP, static_cast<float>(scale), src, src_rows, src_cols, dst, dst_rows, dst_cols);
+  return cudaGetLastError();
+}
+
+// The kernel for a GEMM of M rows, A [M, K] with row stride lda, B with row stride ldb (kBMN:
+// N-major, which needs N % 8 == 0 too), per lora_cutlass.cuh's rules.
+template <typename T, bool kBMN>
+CutlassPath cutlass_path(const void* a, int64_t lda, const void* b, int64_t ldb, int64_t M, int64_t N, int64_t K,
+                         int64_t R, const void* workspace) {
+  // CuTe shapes are int; the tile grid is (⌈M/128⌉, ⌈N/128⌉) with N's count in gridDim.y.
+  if (workspace == nullptr || M < kMinRows || N < 1 || K < 1 || R < 1 || M > INT_MAX || K > INT_MAX ||
+      N > 65535LL * 128 || padded_rank(R) > INT_MAX || lda % 8 != 0 || ldb % 8 != 0 || K % 8 != 0 ||
+      (kBMN && N % 8 != 0) || !aligned16(a) || !aligned16(b) || !aligned16(workspace))
+    return CutlassPath::none;
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return CutlassPath::none;
+  }
+#if defined(LK_BUILT_SM90A)
+  // setup.py defines LK_BUILT_SM90A when the arch list has 9.0a and no plain 9.0: on a 9.0
+  // device the driver can then only have loaded the sm_90a cubins, where lora_sm90_kernel has
+  // its body and lora_sm80_kernel none (lora_sm80.cu), so sm80 is never an option there.
+  if (major == 9 && minor == 0)
+    return lora_sm90_ready<T, kBMN>(device) ? CutlassPath::sm90a : CutlassPath::none;
+#endif
+  if (major >= 8 && lora_sm80_ready<T, kBMN>(device)) return CutlassPath::sm80;
+  return CutlassPath::none;
+}
+
+template <typename T, bool kBMN>
+cudaError_t launch_gemm(CutlassPath path, const CutlassGemm<T>& p, cudaStream_t stream) {
+  if (path == CutlassPath::sm90a) return lora_sm90_launch<T, kBMN>(p, stream);
+  if (path == CutlassPath::sm80) return lora_sm80_launch<T, kBMN>(p, stream);
+  return cudaErrorNotSupported;
+}
+
+// Two buffers in one workspace: bytes_a at offset 0, the second after it.
+template <typename T>
+T* second(void* workspace, size_t bytes_a) {
+  return reinterpret_cast<T*>(static_cast<unsigned char*>(workspace) + align_up(bytes_a));
+}
+
+}  // namespace
+
+template <typename T>
+CutlassPath lora_cutlass_path(const T* x, int64_t ldx, const T* weight, int64_t ldw, int64_t M, int64_t N,
+                              int64_t K, int64_t R, const void* workspace) {
+  if constexpr (!k16<T>) {
+    return CutlassPath::none;
+  } else {
+    return cutlass_path<T, false>(x, ldx, weight, ldw, M, N, K, R, workspace);
+  }
+}
+
+template <typename T>
+cudaError_t lora_fwd_cutlass(CutlassPath path, const T* x, int64_t ldx, const T* weight, int64_t ldw,
+                             const T* bias, const T* lora_B, T* y, const acc_t<T>* u, int64_t M, int64_t N,
+                             int64_t K, int64_t R, double scaling, void* workspace, cudaStream_t stream) {
+  if constexpr (!k16<T>) {
+    return cudaErrorNotSupported;
+  } else {
+    const int64_t RP = padded_rank(R);
+    T* h = static_cast<T*>(workspace);
+    T* bp = second<T>(workspace, sizeof(T) * M * RP);
+    cudaError_t err = launch_operands<T>(u, h, M, R, RP, scaling, lora_B, N, R, bp, N, RP, stream);
+    if (err != cudaSuccess) return err;
+    const CutlassGemm<T> p{x, ldx, weight, ldw, h, RP, bp, RP, bias, y, N, M, N, K, RP};
+    return launch_gemm<T, false>(path, p, stream);
+  }
+}
+
+template <typename T>
+size_t lora_dx_cutlass_workspace(int64_t M, int64_t N, int64_t K, int64_t R) {
+  (void)N;
+  if (!k16<T> || M < kMinRows || K < 1 || R < 1) return 0;
+  const int64_t RP = padded_rank(R);
+  return align_up(sizeof(T) * M * RP) + align_up(sizeof(T) * RP * K);
+}
+
+template <typename T>
+CutlassPath lora_dx_cutlass_path(const T* g, const T* weight, int64_t ldw, int64_t M, int64_t N, int64_t K,
+                                 int64_t R, const void* workspace) {
+  if constexpr (!k16<T>) {
+    return CutlassPath::none;
+  } else {
+    // dx [M, K] = g [M, N] · W0 [N, K]: the GEMM's N is K, its reduction N; W0 N-major (kBMN).
+    return cutlass_path<T, true>(g, N, weight, ldw, M, K, N, R, workspace);
+  }
+}
+
+template <typename T>
+cudaError_t lora_dx_cutlass(CutlassPath path, const T* g, const T* weight, int64_t ldw, const T* lora_A,
+                            const acc_t<T>* v, T* dx, int64_t M, int64_t N, int64_t K, int64_t R, void* workspace,
+                            cudaStream_t stream) {
+  if constexpr (!k16<T>) {
+    return cudaErrorNotSupported;
+  } else {
+    const int64_t RP = padded_rank(R);
+    T* h = static_cast<T*>(workspace);                   // T(v), v already holds s
+    T* ap = second<T>(workspace, sizeof(T) * M * RP);   // lora_A [RP, K], zero rows past R
+    cudaError_t err = launch_operands<T>(v, h, M, R, RP, 1.0, lora_A, R, K, ap, RP, K, stream);
+    if (err != cudaSuccess) return err;
+    const CutlassGemm<T> p{g, N, weight, ldw, h, RP, ap, K, nullptr, dx, K, M, K, N, RP};
+    return launch_gemm<T, true>(path, p, stream);
+  }
+}
+
+}  // namespace lora_detail
+
+template <typename T>
+size_t lora_fwd_workspace(int64_t M, int64_t N, int64_t K, int64_t R, double dropout_p) {
+  (void)K;
+  if (!lora_detail::k16<T> || dropout_p > 0.0 || M < lora_detail::kMinRows || N < 1 || R < 1) return 0;
+  const int64_t RP = lora_detail::padded_rank(R);
+  return lora_detail::align_up(sizeof(T) * M * RP) + lora_detail::align_up(sizeof(T) * N * RP);
+}
+
+#define LK_INSTANTIATE_LORA_CUTLASS(T)                                                                      \
+  template size_t lora_fwd_workspace<T>(int64_t, int64_t, int64_t, int64_t, double);                       \
+  template lora_detail::CutlassPath lora_detail::lora_cutlass_path<T>(const T*, int64_t, const T*, int64_t, \
+                                                                      int64_t, int64_t, int64_t, int64_t,   \
+                                                                      const void*);                         \
+  template cudaError_t lora_detail::lora_fwd_cutlass<T>(lora_detail::CutlassPath, const T*, int64_t, const T*, \
+                                                        int64_t, const T*, const T*, T*, const acc_t<T>*,   \
+                                                        int64_t, int64_t, int64_t, int64_t, double, void*,  \
+                                                        cudaStream_t);                                      \
+  template size_t lora_detail::lora_dx_cutlass_workspace<T>(int64_t, int64_t, int64_t, int64_t);            \
+  template lora_detail::CutlassPath lora_detail::lora_dx_cutlass_path<T>(const T*, const T*, int64_t, int64_t, \
+                                                                         int64_t, int64_t, int64_t,         \
+                                                                         const void*);                      \
+  template cudaError_t lora_detail::lora_dx_cutlass<T>(lora_detail::CutlassPath, const T*, const T*, int64_t,  \
+                                                       const T*, const acc_t<T>*, T*, int64_t, int64_t,      \
+                                                       int64_t, int64_t, void*, cudaStream_t);
+LK_FOR_EACH_TYPE(LK_INSTANTIATE_LORA_CUTLASS)
+#undef LK_INSTANTIATE_LORA_CUTLASS
+
+}  // namespace lk

@@ -1,0 +1,78 @@
+// The LoRA GEMMs on CUTLASS 3.x / CuTe, called by lora_fwd and lora_bwd (lora.cu); half/bf16,
+// no dropout. No CUTLASS header here: only lora_sm80.cu and lora_sm90.cu include CUTLASS, so
+// lora.cu and lora_cutlass.cu compile as before.
+//
+// forward  1. u = x Aᵀ (fp32, saved for the backward): lora.cu's rowdot, as on the other paths.
+//          2. lowrank_operands_kernel (lora_cutlass.cu): h = T(s·u) [M, RP] and a copy of lora_B
+//             [N, RP], zero past R (RP = R rounded up to 16), in the forward's workspace: whole
+//             16-byte rows whatever R is, as cp.async and TMA need.
+//          3. one GEMM kernel per output tile: CUTLASS's mainloop over (x, W0) for ⌈K/64⌉ k-tiles,
+//             then the same mainloop over (h, B) for ⌈RP/64⌉ more into the same accumulators,
+//             then bias, one rounding and one write of y.
+// dx       the same with v = s·g B (lora.cu's rowdot, fp32): dx = g W0 + T(v) A, W0 and A read
+//          along their rows (B operand N-major), A copied to [RP, K] with zero rows past R.
+// sm_90a (H100/H200, in a build with sm_90a code): lora_sm90.cu, TMA + wgmma; any other sm_80+
+// GPU: lora_sm80.cu, cp.async + ldmatrix + mma.sync.
+#pragma once
+#include "lora.cuh"
+
+namespace lk {
+namespace lora_detail {
+
+// y = a bᵀ + a2 b2ᵀ (+ bias), what the GEMM kernels read and write; lora_cutlass.cu has checked
+// the alignment rules of lora_cutlass.cu's cutlass_path. B(n, k) is b[n·ldb + k] (K-major) or,
+// for the kernels instantiated with kBMN, b[k·ldb + n] (N-major); b2 likewise.
+template <typename T>
+struct CutlassGemm {
+  const T* a;     // [M, K], row stride lda
+  int64_t lda;
+  const T* b;     // B(n, k), reduction K
+  int64_t ldb;
+  const T* a2;    // [M, K2], row stride lda2
+  int64_t lda2;
+  const T* b2;    // B2(n, k), reduction K2
+  int64_t ldb2;
+  const T* bias;  // [N] or nullptr
+  T* y;           // [M, N], row stride ldy
+  int64_t ldy;
+  int64_t M, N, K, K2;
+};
+
+enum class CutlassPath { none, sm80, sm90a };
+
+// The forward's CUTLASS kernel, or none (lora_fwd then keeps its other paths): T half/bf16,
+// M >= 128, K, ldx and ldw multiples of 8 elements, x, weight and workspace 16-byte aligned,
+// sizes below 2^31, a device of capability >= 8.0 whose image of the kernel is loadable and
+// whose shared memory per block fits it. sm90a only on capability 9.0 in a build with sm_90a code.
+template <typename T>
+CutlassPath lora_cutlass_path(const T* x, int64_t ldx, const T* weight, int64_t ldw, int64_t M, int64_t N,
+                              int64_t K, int64_t R, const void* workspace);
+
+// Steps 2 and 3 of the forward, after u has been written.
+template <typename T>
+cudaError_t lora_fwd_cutlass(CutlassPath path, const T* x, int64_t ldx, const T* weight, int64_t ldw,
+                             const T* bias, const T* lora_B, T* y, const acc_t<T>* u, int64_t M, int64_t N,
+                             int64_t K, int64_t R, double scaling, void* workspace, cudaStream_t stream);
+
+// dx = g W0 + T(v) A without dropout (g [M, N] contiguous, v = s·g B [M, R] fp32): its workspace
+// (lora_bwd adds it after its own), the kernel that applies (as above, with N and K multiples of
+// 8, ldw too), and the launches.
+template <typename T>
+size_t lora_dx_cutlass_workspace(int64_t M, int64_t N, int64_t K, int64_t R);
+template <typename T>
+CutlassPath lora_dx_cutlass_path(const T* g, const T* weight, int64_t ldw, int64_t M, int64_t N, int64_t K,
+                                 int64_t R, const void* workspace);
+template <typename T>
+cudaError_t lora_dx_cutlass(CutlassPath path, const T* g, const T* weight, int64_t ldw, const T* lora_A,
+                            const acc_t<T>* v, T* dx, int64_t M, int64_t N, int64_t K, int64_t R, void* workspace,
+                            cudaStream_t stream);
+
+// lora_sm80.cu / lora_sm90.cu: whether the current device can run the kernel (image loadable,
+// shared memory), and its launch. T is __half or __nv_bfloat16; kBMN: B and B2 N-major.
+template <typename T, bool kBMN> bool lora_sm80_ready(int device);
+template <typename T, bool kBMN> cudaError_t lora_sm80_launch(const CutlassGemm<T>& p, cudaStream_t stream);
+template <typename T, bool kBMN> bool lora_sm90_ready(int device);
+template <typename T, bool kBMN> cudaError_t lora_sm90_launch(const CutlassGemm<T>& p, cudaStream_t stream);
+
+}  // namespace lora_detail
+}  // namespace lk
