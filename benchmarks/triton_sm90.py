@@ -100,6 +100,8 @@ def parse_args():
     p.add_argument("--verbose", action="store_true", help="list every shape that uses a row")
     p.add_argument("--dry-run", action="store_true", help="count the distinct compiles and stop")
     p.add_argument("--only-flagged", action="store_true", help="print only rows that are flagged")
+    p.add_argument("--all-configs", action="store_true", help="compile every listed config of each autotuned "
+                   "launch, the pruners off (to see what they keep out; fails on the spills it finds)")
     return p.parse_args()
 
 
@@ -179,7 +181,7 @@ class Capture:
 def candidate_configs(tuner, args, kwargs):
     """The configs tuner would benchmark for this launch: its own pruning, as in Autotuner.run.
     With LORA_KERNELS_AUTOTUNE=0 (perf_model, top_k=1) it would run the first of them."""
-    if len(tuner.configs) == 1:
+    if len(tuner.configs) == 1 or ARGS.all_configs:
         return list(tuner.configs)
     tuner.nargs = dict(zip(tuner.arg_names, args))
     try:
