@@ -58,6 +58,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -425,6 +426,19 @@ def run_jobs(jobs, n_workers, cache_dir):
 
 
 
+def checkout():
+    """The commit the kernels came from, "+ changes" when the working tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lora_kernels", "benchmarks/triton_sm90.py",
+                                "benchmarks/sm90_shapes.py", "benchmarks/sm90_report.py"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "a checkout without git"
+    return f"commit {head}" + (" + uncommitted changes" if dirty else "")
+
+
 def main():
     if ARGS.ops:
         ops = [o.strip() for o in ARGS.ops.split(",") if o.strip()]
@@ -499,8 +513,10 @@ def main():
     if ARGS.markdown:
         cmd = " ".join(["python benchmarks/triton_sm90.py", f"--{level}", f"--dtypes {ARGS.dtypes}"]
                        + (["--tf32"] if ARGS.tf32 else []) + ([f"--ops {ARGS.ops}"] if ARGS.ops else []))
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         with open(ARGS.markdown, "w") as f:
-            f.write(report.markdown(rows, first_call, [f"`{cmd}` ({versions}).", "", detail], totals))
+            f.write(report.markdown(rows, first_call, [f"`{cmd}` ({versions}), run {when} on {checkout()}.", "",
+                                                       detail], totals))
     failed = sum(counts.values())
     if failed:
         print(f"FAILED: {failed} flagged configs ({', '.join(f'{k} {v}' for k, v in counts.items() if v)})")
