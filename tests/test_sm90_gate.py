@@ -34,6 +34,7 @@ def test_lora_multi_fp32_gemms_choose_among_their_own_tiles(m):
     them (lora_multi_configs._FMA_TILES), first in that list's order (LORA_KERNELS_AUTOTUNE=0 runs the
     first); 16-bit launches never see a tile that is only in the fp32 list."""
     import torch
+
     from lora_kernels.triton import lora_multi_configs as cfg
 
     def named(dtype, first):
