@@ -427,16 +427,14 @@ def run_jobs(jobs, n_workers, cache_dir):
 
 
 def checkout():
-    """The commit the kernels came from, "+ changes" when the working tree differs from it."""
+    """The commit the kernels came from, "+ uncommitted changes" when they or the gate differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lora_kernels", "benchmarks/triton_sm90.py",
-                                "benchmarks/sm90_shapes.py", "benchmarks/sm90_report.py"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = git("status", "--porcelain", "--", "lora_kernels", "benchmarks/triton_sm90.py", "benchmarks/sm90_*.py")
+        return f"commit {git('rev-parse', '--short', 'HEAD')}" + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "a checkout without git"
-    return f"commit {head}" + (" + uncommitted changes" if dirty else "")
 
 
 def main():
