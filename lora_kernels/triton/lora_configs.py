@@ -62,7 +62,8 @@ LIVE_TC, LIVE_FMA, LIVE_FMA_EPILOGUE = 144, 64, 96
 # element, each with its own address: then the output tile plus one stage of operand tiles stays
 # within LIVE_MISALIGNED = 80 values a thread on tensor cores (96 and up spilled 24-1584 B: BM64 BN64
 # BK64 w4, BM128 BN128 BK64 w8 s4) and the main loop within 40 on CUDA cores (64 spilled 8 B; 48,
-# dx BM64 BK64 BN16 w4 s2 at M = 37, K = N = 1000, r = 8 (dora's backward), 4 B at 168 registers).
+# dx BM64 BK64 BN16 w4 s2 at M = 37, K = N = 1000, r = 8, 4 B at 168 registers: dora's backward,
+# `--full --ops dora`).
 LIVE_MISALIGNED, LIVE_FMA_MISALIGNED = 80, 40
 MEMORY_BOUND_SMEM = 96 << 10
 # The down projection and dA read rows of BLOCK_K elements: on tensor cores 512 B of them (16-bit
