@@ -130,7 +130,9 @@ _STREAM_FMA_TILE = {"down_seg": (32, 32, 8, 2), "da": (32, 32, 4, 2)}
 def _da_misaligned_dropout(prune):
     """dA in 16-bit with dropout on misaligned x (element-wise loads plus the keep-mask of each):
     rows of 16 only. BM32 BK64 w4 s2 spilled 16 B at K = 1000, r = 8 (80 registers), where BM16
-    BK64 and BK128 did not; the misaligned-x rule (_stream_streamed) counts the two alike."""
+    BK64 and BK128 did not; the misaligned-x rule (_stream_streamed) counts the two alike. Rerun:
+    `python benchmarks/triton_sm90.py --full --ops lora_multi --dtypes fp16 --kernel multi_bwd_da
+    --all-configs` (70 compiles, that one spills)."""
     def wrapped(configs, named_args, **kwargs):
         if (kwargs.get("HAS_DROPOUT") and named_args["X"].element_size() == 2
                 and _common.misaligned(named_args, _STREAM_INTS)):
