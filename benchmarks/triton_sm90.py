@@ -58,6 +58,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,6 +101,8 @@ def parse_args():
     p.add_argument("--verbose", action="store_true", help="list every shape that uses a row")
     p.add_argument("--dry-run", action="store_true", help="count the distinct compiles and stop")
     p.add_argument("--only-flagged", action="store_true", help="print only rows that are flagged")
+    p.add_argument("--all-configs", action="store_true", help="compile every listed config of each autotuned "
+                   "launch, the pruners off (to see what they keep out; fails on the spills it finds)")
     return p.parse_args()
 
 
@@ -179,7 +182,7 @@ class Capture:
 def candidate_configs(tuner, args, kwargs):
     """The configs tuner would benchmark for this launch: its own pruning, as in Autotuner.run.
     With LORA_KERNELS_AUTOTUNE=0 (perf_model, top_k=1) it would run the first of them."""
-    if len(tuner.configs) == 1:
+    if len(tuner.configs) == 1 or ARGS.all_configs:
         return list(tuner.configs)
     tuner.nargs = dict(zip(tuner.arg_names, args))
     try:
@@ -423,6 +426,17 @@ def run_jobs(jobs, n_workers, cache_dir):
 
 
 
+def checkout():
+    """The commit the kernels came from, "+ uncommitted changes" when they or the gate differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        dirty = git("status", "--porcelain", "--", "lora_kernels", "benchmarks/triton_sm90.py", "benchmarks/sm90_*.py")
+        return f"commit {git('rev-parse', '--short', 'HEAD')}" + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "a checkout without git"
+
+
 def main():
     if ARGS.ops:
         ops = [o.strip() for o in ARGS.ops.split(",") if o.strip()]
@@ -497,8 +511,10 @@ def main():
     if ARGS.markdown:
         cmd = " ".join(["python benchmarks/triton_sm90.py", f"--{level}", f"--dtypes {ARGS.dtypes}"]
                        + (["--tf32"] if ARGS.tf32 else []) + ([f"--ops {ARGS.ops}"] if ARGS.ops else []))
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         with open(ARGS.markdown, "w") as f:
-            f.write(report.markdown(rows, first_call, [f"`{cmd}` ({versions}).", "", detail], totals))
+            f.write(report.markdown(rows, first_call, [f"`{cmd}` ({versions}), run {when} on {checkout()}.", "",
+                                                       detail], totals))
     failed = sum(counts.values())
     if failed:
         print(f"FAILED: {failed} flagged configs ({', '.join(f'{k} {v}' for k, v in counts.items() if v)})")

@@ -248,7 +248,7 @@ _NORM_CONFIGS = [_config(4, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, s in [
 
 # Register rules, from what ptxas made of every config for sm_90 (Triton 3.6, ptxas 12.8; rerun
 # `python benchmarks/triton_sm90.py --full --ops dora`; table in
-# benchmarks/results/triton-sm90-3.6.0-rms_norm-dora-lora_multi.md).
+# benchmarks/results/triton-sm90-3.6.0.md).
 # Values a thread keeps live, in 4-byte words (fp64: two):
 # - forward, 16-bit on tensor cores: accumulators (two with dropout) plus the [BM, BR] tile of u
 #   (with dropout counted twice) within LIVE_TC = 112 (tf32 by the same rule, not measured): with

@@ -61,8 +61,10 @@ LIVE_TC, LIVE_FMA, LIVE_FMA_EPILOGUE = 144, 64, 96
 # Misaligned operands (a size or stride not a multiple of 16: K = N = 1000) are loaded element by
 # element, each with its own address: then the output tile plus one stage of operand tiles stays
 # within LIVE_MISALIGNED = 80 values a thread on tensor cores (96 and up spilled 24-1584 B: BM64 BN64
-# BK64 w4, BM128 BN128 BK64 w8 s4) and the main loop within 48 on CUDA cores (64 spilled 8 B).
-LIVE_MISALIGNED, LIVE_FMA_MISALIGNED = 80, 48
+# BK64 w4, BM128 BN128 BK64 w8 s4) and the main loop within 40 on CUDA cores (64 spilled 8 B; 48,
+# dx BM64 BK64 BN16 w4 s2 at M = 37, K = N = 1000, r = 8, 4 B at 168 registers: dora's backward,
+# `--full --ops dora`).
+LIVE_MISALIGNED, LIVE_FMA_MISALIGNED = 80, 40
 MEMORY_BOUND_SMEM = 96 << 10
 # The down projection and dA read rows of BLOCK_K elements: on tensor cores 512 B of them (16-bit
 # BK256, tf32 BK128) spilled 4 B at 56 registers with BLOCK_R = 32; 256 B never did.
@@ -70,7 +72,7 @@ STREAM_ROW_BYTES = 256
 
 
 def _pruner(first_arg, stage_elems, tall, live, memory_bound=False, out=None, fma_rows=None, ints=(), streamed=None,
-            row_bytes=None):
+            row_bytes=None, fma_tall=64):
     """Autotuner pre-filter. stage_elems(blocks, kwargs): elements one pipeline stage holds;
     live(blocks, kwargs, fma): (main loop, epilogue) elements the program keeps in registers.
     Keeps configs whose row tile suits the row count (``tall``: GEMMs, where many rows want tiles
@@ -87,7 +89,7 @@ def _pruner(first_arg, stage_elems, tall, live, memory_bound=False, out=None, fm
 
         def rows(c):
             bm = c.kwargs["BLOCK_M"]
-            return bm >= 64 if (tall and m > 64) else bm <= max(16, m)
+            return bm >= (fma_tall if fma else 64) if (tall and m > 64) else bm <= max(16, m)
 
         def cost(c):
             main, epilogue = live(c.kwargs, kwargs, fma)

@@ -14,20 +14,63 @@ def _config(num_warps, num_stages, **blocks):
 
 # Short, conservative lists (blocks <= 128, stages <= 3; see the sm_90 spill gate): (BLOCK_M,
 # output width, reduction step, warps, stages) for the forward (N, K) and dx (K, N) GEMMs.
-# BK32 tall tiles: the ones that pass the rules with misaligned sizes (64x64) and in fp32 at r = 64
-# (64x32; 64x64 BK32 w8, LoRA's fp32 tile, spilled 8-48 B here at 128 registers). Order matters for
-# LORA_KERNELS_AUTOTUNE=0 (the first kept tile runs): in fp32, 16x32 BK128 as the forward (r = 64,
-# M = 16) spilled 8 B where 16x32 BK64 did not. (The fp32 64x64 / 64x32 BK32 tiles each spilled 12 B
-# at 128 registers on one shape and not on another: no order avoids both.)
+# BK32 tall tiles: the ones that pass the rules with misaligned sizes (64x64) and at r = 64 (64x32).
+# Tensor cores (16-bit, tf32) choose among _GEMM_TILES; fp32 IEEE (CUDA cores) among its own
+# _FMA_TILES (below). Order matters for LORA_KERNELS_AUTOTUNE=0: the first kept tile runs.
 _GEMM_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3),
                (64, 64, 32, 4, 3), (64, 32, 32, 4, 3),
                (32, 64, 64, 4, 2), (16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (16, 32, 64, 4, 3), (16, 32, 128, 4, 2)]
+# fp32 IEEE on CUDA cores. Small spills here (4-48 B) mostly come from ptxas trading a few
+# spilled values for a register target (64, 80, 128 or 168 registers a thread: more blocks per SM),
+# not from running out of registers: for the spilling multi_fwd BM16 BN32 BK64 w4 s3 (SORTED
+# STORE_U BR=16) `ptxas -v --gpu-name=sm_90a` gives 64 registers and 4 B of spill, with
+# --register-usage-level=10 68 registers and none. Which tile hits such a target moves with BR,
+# dropout and alignment, so the live-value rules cannot predict it. These tiles spilled in none of
+# the 10 dx / 12 forward variants of the full shapes (BR 16/32/64, dropout, K = N = 1000, M = 1,
+# n = 1), each tile compiled for every variant (Triton 3.6, ptxas 12.8). Left out as measured
+# there: all 8 tall dx tiles tried (BM64, BK 32/64, BN 16/32, w4/w8, s2/s3) spilled 8-468 B on
+# some variant (BK64 BN32 w4 s3: 12 B at r = 16, 468 B with dropout at K = 1000); the forward's
+# BM16 BN32 BK64 (4 B at r = 16, s2 and s3) and BK128 w4 s2 (4-12 B at r = 32 and 64). So fp32 dx
+# runs 32-row tiles on many rows (fma_tall=32): on CUDA cores each thread computes its outputs
+# from registers either way, and BM32 BK128 w8 holds the 16 a thread that BM64 BK64 w8 would. The
+# forward keeps its 64-row tiles for many rows (none spills where the rules keep them). Rerun:
+# `python benchmarks/triton_sm90.py --full --ops lora_multi --dtypes fp32 --kernel multi_bwd_dx
+# --all-configs` compiles every listed tile for every launch, the pruner off.
+_FMA_TILES = {
+    "fwd": [(64, 64, 32, 4, 3), (64, 32, 32, 4, 3), (32, 64, 32, 4, 2), (16, 64, 32, 4, 2), (32, 32, 32, 4, 2),
+            (16, 32, 32, 4, 2)],
+    "dx": [(32, 128, 32, 8, 2), (32, 64, 32, 4, 2), (32, 64, 16, 4, 2), (32, 32, 32, 4, 2), (16, 32, 128, 4, 2),
+           (16, 32, 64, 4, 3)],
+}
 _STREAM_TILES = [(16, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32, 64, 4, 2),
-                 (16, 64, 4, 3), (32, 32, 4, 2)]
+                 (16, 64, 4, 3)]
 
 
-def _gemm_configs(out_name, red_name):
-    return [_config(w, s, BLOCK_M=bm, GROUP_M=8, **{out_name: bo, red_name: br}) for bm, bo, br, w, s in _GEMM_TILES]
+def _key(c):
+    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+
+
+def _by_unit(tc_configs, fma_configs, prune, first_arg):
+    """(configs, pruner): fp32 IEEE launches (CUDA cores) choose among fma_configs, the others
+    (tensor cores; fp64 by its own rule) among tc_configs; then ``prune``'s rules apply."""
+    tc_keys = [_key(c) for c in tc_configs]
+    fma_keys = [_key(c) for c in fma_configs]
+    configs = list(tc_configs) + [c for c in fma_configs if _key(c) not in tc_keys]
+
+    def wrapped(configs, named_args, **kwargs):
+        fma = named_args[first_arg].element_size() == 4 and kwargs.get("PRECISION", "ieee") == "ieee"
+        order = fma_keys if fma else tc_keys  # the unit's own order: its first kept tile is the default
+        mine = sorted((c for c in configs if _key(c) in order), key=lambda c: order.index(_key(c)))
+        return prune(mine, named_args, **kwargs)
+    return configs, wrapped
+
+
+def _gemm_configs(out_name, red_name, tiles):
+    return [_config(w, s, BLOCK_M=bm, GROUP_M=8, **{out_name: bo, red_name: br}) for bm, bo, br, w, s in tiles]
+
+
+def _stream_configs(tiles):
+    return [_config(w, s, BLOCK_M=bm, BLOCK_K=bk) for bm, bk, w, s in tiles]
 
 
 def _autotuned(kernel, configs, key, prune):
@@ -76,40 +119,58 @@ def _stream_streamed(b, k):
 _STREAM_INTS = ("K", "stride_xm", "stride_xk")
 
 
-def _fp32_small_tile(prune):
-    """BM32 BK32 is for fp32 with dropout at r = 64 (the one stream tile that passes there); in
-    bf16 at r = 64 it spilled 4 B (72 registers), so 16-bit launches never see it."""
+# Stream tiles: tensor cores take _STREAM_TILES; fp32 IEEE adds one 32x32 tile, the one that
+# passes the rules with dropout at r = 64 (in bf16 at r = 64 it spilled 4 B at 72 registers, so
+# 16-bit launches never see it). In down_seg it runs 8 warps: BM32 BK32 w4 s2 spilled 20 B at
+# 128 registers on misaligned x at r = 64 (K = 1000, the default of that launch) and w8 s2 spilled
+# in none of the 8 full-shape variants (48-106 registers); dA keeps w4 s2 (none of its kept spills).
+_STREAM_FMA_TILE = {"down_seg": (32, 32, 8, 2), "da": (32, 32, 4, 2)}
+
+
+def _da_misaligned_dropout(prune):
+    """dA in 16-bit with dropout on misaligned x (element-wise loads plus the keep-mask of each):
+    rows of 16 only. BM32 BK64 w4 s2 spilled 16 B at K = 1000, r = 8 (80 registers), where BM16
+    BK64 and BK128 did not; the misaligned-x rule (_stream_streamed) counts the two alike. Rerun:
+    `python benchmarks/triton_sm90.py --full --ops lora_multi --dtypes fp16 --kernel multi_bwd_da
+    --all-configs` (70 compiles, that one spills)."""
     def wrapped(configs, named_args, **kwargs):
-        if named_args["X"].element_size() != 4:
-            configs = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) != (32, 32)]
+        if (kwargs.get("HAS_DROPOUT") and named_args["X"].element_size() == 2
+                and _common.misaligned(named_args, _STREAM_INTS)):
+            configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 16] or configs
         return prune(configs, named_args, **kwargs)
     return wrapped
+
+
 _TUNE_KEY = ["M_BUCKET", "N", "K", "R"]
-fwd = _autotuned(  # stage: x and Wᵀ tiles
-    _multi_fwd_kernel, _gemm_configs("BLOCK_N", "BLOCK_K"), _TUNE_KEY,
+_fwd_configs, _fwd_prune = _by_unit(
+    _gemm_configs("BLOCK_N", "BLOCK_K", _GEMM_TILES), _gemm_configs("BLOCK_N", "BLOCK_K", _FMA_TILES["fwd"]),
     _pruner("X", lambda b, k: (b["BLOCK_M"] + b["BLOCK_N"]) * b["BLOCK_K"], tall=True, live=_fwd_live,
             out="BLOCK_N", ints=("K", "N", "stride_xm", "stride_xk", "stride_wn", "stride_wk"),
-            streamed=lambda b, k: b["BLOCK_M"] * b["BLOCK_N"] + b["BLOCK_K"] * (b["BLOCK_M"] + b["BLOCK_N"])))
-dx = _autotuned(  # stage: g and W tiles
-    _multi_bwd_dx_kernel, _gemm_configs("BLOCK_K", "BLOCK_N"), _TUNE_KEY + ["HAS_DROPOUT"],
+            streamed=lambda b, k: b["BLOCK_M"] * b["BLOCK_N"] + b["BLOCK_K"] * (b["BLOCK_M"] + b["BLOCK_N"])), "X")
+fwd = _autotuned(_multi_fwd_kernel, _fwd_configs, _TUNE_KEY, _fwd_prune)  # stage: x and Wᵀ tiles
+_dx_configs, _dx_prune = _by_unit(
+    _gemm_configs("BLOCK_K", "BLOCK_N", _GEMM_TILES), _gemm_configs("BLOCK_K", "BLOCK_N", _FMA_TILES["dx"]),
     _pruner("G", lambda b, k: (b["BLOCK_M"] + b["BLOCK_K"]) * b["BLOCK_N"], tall=True, live=_dx_live_multi,
-            out="BLOCK_K", ints=("N", "K", "stride_gm", "stride_gn", "stride_wn", "stride_wk"),
-            streamed=lambda b, k: b["BLOCK_M"] * b["BLOCK_K"] + b["BLOCK_N"] * (b["BLOCK_M"] + b["BLOCK_K"])))
+            out="BLOCK_K", ints=("N", "K", "stride_gm", "stride_gn", "stride_wn", "stride_wk"), fma_tall=32,
+            streamed=lambda b, k: b["BLOCK_M"] * b["BLOCK_K"] + b["BLOCK_N"] * (b["BLOCK_M"] + b["BLOCK_K"])), "G")
+dx = _autotuned(_multi_bwd_dx_kernel, _dx_configs, _TUNE_KEY + ["HAS_DROPOUT"], _dx_prune)  # stage: g and W tiles
+_down_configs, _down_prune = _by_unit(
+    _stream_configs(_STREAM_TILES), _stream_configs(_STREAM_TILES + [_STREAM_FMA_TILE["down_seg"]]),
+    _pruner("X", lambda b, k: (b["BLOCK_M"] + k["BLOCK_R"]) * b["BLOCK_K"], tall=False,
+            live=_stream_live_multi, memory_bound=True, row_bytes=STREAM_ROW_BYTES,
+            ints=_STREAM_INTS, streamed=_stream_streamed), "X")
 down_seg = _autotuned(  # stage: x and Aᵀ tiles
-    _multi_down_seg_kernel, [_config(w, s, BLOCK_M=bm, BLOCK_K=bk) for bm, bk, w, s in _STREAM_TILES],
-    ["M_BUCKET", "K", "R", "HAS_DROPOUT"],
-    _fp32_small_tile(_pruner("X", lambda b, k: (b["BLOCK_M"] + k["BLOCK_R"]) * b["BLOCK_K"], tall=False,
-                             live=_stream_live_multi, memory_bound=True, row_bytes=STREAM_ROW_BYTES,
-                             ints=_STREAM_INTS, streamed=_stream_streamed)))
+    _multi_down_seg_kernel, _down_configs, ["M_BUCKET", "K", "R", "HAS_DROPOUT"], _down_prune)
 down_rows = _autotuned(  # one row: x and A_i tiles
     _multi_down_rows_kernel, [_config(4, 3, BLOCK_K=128), _config(2, 3, BLOCK_K=64)],
     ["M_BUCKET", "K", "R", "HAS_DROPOUT"], None)
+_da_configs, _da_prune = _by_unit(
+    _stream_configs(_STREAM_TILES), _stream_configs(_STREAM_TILES + [_STREAM_FMA_TILE["da"]]),
+    _da_misaligned_dropout(_pruner("X", lambda b, k: b["BLOCK_M"] * (b["BLOCK_K"] + 2 * k["BLOCK_R"]), tall=False,
+                                   live=_stream_live_multi, memory_bound=True, row_bytes=STREAM_ROW_BYTES,
+                                   ints=_STREAM_INTS, streamed=_stream_streamed)), "X")
 da = _autotuned(  # stage: x and v tiles (v in fp32)
-    _multi_bwd_da_kernel, [_config(w, s, BLOCK_M=bm, BLOCK_K=bk) for bm, bk, w, s in _STREAM_TILES],
-    ["M_BUCKET", "K", "R", "HAS_DROPOUT"],
-    _fp32_small_tile(_pruner("X", lambda b, k: b["BLOCK_M"] * (b["BLOCK_K"] + 2 * k["BLOCK_R"]), tall=False,
-                             live=_stream_live_multi, memory_bound=True, row_bytes=STREAM_ROW_BYTES,
-                             ints=_STREAM_INTS, streamed=_stream_streamed)))
+    _multi_bwd_da_kernel, _da_configs, ["M_BUCKET", "K", "R", "HAS_DROPOUT"], _da_prune)
 gb = _autotuned(  # stage: g and u tiles (u in fp32)
     _multi_bwd_gb_kernel, [_config(4, 3, BLOCK_M=16), _config(4, 3, BLOCK_M=32), _config(4, 3, BLOCK_M=64)],
     ["M_BUCKET", "N", "R", "BLOCK_N"],
