@@ -11,7 +11,8 @@ enum class Activation : int { gelu = 0, gelu_tanh = 1, relu = 2, silu = 3 };
 // only read), unit column stride. w_down: [R, K], w_up: [K, R] (contiguous);
 // b_down: [R] or nullptr; b_up: [K] or nullptr. y: [M, K] contiguous; h: [M, R] (acc_t),
 // the pre-activation saved for the backward. workspace: adapter_fwd_workspace(M, K, R) bytes,
-// 16-byte aligned (the CUTLASS path's T(act(h)); nullptr when that is 0, or to keep off that path).
+// 16-byte aligned, or nullptr when that is 0 (or to keep off the CUTLASS path): the CUTLASS path's
+// T(act(h)) [M, R], sized from the shapes alone, so also where the single pass takes over later.
 template <typename T>
 size_t adapter_fwd_workspace(int64_t M, int64_t K, int64_t R);
 
