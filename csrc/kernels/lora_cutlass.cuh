@@ -20,8 +20,8 @@
 namespace lk {
 namespace lora_detail {
 
-// y = a bᵀ + a2 b2ᵀ (+ bias): the operands the GEMM kernels read, and Epi, what they do with each
-// finished fp32 element (the epilogue policy below; adapter_cutlass.cuh has the adapter's). The
+// acc = a bᵀ + a2 b2ᵀ in fp32: the operands the GEMM kernels read, and Epi, what they do with each
+// finished element of acc (the epilogue policy below; adapter_cutlass.cuh has the adapter's). The
 // caller has checked the alignment rules of lora_cutlass.cu's cutlass_path. B(n, k) is
 // b[n·ldb + k] (K-major) or, for the kernels instantiated with kBMN, b[k·ldb + n] (N-major); b2
 // likewise. K2 = 0: no second phase (the kernels skip it; nothing of a2, b2 is read).
@@ -42,7 +42,8 @@ struct CutlassGemm {
 
 // Epilogue policies. The kernels call epi.dispatch(visit) once: dispatch hands visit a functor f
 // (itself, or a form with its runtime choices made constant), and visit calls f(i, j, acc) for
-// every in-bounds element of the tile, unrolled over the thread's accumulators. LoRA's: y = T(acc + bias).
+// every in-bounds element of the tile, unrolled over the thread's accumulators.
+// LoRA's (forward and dx): y = T(acc + bias).
 template <typename T>
 struct EpilogueBias {
   using Elem = T;
