@@ -111,7 +111,7 @@ def cuda_build():
             if torch.cuda.is_available() else []
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list(caps)
     archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
-    # The host launches lora_sm90.cu's kernel only when this build holds its sm_90a code.
+    # The host launches cutlass_sm90.cuh's kernel (LoRA's, the adapter's) only when this build holds its sm_90a code.
     sm90a = ["-DLK_BUILT_SM90A"] if any(a.startswith("9.0a") for a in archs) and not any(
         a.split("+")[0] == "9.0" for a in archs) else []
     ext = CUDAExtension(

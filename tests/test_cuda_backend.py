@@ -181,6 +181,17 @@ STRIDE_PROBE = r"""
 #include "adapter.cuh"
 #include "layer_norm.cuh"
 #include "rms_norm.cuh"
+#include "adapter_detail.cuh"
+// adapter_cutlass.cu's entry point without its CUTLASS kernels (not linked here): declines, as
+// it does for fp32 and on a machine without a device.
+namespace lk { namespace adapter_detail {
+template <typename T>
+cudaError_t adapter_fwd_cutlass(const T*, int64_t, const T*, const T*, const T*, const T*, T*, acc_t<T>*, void*,
+                                int64_t, int64_t, int64_t, Activation, double, cudaStream_t) { return cudaErrorNotSupported; }
+#define LK_PROBE_STUB(T) template cudaError_t adapter_fwd_cutlass<T>(const T*, int64_t, const T*, const T*, const T*, \
+    const T*, T*, acc_t<T>*, void*, int64_t, int64_t, int64_t, Activation, double, cudaStream_t);
+LK_FOR_EACH_TYPE(LK_PROBE_STUB)
+} }
 template <typename T> T* fake(size_t i) { return reinterpret_cast<T*>(static_cast<uintptr_t>(0x1000000 * (i + 1))); }
 int main() {
   int devices = 0;
@@ -190,7 +201,7 @@ int main() {
     std::printf("%lld %d %d %d %d %d %d\n", static_cast<long long>(ld),
       int(lk::layer_norm_fwd<float>(fake<float>(0), ld, nullptr, nullptr, fake<float>(1), fake<float>(2), fake<float>(3), M, K, 1e-5, nullptr)),
       int(lk::layer_norm_bwd<float>(fake<float>(0), fake<float>(1), ld, nullptr, fake<float>(2), fake<float>(3), fake<float>(4), fake<float>(5), fake<float>(6), fake<char>(7), M, K, nullptr)),
-      int(lk::adapter_fwd<float>(fake<float>(0), ld, fake<float>(1), nullptr, fake<float>(2), nullptr, fake<float>(3), fake<float>(4), M, K, R, lk::Activation::gelu, 1.0, nullptr)),
+      int(lk::adapter_fwd<float>(fake<float>(0), ld, fake<float>(1), nullptr, fake<float>(2), nullptr, fake<float>(3), fake<float>(4), nullptr, M, K, R, lk::Activation::gelu, 1.0, nullptr)),
       int(lk::adapter_bwd<float>(fake<float>(0), fake<float>(1), ld, fake<float>(2), fake<float>(3), fake<float>(4), fake<float>(5), fake<float>(6), fake<float>(7), fake<float>(8), fake<float>(9), fake<char>(10), M, K, R, lk::Activation::gelu, 1.0, nullptr)),
       int(lk::rms_norm_fwd<float>(fake<float>(0), ld, nullptr, fake<float>(1), fake<float>(2), M, K, 1e-6, 0.0, nullptr)),
       int(lk::rms_norm_bwd<float>(fake<float>(0), fake<float>(1), ld, nullptr, fake<float>(2), fake<float>(3), nullptr, nullptr, M, K, 0.0, nullptr)));
@@ -453,6 +464,9 @@ ADAPTER_PATHS = [
     (torch.bfloat16, 64, 1600, 8, "gelu", "one pass, RP=16 BM=16 (64 rows: 252 KB)"),
     (torch.bfloat16, 40, 8192, 8, "silu", "two GEMMs: even a 16-row x tile takes 278 KB"),
     (torch.float32, 40, 96, 65, "gelu", "two GEMMs: R = 65 > 64"),
+    (torch.bfloat16, 300, 264, 96, "gelu_tanh", "CUTLASS: R = 96 > 64, 16-bit, M >= 128, K and R % 8 == 0"),
+    (torch.float16, 127, 264, 96, "silu", "two GEMMs: M = 127 < 128 (CUTLASS's tile is 128 rows)"),
+    (torch.float16, 300, 264, 100, "relu", "two GEMMs: R = 100 not a multiple of 8"),
 ]
 
 
@@ -533,9 +547,10 @@ def _cuda_kernels_run(fn):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_lora_cutlass_forward(dtype, bias):
     """The CUTLASS forward and dx at an odd shape (residues in M, N, K; r = 12 padded to 16), with
-    and without bias, and a check that the CUTLASS kernels ran (lora_sm90_kernel on a
-    capability-9.0 GPU in a build with sm_90a, lora_sm80_kernel on other sm_80+ GPUs): <T, false>
-    for the forward, <T, true> (W0 and A read N-major) for dx."""
+    and without bias, and a check that the CUTLASS kernels ran (cutlass_sm90_kernel on a
+    capability-9.0 GPU in a build with sm_90a, cutlass_sm80_kernel on other sm_80+ GPUs) with LoRA's
+    epilogue: <EpilogueBias<T>, false> for the forward, <EpilogueBias<T>, true> (W0 and A read
+    N-major) for dx."""
     from conftest import check_against_reference
     from lora_kernels.reference import lora as ref_lora
     m, k, n, r = 300, 264, 520, 12
@@ -549,7 +564,7 @@ def test_lora_cutlass_forward(dtype, bias):
     if names is None:
         pytest.skip("the outputs and gradients matched; the profiler recorded no CUDA kernel (no CUPTI), "
                     "so which kernels ran is unknown")
-    cutlass = [name for name in names if "lora_sm80_kernel" in name or "lora_sm90_kernel" in name]
+    cutlass = [name for name in names if re.search(r"cutlass_sm(?:80|90)_kernel<", name) and "EpilogueBias<" in name]
     # the bool template argument as demanglers print it: false/true or (bool)0/(bool)1
     assert any(re.search(r", (?:false|\(bool\)0)>", name) for name in cutlass), \
         f"the CUTLASS LoRA forward did not run; kernels: {names}"

@@ -55,8 +55,9 @@ std::tuple<Tensor, Tensor> adapter_fwd_cuda(const Tensor& x, const Tensor& w_dow
   launched(op, dispatch(op, in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = lk::acc_t<T>;
+    Tensor ws = workspace(lk::adapter_fwd_workspace<T>(M, K, R), x);
     return lk::adapter_fwd<T>(cptr<T>(x), x.stride(0), cptr<T>(w_down), cptr<T>(b_down), cptr<T>(w_up),
-                              cptr<T>(b_up), ptr<T>(y), ptr<A>(h), M, K, R, act, scale, stream);
+                              cptr<T>(b_up), ptr<T>(y), ptr<A>(h), data_or_null(ws), M, K, R, act, scale, stream);
   }));
   return {y, h};
 }

@@ -1,5 +1,6 @@
-// Adapter forward on two tiled GEMMs (adapter_gemm.cuh), where adapter_fused.cu's single pass
-// does not apply (R > 64, or its x tile exceeds shared memory):
+// Adapter forward: adapter_fused.cu's single pass where it applies; else the two products on
+// LoRA's CUTLASS kernels (adapter_cutlass.cu) where they apply; else two tiled GEMMs
+// (adapter_gemm.cuh):
 //   h = x·W_dᵀ (+b_d)  [M, R] over K,   y = x + s·(act(h)·W_uᵀ + b_u)  [M, K] over R.
 #include "adapter.cuh"
 #include "adapter_gemm.cuh"
@@ -66,7 +67,7 @@ struct UpFwd : Shape {
 
 template <typename T>
 cudaError_t adapter_fwd(const T* x, int64_t ldx, const T* w_down, const T* b_down, const T* w_up,
-                        const T* b_up, T* y, acc_t<T>* h, int64_t M, int64_t K, int64_t R,
+                        const T* b_up, T* y, acc_t<T>* h, void* workspace, int64_t M, int64_t K, int64_t R,
                         Activation act, double scale, cudaStream_t stream) {
   using A = acc_t<T>;
   if (M < 0 || K < 1 || R < 1 || ldx < 0 || !valid_act(act))
@@ -75,11 +76,17 @@ cudaError_t adapter_fwd(const T* x, int64_t ldx, const T* w_down, const T* b_dow
   if (x == nullptr || w_down == nullptr || w_up == nullptr || y == nullptr || h == nullptr)
     return cudaErrorInvalidValue;
 
-  // One pass (adapter_fused.cu) for R <= 64 where the x tile fits in shared memory; else the
-  // two GEMMs below, which read x twice and pass h through memory.
+  // One pass (adapter_fused.cu) for R <= 64 where the x tile fits in shared memory, first even
+  // where CUTLASS would apply: it reads x once and keeps act(h) on chip, where the two GEMMs below
+  // read x twice and pass h through memory (the forward is memory-bound, ~R FLOP per byte).
   const cudaError_t fused = adapter_detail::adapter_fwd_fused<T>(x, ldx, w_down, b_down, w_up, b_up, y, h,
                                                                  M, K, R, act, scale, stream);
   if (fused != cudaErrorNotSupported) return fused;
+  // Then the two products on CUTLASS's pipelined tensor-core mainloops (16-bit, M >= 128,
+  // 16-byte rows), then the same two products on adapter_gemm.cuh's tiled GEMM.
+  const cudaError_t cutlass = adapter_detail::adapter_fwd_cutlass<T>(x, ldx, w_down, b_down, w_up, b_up, y, h,
+                                                                     workspace, M, K, R, act, scale, stream);
+  if (cutlass != cudaErrorNotSupported) return cutlass;
 
   DownFwd<T> down{};
   //                           I  J  P  chunk row_sums j_fastest
@@ -99,7 +106,7 @@ cudaError_t adapter_fwd(const T* x, int64_t ldx, const T* w_down, const T* b_dow
 
 #define LK_INSTANTIATE_ADAPTER(T)                                                               \
   template cudaError_t adapter_fwd<T>(const T*, int64_t, const T*, const T*, const T*,          \
-                                      const T*, T*, acc_t<T>*, int64_t, int64_t, int64_t,       \
+                                      const T*, T*, acc_t<T>*, void*, int64_t, int64_t, int64_t, \
                                       Activation, double, cudaStream_t);
 LK_FOR_EACH_TYPE(LK_INSTANTIATE_ADAPTER)
 #undef LK_INSTANTIATE_ADAPTER

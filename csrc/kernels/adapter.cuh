@@ -10,10 +10,15 @@ enum class Activation : int { gelu = 0, gelu_tanh = 1, relu = 2, silu = 3 };
 // x: [M, K], row stride ldx (any ldx >= 0: rows may overlap, as in x.expand(M, K), since x is
 // only read), unit column stride. w_down: [R, K], w_up: [K, R] (contiguous);
 // b_down: [R] or nullptr; b_up: [K] or nullptr. y: [M, K] contiguous; h: [M, R] (acc_t),
-// the pre-activation saved for the backward.
+// the pre-activation saved for the backward. workspace: adapter_fwd_workspace(M, K, R) bytes,
+// 16-byte aligned, or nullptr when that is 0 (or to keep off the CUTLASS path): the CUTLASS path's
+// T(act(h)) [M, R], sized from the shapes alone, so also where the single pass takes over later.
+template <typename T>
+size_t adapter_fwd_workspace(int64_t M, int64_t K, int64_t R);
+
 template <typename T>
 cudaError_t adapter_fwd(const T* x, int64_t ldx, const T* w_down, const T* b_down, const T* w_up,
-                        const T* b_up, T* y, acc_t<T>* h, int64_t M, int64_t K, int64_t R,
+                        const T* b_up, T* y, acc_t<T>* h, void* workspace, int64_t M, int64_t K, int64_t R,
                         Activation act, double scale, cudaStream_t stream);
 
 template <typename T>

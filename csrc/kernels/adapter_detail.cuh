@@ -80,6 +80,14 @@ cudaError_t adapter_fwd_fused(const T* x, int64_t ldx, const T* w_down, const T*
                               const T* b_up, T* y, acc_t<T>* h, int64_t M, int64_t K, int64_t R,
                               Activation act, double scale, cudaStream_t stream);
 
+// The forward's two products on the CUTLASS kernels LoRA uses (adapter_cutlass.cu): same contract
+// as adapter_fwd; returns cudaErrorNotSupported, having launched nothing, where they do not apply
+// (adapter_cutlass.cu's rules): the caller then runs the two tiled GEMMs of adapter_gemm.cuh.
+template <typename T>
+cudaError_t adapter_fwd_cutlass(const T* x, int64_t ldx, const T* w_down, const T* b_down, const T* w_up,
+                                const T* b_up, T* y, acc_t<T>* h, void* workspace, int64_t M, int64_t K,
+                                int64_t R, Activation act, double scale, cudaStream_t stream);
+
 // The backward's first and last products in one pass of the same kernel (g read once for both):
 // dh = s·(g W_u) ⊙ act'(h) into dh [M, R] (acc_t), and dx = g + dh W_d into dx [M, K] unless dx is
 // null. g: [M, K] contiguous; the rest as adapter_bwd. Returns cudaErrorNotSupported, having

@@ -1,5 +1,6 @@
 // Host side of the CUTLASS LoRA forward and dx (lora_cutlass.cuh): which kernel applies, the
-// workspaces, the low-rank operands. The GEMM kernels live in lora_sm80.cu and lora_sm90.cu.
+// workspaces, the low-rank operands. The GEMM kernels live in cutlass_sm80.cuh and cutlass_sm90.cuh
+// (instantiated in lora_sm80.cu and lora_sm90.cu).
 //
 // Cost of computing u in a kernel of its own (lora.cu's rowdot) instead of inside the GEMM: one
 // more read of x. At M = 8192, K = 4096 in bf16 that is 67 MB: ~14 µs at 4.8 TB/s (H200) if rowdot
@@ -73,29 +74,7 @@ CutlassPath cutlass_path(const void* a, int64_t lda, const void* b, int64_t ldb,
       N > 65535LL * 128 || padded_rank(R) > INT_MAX || lda % 8 != 0 || ldb % 8 != 0 || K % 8 != 0 ||
       (kBMN && N % 8 != 0) || !aligned16(a) || !aligned16(b) || !aligned16(workspace))
     return CutlassPath::none;
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return CutlassPath::none;
-  }
-#if defined(LK_BUILT_SM90A)
-  // setup.py defines LK_BUILT_SM90A when the arch list has 9.0a and no plain 9.0: on a 9.0
-  // device the driver can then only have loaded the sm_90a cubins, where lora_sm90_kernel has
-  // its body and lora_sm80_kernel none (lora_sm80.cu), so sm80 is never an option there.
-  if (major == 9 && minor == 0)
-    return lora_sm90_ready<T, kBMN>(device) ? CutlassPath::sm90a : CutlassPath::none;
-#endif
-  if (major >= 8 && lora_sm80_ready<T, kBMN>(device)) return CutlassPath::sm80;
-  return CutlassPath::none;
-}
-
-template <typename T, bool kBMN>
-cudaError_t launch_gemm(CutlassPath path, const CutlassGemm<T>& p, cudaStream_t stream) {
-  if (path == CutlassPath::sm90a) return lora_sm90_launch<T, kBMN>(p, stream);
-  if (path == CutlassPath::sm80) return lora_sm80_launch<T, kBMN>(p, stream);
-  return cudaErrorNotSupported;
+  return cutlass_device_path<EpilogueBias<T>, kBMN>();
 }
 
 // Two buffers in one workspace: bytes_a at offset 0, the second after it.
@@ -128,8 +107,8 @@ cudaError_t lora_fwd_cutlass(CutlassPath path, const T* x, int64_t ldx, const T*
     T* bp = second<T>(workspace, sizeof(T) * M * RP);
     cudaError_t err = launch_operands<T>(u, h, M, R, RP, scaling, lora_B, N, R, bp, N, RP, stream);
     if (err != cudaSuccess) return err;
-    const CutlassGemm<T> p{x, ldx, weight, ldw, h, RP, bp, RP, bias, y, N, M, N, K, RP};
-    return launch_gemm<T, false>(path, p, stream);
+    const CutlassGemm<EpilogueBias<T>> p{x, ldx, weight, ldw, h, RP, bp, RP, {bias, y, N}, M, N, K, RP};
+    return cutlass_launch<EpilogueBias<T>, false>(path, p, stream);
   }
 }
 
@@ -164,8 +143,8 @@ cudaError_t lora_dx_cutlass(CutlassPath path, const T* g, const T* weight, int64
     T* ap = second<T>(workspace, sizeof(T) * M * RP);   // lora_A [RP, K], zero rows past R
     cudaError_t err = launch_operands<T>(v, h, M, R, RP, 1.0, lora_A, R, K, ap, RP, K, stream);
     if (err != cudaSuccess) return err;
-    const CutlassGemm<T> p{g, N, weight, ldw, h, RP, ap, K, nullptr, dx, K, M, K, N, RP};
-    return launch_gemm<T, true>(path, p, stream);
+    const CutlassGemm<EpilogueBias<T>> p{g, N, weight, ldw, h, RP, ap, K, {nullptr, dx, K}, M, K, N, RP};
+    return cutlass_launch<EpilogueBias<T>, true>(path, p, stream);
   }
 }
 

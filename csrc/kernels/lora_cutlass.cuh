@@ -1,6 +1,7 @@
 // The LoRA GEMMs on CUTLASS 3.x / CuTe, called by lora_fwd and lora_bwd (lora.cu); half/bf16,
-// no dropout. No CUTLASS header here: only lora_sm80.cu and lora_sm90.cu include CUTLASS, so
-// lora.cu and lora_cutlass.cu compile as before.
+// no dropout. No CUTLASS header here: only cutlass_sm80.cuh and cutlass_sm90.cuh include CUTLASS
+// (the kernels, shared with the adapter's forward through an epilogue policy), so lora.cu and
+// lora_cutlass.cu compile as before.
 //
 // forward  1. u = x Aᵀ (fp32, saved for the backward): lora.cu's rowdot, as on the other paths.
 //          2. lowrank_operands_kernel (lora_cutlass.cu): h = T(s·u) [M, RP] and a copy of lora_B
@@ -11,19 +12,22 @@
 //             then bias, one rounding and one write of y.
 // dx       the same with v = s·g B (lora.cu's rowdot, fp32): dx = g W0 + T(v) A, W0 and A read
 //          along their rows (B operand N-major), A copied to [RP, K] with zero rows past R.
-// sm_90a (H100/H200, in a build with sm_90a code): lora_sm90.cu, TMA + wgmma; any other sm_80+
-// GPU: lora_sm80.cu, cp.async + ldmatrix + mma.sync.
+// sm_90a (H100/H200, in a build with sm_90a code): cutlass_sm90.cuh, TMA + wgmma; any other sm_80+
+// GPU: cutlass_sm80.cuh, cp.async + ldmatrix + mma.sync.
 #pragma once
 #include "lora.cuh"
 
 namespace lk {
 namespace lora_detail {
 
-// y = a bᵀ + a2 b2ᵀ (+ bias), what the GEMM kernels read and write; lora_cutlass.cu has checked
-// the alignment rules of lora_cutlass.cu's cutlass_path. B(n, k) is b[n·ldb + k] (K-major) or,
-// for the kernels instantiated with kBMN, b[k·ldb + n] (N-major); b2 likewise.
-template <typename T>
+// acc = a bᵀ + a2 b2ᵀ in fp32: the operands the GEMM kernels read, and Epi, what they do with each
+// finished element of acc (the epilogue policy below; adapter_cutlass.cuh has the adapter's). The
+// caller has checked the alignment rules of lora_cutlass.cu's cutlass_path. B(n, k) is
+// b[n·ldb + k] (K-major) or, for the kernels instantiated with kBMN, b[k·ldb + n] (N-major); b2
+// likewise. K2 = 0: no second phase (the kernels skip it; nothing of a2, b2 is read).
+template <class Epi>
 struct CutlassGemm {
+  using T = typename Epi::Elem;
   const T* a;     // [M, K], row stride lda
   int64_t lda;
   const T* b;     // B(n, k), reduction K
@@ -32,10 +36,26 @@ struct CutlassGemm {
   int64_t lda2;
   const T* b2;    // B2(n, k), reduction K2
   int64_t ldb2;
+  Epi epi;
+  int64_t M, N, K, K2;
+};
+
+// Epilogue policies. The kernels call epi.dispatch(visit) once: dispatch hands visit a functor f
+// (itself, or a form with its runtime choices made constant), and visit calls f(i, j, acc) for
+// every in-bounds element of the tile, unrolled over the thread's accumulators.
+// LoRA's (forward and dx): y = T(acc + bias).
+template <typename T>
+struct EpilogueBias {
+  using Elem = T;
   const T* bias;  // [N] or nullptr
   T* y;           // [M, N], row stride ldy
   int64_t ldy;
-  int64_t M, N, K, K2;
+  template <class Visit>
+  __device__ __forceinline__ void dispatch(Visit&& visit) const { visit(*this); }
+  __device__ __forceinline__ void operator()(int64_t i, int64_t j, float v) const {
+    if (bias != nullptr) v += to_acc<float>(bias[j]);
+    y[i * ldy + j] = from_acc<T>(v);
+  }
 };
 
 enum class CutlassPath { none, sm80, sm90a };
@@ -67,12 +87,43 @@ cudaError_t lora_dx_cutlass(CutlassPath path, const T* g, const T* weight, int64
                             const acc_t<T>* v, T* dx, int64_t M, int64_t N, int64_t K, int64_t R, void* workspace,
                             cudaStream_t stream);
 
-// lora_sm80.cu / lora_sm90.cu: whether the current device can run the kernel (image loadable,
-// shared memory), and its launch. T is __half or __nv_bfloat16; kBMN: B and B2 N-major.
-template <typename T, bool kBMN> bool lora_sm80_ready(int device);
-template <typename T, bool kBMN> cudaError_t lora_sm80_launch(const CutlassGemm<T>& p, cudaStream_t stream);
-template <typename T, bool kBMN> bool lora_sm90_ready(int device);
-template <typename T, bool kBMN> cudaError_t lora_sm90_launch(const CutlassGemm<T>& p, cudaStream_t stream);
+// cutlass_sm80.cuh / cutlass_sm90.cuh (instantiated per epilogue: LoRA's in lora_sm80.cu and
+// lora_sm90.cu, the adapter's in adapter_sm80.cu and adapter_sm90.cu): whether the current device
+// can run the kernel (image loadable, shared memory), and its launch. Epi::Elem is __half or
+// __nv_bfloat16; kBMN: B and B2 N-major.
+template <class Epi, bool kBMN> bool cutlass_sm80_ready(int device);
+template <class Epi, bool kBMN> cudaError_t cutlass_sm80_launch(const CutlassGemm<Epi>& p, cudaStream_t stream);
+template <class Epi, bool kBMN> bool cutlass_sm90_ready(int device);
+template <class Epi, bool kBMN> cudaError_t cutlass_sm90_launch(const CutlassGemm<Epi>& p, cudaStream_t stream);
+
+// The kernel the current device runs for epilogue Epi, once the operands have passed the alignment
+// rules: sm90a only on capability 9.0 in a build with sm_90a code (setup.py defines LK_BUILT_SM90A
+// when the arch list has 9.0a and no plain 9.0: on a 9.0 device the driver can then only have
+// loaded the sm_90a cubins, where cutlass_sm90_kernel has its body and cutlass_sm80_kernel none,
+// so sm80 is never an option there); sm80 on other devices of capability >= 8.0.
+template <class Epi, bool kBMN>
+CutlassPath cutlass_device_path() {
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return CutlassPath::none;
+  }
+#if defined(LK_BUILT_SM90A)
+  if (major == 9 && minor == 0)
+    return cutlass_sm90_ready<Epi, kBMN>(device) ? CutlassPath::sm90a : CutlassPath::none;
+#endif
+  if (major >= 8 && cutlass_sm80_ready<Epi, kBMN>(device)) return CutlassPath::sm80;
+  return CutlassPath::none;
+}
+
+template <class Epi, bool kBMN>
+cudaError_t cutlass_launch(CutlassPath path, const CutlassGemm<Epi>& p, cudaStream_t stream) {
+  if (path == CutlassPath::sm90a) return cutlass_sm90_launch<Epi, kBMN>(p, stream);
+  if (path == CutlassPath::sm80) return cutlass_sm80_launch<Epi, kBMN>(p, stream);
+  return cudaErrorNotSupported;
+}
 
 }  // namespace lora_detail
 }  // namespace lk

@@ -1,0 +1,84 @@
+// Host side of the adapter forward on the CUTLASS kernels (adapter_cutlass.cuh): where it applies,
+// its workspace, the two launches. The kernels are instantiated in adapter_sm80.cu / adapter_sm90.cu.
+//
+// Applies (as LoRA's CUTLASS forward, lora_cutlass.cu): half/bf16, M >= 128 (one 128-row tile),
+// K, R and ldx multiples of 8 elements (16-byte rows for cp.async and TMA), ldx >= K, x, W_d, W_u
+// and the workspace 16-byte aligned, sizes that fit CuTe's int shapes and the (⌈M/128⌉, ⌈N/128⌉)
+// grid, and a device whose image of both kernels is loadable. adapter.cu asks only after
+// adapter_fused.cu's single pass declined (R > 64, or its x tile exceeds shared memory).
+// Traffic against that pass: x is read twice (down GEMM, then the residual in the up GEMM's
+// epilogue) and h goes through memory (fp32 h for the backward, written by both paths, plus
+// T(act(h)) written and read once); the GEMM work, 4·M·K·R FLOP, runs on mma.sync/wgmma tiles.
+// Not run or timed yet: no GPU so far.
+#include "adapter_cutlass.cuh"
+
+#include <climits>
+#include <type_traits>
+
+namespace lk {
+namespace lora_detail {
+namespace {
+
+template <typename T>
+constexpr bool k16 = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+constexpr int64_t kMinRows = 128;
+constexpr int64_t kMaxCols = 65535LL * 128;  // gridDim.y counts the output's 128-column tiles
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The sizes alone (no pointers, no device): what adapter_fwd_workspace and the path share.
+bool sizes_fit(int64_t M, int64_t K, int64_t R) {
+  return M >= kMinRows && M <= INT_MAX && K >= 8 && K <= kMaxCols && R >= 8 && R <= kMaxCols && K % 8 == 0 &&
+         R % 8 == 0;
+}
+
+}  // namespace
+}  // namespace lora_detail
+
+template <typename T>
+size_t adapter_fwd_workspace(int64_t M, int64_t K, int64_t R) {
+  if (!lora_detail::k16<T> || !lora_detail::sizes_fit(M, K, R)) return 0;
+  return sizeof(T) * static_cast<size_t>(M) * static_cast<size_t>(R);  // T(act(h)) [M, R]
+}
+
+namespace adapter_detail {
+
+template <typename T>
+cudaError_t adapter_fwd_cutlass(const T* x, int64_t ldx, const T* w_down, const T* b_down, const T* w_up,
+                                const T* b_up, T* y, acc_t<T>* h, void* workspace, int64_t M, int64_t K,
+                                int64_t R, Activation act, double scale, cudaStream_t stream) {
+  using namespace lora_detail;
+  if constexpr (!k16<T>) {
+    return cudaErrorNotSupported;
+  } else {
+    using Down = EpilogueBiasAct<T>;
+    using Up = EpilogueResidual<T>;
+    if (workspace == nullptr || !sizes_fit(M, K, R) || ldx < K || ldx % 8 != 0 || !aligned16(x) ||
+        !aligned16(w_down) || !aligned16(w_up) || !aligned16(workspace))
+      return cudaErrorNotSupported;
+    const CutlassPath path = cutlass_device_path<Down, false>();
+    if (path == CutlassPath::none || cutlass_device_path<Up, false>() != path) return cudaErrorNotSupported;
+    T* a = static_cast<T*>(workspace);  // T(act(h)) [M, R]
+    // h [M, R] = x [M, K] · W_d [R, K]ᵀ: B K-major with row stride K
+    const CutlassGemm<Down> down{x, ldx, w_down, K, nullptr, 0, nullptr, 0, {b_down, h, R, a, R, act}, M, R, K, 0};
+    cudaError_t err = cutlass_launch<Down, false>(path, down, stream);
+    if (err != cudaSuccess) return err;
+    // y [M, K] = x + s·(T(act(h)) [M, R] · W_u [K, R]ᵀ + b_u)
+    const CutlassGemm<Up> up{a, R, w_up, R, nullptr, 0, nullptr, 0,
+                             {b_up, x, ldx, y, K, static_cast<float>(scale)}, M, K, R, 0};
+    return cutlass_launch<Up, false>(path, up, stream);
+  }
+}
+
+}  // namespace adapter_detail
+
+#define LK_INSTANTIATE_ADAPTER_CUTLASS(T)                                                                       \
+  template size_t adapter_fwd_workspace<T>(int64_t, int64_t, int64_t);                                         \
+  template cudaError_t adapter_detail::adapter_fwd_cutlass<T>(const T*, int64_t, const T*, const T*, const T*, \
+                                                              const T*, T*, acc_t<T>*, void*, int64_t, int64_t, \
+                                                              int64_t, Activation, double, cudaStream_t);
+LK_FOR_EACH_TYPE(LK_INSTANTIATE_ADAPTER_CUTLASS)
+#undef LK_INSTANTIATE_ADAPTER_CUTLASS
+
+}  // namespace lk

@@ -1,0 +1,70 @@
+// The adapter forward's two products on the CUTLASS GEMM kernels LoRA uses (lora_cutlass.cuh,
+// cutlass_sm80.cuh / cutlass_sm90.cuh), one phase each (K2 = 0), with these epilogue policies:
+//   down  h = x W_dᵀ + b_d    EpilogueBiasAct: h in fp32 (the pre-activation the backward reads,
+//                             as adapter.cu's DownFwd saves it) and T(act(h)), the up product's
+//                             operand, into the forward's workspace [M, R]
+//   up    y = x + s·(T(act(h)) W_uᵀ + b_u)   EpilogueResidual: x read in the epilogue
+// act(h) is rounded to T between the two, as adapter_gemm.cuh's tensor-core GEMM (and an eager
+// half-precision matmul) rounds it in shared memory. The activations are adapter_detail.cuh's act_fwd.
+// No CUTLASS header here; adapter_cutlass.cu (host) and adapter_sm80.cu / adapter_sm90.cu include it.
+#pragma once
+#include "adapter_detail.cuh"
+#include "lora_cutlass.cuh"
+
+namespace lk {
+namespace lora_detail {
+
+template <typename T>
+struct EpilogueBiasAct {
+  using Elem = T;
+  const T* bias;   // b_d [N] or nullptr
+  float* h;        // [M, N], row stride ldh: acc + b_d
+  int64_t ldh;
+  T* a;            // [M, N], row stride lda: T(act(h))
+  int64_t lda;
+  Activation act;
+
+  // The activation as a constant: one unrolled loop per activation, no switch per element.
+  template <Activation kAct>
+  struct Out {
+    const T* bias;
+    float* h;
+    int64_t ldh;
+    T* a;
+    int64_t lda;
+    __device__ __forceinline__ void operator()(int64_t i, int64_t j, float v) const {
+      if (bias != nullptr) v += to_acc<float>(bias[j]);
+      h[i * ldh + j] = v;
+      a[i * lda + j] = from_acc<T>(adapter_detail::act_fwd(v, kAct));
+    }
+  };
+  template <class Visit>
+  __device__ __forceinline__ void dispatch(Visit&& visit) const {
+    switch (act) {
+      case Activation::gelu: visit(Out<Activation::gelu>{bias, h, ldh, a, lda}); break;
+      case Activation::gelu_tanh: visit(Out<Activation::gelu_tanh>{bias, h, ldh, a, lda}); break;
+      case Activation::relu: visit(Out<Activation::relu>{bias, h, ldh, a, lda}); break;
+      default: visit(Out<Activation::silu>{bias, h, ldh, a, lda}); break;
+    }
+  }
+};
+
+template <typename T>
+struct EpilogueResidual {
+  using Elem = T;
+  const T* bias;   // b_u [N] or nullptr
+  const T* x;      // [M, N], row stride ldx: the residual
+  int64_t ldx;
+  T* y;            // [M, N], row stride ldy
+  int64_t ldy;
+  float scale;
+  template <class Visit>
+  __device__ __forceinline__ void dispatch(Visit&& visit) const { visit(*this); }
+  __device__ __forceinline__ void operator()(int64_t i, int64_t j, float v) const {
+    if (bias != nullptr) v += to_acc<float>(bias[j]);
+    y[i * ldy + j] = from_acc<T>(to_acc<float>(x[i * ldx + j]) + scale * v);
+  }
+};
+
+}  // namespace lora_detail
+}  // namespace lk

@@ -1,0 +1,13 @@
+// The adapter forward's GEMM kernels for sm_90a (cutlass_sm90.cuh, LoRA's kernels) with
+// adapter_cutlass.cuh's epilogues: h = x W_dᵀ + b_d (and T(act(h))), y = x + s·(T(act(h)) W_uᵀ + b_u).
+#include "adapter_cutlass.cuh"
+#include "cutlass_sm90.cuh"
+
+namespace lk {
+namespace lora_detail {
+LK_INSTANTIATE_CUTLASS_SM90(EpilogueBiasAct<__half>, false)
+LK_INSTANTIATE_CUTLASS_SM90(EpilogueBiasAct<__nv_bfloat16>, false)
+LK_INSTANTIATE_CUTLASS_SM90(EpilogueResidual<__half>, false)
+LK_INSTANTIATE_CUTLASS_SM90(EpilogueResidual<__nv_bfloat16>, false)
+}  // namespace lora_detail
+}  // namespace lk

@@ -1,0 +1,161 @@
+// GEMMs for sm_80+ on CUTLASS 3.x: acc = a bᵀ + a2 b2ᵀ, then an epilogue policy (lora_cutlass.cuh's
+// CutlassGemm<Epi>). LoRA's forward (x, W0 then h, B) and dx (g, W0 then T(v), A; B operands
+// N-major) with EpilogueBias, instantiated in lora_sm80.cu; the adapter forward's two products
+// (one phase each, K2 = 0) with adapter_cutlass.cuh's epilogues, in adapter_sm80.cu.
+//
+// One 256-thread block per 128×128 tile of y. CUTLASS's multistage mainloop
+// (CollectiveMma<MainloopSm80CpAsync<3>>: cp.async into swizzled shared memory, ldmatrix,
+// mma.sync m16n8k16 with fp32 accumulators) runs twice into the same accumulator fragment: over
+// (a, b) for ⌈K/64⌉ k-tiles, then over (a2, b2) for ⌈K2/64⌉ (its closing cp.async wait and
+// barrier free shared memory for the second run). Residues in M, N and K are the collective's:
+// predicated copies into zero-filled tiles, K's partial tile first; our epilogue adds the bias
+// and stores y through the TiledMma's C partition, predicated on M and N.
+// Tile: 128×128×64, 3 stages, 96 KB of shared memory (fits the 99 KB of sm_86/sm_89 too), 2×4
+// warps of 64×32. CUTLASS's own sm_80 16-bit configuration (4 warps of 64×64, k-tiles of 32)
+// needs 128 accumulators a thread: with our epilogue ptxas gave it 254-255 registers and spilled
+// (16-184 bytes, k-tiles of 32 or 64); 8 warps take 210 registers and spill nothing (ptxas -v,
+// CUDA 13.0, sm_80; benchmarks/cuda_ptx_check.py). Not run or timed yet: no GPU so far.
+// K2 = 0 skips the second run: the collective always loads its first k-tile (it has no
+// zero-k-tile case), which would read past a2 and b2.
+#pragma once
+#include "lora_cutlass.cuh"
+
+#include <cute/tensor.hpp>
+#include <cutlass/gemm/collective/collective_mma.hpp>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/numeric_types.h>
+
+namespace lk {
+namespace lora_detail {
+namespace {
+
+using namespace cute;
+
+template <typename T> struct Sm80Types;
+template <> struct Sm80Types<__half> {
+  using E = cutlass::half_t;
+  using Atom = SM80_16x8x16_F32F16F16F32_TN;
+};
+template <> struct Sm80Types<__nv_bfloat16> {
+  using E = cutlass::bfloat16_t;
+  using Atom = SM80_16x8x16_F32BF16BF16F32_TN;
+};
+
+template <typename T, bool kBMN>
+struct Sm80Config {
+  using E = typename Sm80Types<T>::E;
+  using TileShape = Shape<_128, _128, _64>;
+  static constexpr int BM = 128, BN = 128;
+  using StrideK = cute::Stride<int64_t, _1, int64_t>;  // (row, k, batch): K-major
+  using StrideN = cute::Stride<_1, int64_t, int64_t>;  // (n, k, batch): N-major B
+  using TiledMma = TiledMMA<MMA_Atom<typename Sm80Types<T>::Atom>, Layout<Shape<_2, _4, _1>>, Tile<_32, _64, _16>>;
+  // 8 rows of 64 k (128 bytes), XOR-swizzled so that ldmatrix's eight 16-byte rows hit distinct banks
+  using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, cute::Stride<_64, _1>>{}));
+  // 256 threads × 8 elements (16 bytes): 32 rows × 64 k per copy
+  using GmemCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEALWAYS<uint128_t>, E>{},
+                                            Layout<Shape<_32, _8>, cute::Stride<_8, _1>>{}, Layout<Shape<_1, _8>>{}));
+  using SmemCopy = Copy_Atom<SM75_U32x4_LDSM_N, E>;
+  // N-major B: 64 n (128 bytes) by 8 k, 16 threads × 8 n along a k row, ldmatrix.trans
+  using SmemAtomN = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, cute::Stride<_1, _64>>{}));
+  using GmemCopyN = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEALWAYS<uint128_t>, E>{},
+                                             Layout<Shape<_16, _16>, cute::Stride<_1, _16>>{}, Layout<Shape<_8, _1>>{}));
+  using SmemCopyN = Copy_Atom<SM75_U16x8_LDSM_T, E>;
+  using Mainloop = cutlass::gemm::collective::CollectiveMma<
+      cutlass::gemm::MainloopSm80CpAsync<3>, TileShape, E, StrideK, E, cute::conditional_t<kBMN, StrideN, StrideK>,
+      TiledMma, GmemCopy, SmemAtom, SmemCopy, cute::identity, cute::conditional_t<kBMN, GmemCopyN, GmemCopy>,
+      cute::conditional_t<kBMN, SmemAtomN, SmemAtom>, cute::conditional_t<kBMN, SmemCopyN, SmemCopy>, cute::identity>;
+  static constexpr int kThreads = size(TiledMma{});
+  static constexpr int kSmem = static_cast<int>(sizeof(typename Mainloop::SharedStorage));
+  static_assert(kThreads == 256, "2x4 warps");
+};
+
+// B(n, k) of an N-major or a K-major B.
+template <bool kBMN, typename E>
+__device__ __forceinline__ auto b_tensor(const E* b, int64_t ldb, int rows_b, int K) {
+  if constexpr (kBMN) {
+    return make_tensor(make_gmem_ptr(b), make_shape(rows_b, K), make_stride(_1{}, ldb));
+  } else {
+    return make_tensor(make_gmem_ptr(b), make_shape(rows_b, K), make_stride(ldb, _1{}));
+  }
+}
+
+// acc += A Bᵀ over one tile row of A [rows_a, K] (K-major) and one of B(n, k), n < rows_b.
+template <typename C, bool kBMN, typename Acc>
+__device__ __forceinline__ void mainloop(Acc& acc, const typename C::E* a, int64_t lda, const typename C::E* b,
+                                         int64_t ldb, int rows_a, int rows_b, int K, int tile_m, int tile_n,
+                                         char* smem) {
+  Tensor mA = make_tensor(make_gmem_ptr(a), make_shape(rows_a, K), make_stride(lda, _1{}));
+  Tensor mB = b_tensor<kBMN>(b, ldb, rows_b, K);
+  Tensor gA = local_tile(mA, select<0, 2>(typename C::TileShape{}), make_coord(tile_m, _));  // (BM, BK, k)
+  Tensor gB = local_tile(mB, select<1, 2>(typename C::TileShape{}), make_coord(tile_n, _));  // (BN, BK, k)
+  // rows left from this tile on, and K - BK·⌈K/BK⌉ <= 0: the collective reads the partial k-tile first
+  auto residue = make_tuple(rows_a - tile_m * C::BM, rows_b - tile_n * C::BN, K - int(size<1>(gA)) * int(size<2>(gA)));
+  typename C::Mainloop collective;
+  collective(acc, gA, gB, acc, make_coord_iterator(shape<2>(gA)), int(size<2>(gA)), residue, int(threadIdx.x), smem);
+}
+
+template <class Epi, bool kBMN>
+__global__ void __launch_bounds__(256, 1) cutlass_sm80_kernel(const CutlassGemm<Epi> p) {
+// No body in sm_90a code, where cutlass_sm90.cuh's kernel runs instead (cutlass_device_path): half
+// of the compile time. A plain sm_90 build keeps it and runs it on H100/H200.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Epi::Elem;
+  using C = Sm80Config<T, kBMN>;
+  using E = typename C::E;
+  extern __shared__ __align__(128) char smem[];
+  const int tile_m = blockIdx.x, tile_n = blockIdx.y;
+  const int M = static_cast<int>(p.M), N = static_cast<int>(p.N);
+
+  typename C::TiledMma tiled_mma;
+  Tensor acc = partition_fragment_C(tiled_mma, Shape<Int<C::BM>, Int<C::BN>>{});  // (MMA, MMA_M, MMA_N) fp32
+  clear(acc);
+  mainloop<C, kBMN>(acc, reinterpret_cast<const E*>(p.a), p.lda, reinterpret_cast<const E*>(p.b), p.ldb, M, N,
+                    static_cast<int>(p.K), tile_m, tile_n, smem);
+  if (p.K2 > 0)
+    mainloop<C, kBMN>(acc, reinterpret_cast<const E*>(p.a2), p.lda2, reinterpret_cast<const E*>(p.b2), p.ldb2, M, N,
+                      static_cast<int>(p.K2), tile_m, tile_n, smem);
+
+  // Each accumulator's (row, column) in the tile, from the same partition applied to coordinates.
+  Tensor coord = tiled_mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(Shape<Int<C::BM>, Int<C::BN>>{}));
+  const int64_t i0 = static_cast<int64_t>(tile_m) * C::BM, j0 = static_cast<int64_t>(tile_n) * C::BN;
+  p.epi.dispatch([&](const auto& out) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int e = 0; e < size(acc); ++e) {
+      const int64_t i = i0 + get<0>(coord(e)), j = j0 + get<1>(coord(e));
+      if (i < p.M && j < p.N) out(i, j, acc(e));
+    }
+  });
+#endif
+}
+
+}  // namespace
+
+template <class Epi, bool kBMN>
+bool cutlass_sm80_ready(int device) {
+  int optin = 0;
+  cudaFuncAttributes attr{};
+  const bool ok = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
+                  optin >= Sm80Config<typename Epi::Elem, kBMN>::kSmem &&
+                  cudaFuncGetAttributes(&attr, cutlass_sm80_kernel<Epi, kBMN>) == cudaSuccess;
+  if (!ok) (void)cudaGetLastError();  // no image for this device: not an error of the op
+  return ok;
+}
+
+template <class Epi, bool kBMN>
+cudaError_t cutlass_sm80_launch(const CutlassGemm<Epi>& p, cudaStream_t stream) {
+  using C = Sm80Config<typename Epi::Elem, kBMN>;
+  cudaError_t err =
+      cudaFuncSetAttribute(cutlass_sm80_kernel<Epi, kBMN>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.M, C::BM)), static_cast<unsigned>(ceil_div(p.N, C::BN)));
+  cutlass_sm80_kernel<Epi, kBMN><<<grid, C::kThreads, C::kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace lora_detail
+}  // namespace lk
+
+// In lora_detail, after including this header: the entry points of one epilogue policy.
+#define LK_INSTANTIATE_CUTLASS_SM80(EPI, BMN)   \
+  template bool cutlass_sm80_ready<EPI, BMN>(int); \
+  template cudaError_t cutlass_sm80_launch<EPI, BMN>(const CutlassGemm<EPI>&, cudaStream_t);
