@@ -132,13 +132,7 @@ __global__ void __launch_bounds__(256, 1) cutlass_sm80_kernel(const CutlassGemm<
 
 template <class Epi, bool kBMN>
 bool cutlass_sm80_ready(int device) {
-  int optin = 0;
-  cudaFuncAttributes attr{};
-  const bool ok = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
-                  optin >= Sm80Config<typename Epi::Elem, kBMN>::kSmem &&
-                  cudaFuncGetAttributes(&attr, cutlass_sm80_kernel<Epi, kBMN>) == cudaSuccess;
-  if (!ok) (void)cudaGetLastError();  // no image for this device: not an error of the op
-  return ok;
+  return kernel_runs_on(device, cutlass_sm80_kernel<Epi, kBMN>, Sm80Config<typename Epi::Elem, kBMN>::kSmem);
 }
 
 template <class Epi, bool kBMN>

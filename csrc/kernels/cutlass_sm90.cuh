@@ -170,13 +170,7 @@ typename Sm90Config<T, kBMN>::Mainloop::Params tma_params(const T* a, int64_t ld
 
 template <class Epi, bool kBMN>
 bool cutlass_sm90_ready(int device) {
-  int optin = 0;
-  cudaFuncAttributes attr{};
-  const bool ok = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
-                  optin >= Sm90Config<typename Epi::Elem, kBMN>::kSmem &&
-                  cudaFuncGetAttributes(&attr, cutlass_sm90_kernel<Epi, kBMN>) == cudaSuccess;
-  if (!ok) (void)cudaGetLastError();  // no image for this device: not an error of the op
-  return ok;
+  return kernel_runs_on(device, cutlass_sm90_kernel<Epi, kBMN>, Sm90Config<typename Epi::Elem, kBMN>::kSmem);
 }
 
 template <class Epi, bool kBMN>

@@ -58,6 +58,18 @@ struct EpilogueBias {
   }
 };
 
+// Whether `kernel` has an image the device can load and its dynamic shared memory fits the
+// device's opt-in limit; clears the error a missing image leaves (not an error of the op).
+template <typename Kernel>
+inline bool kernel_runs_on(int device, Kernel kernel, int smem_bytes) {
+  int optin = 0;
+  cudaFuncAttributes attr{};
+  const bool ok = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
+                  optin >= smem_bytes && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess;
+  if (!ok) (void)cudaGetLastError();
+  return ok;
+}
+
 enum class CutlassPath { none, sm80, sm90a };
 
 // The forward's CUTLASS kernel, or none (lora_fwd then keeps its other paths): T half/bf16,
