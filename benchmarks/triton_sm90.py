@@ -35,7 +35,8 @@ JITFunction._pack_args, Autotuner.prune_configs/.nargs/.keys, knobs TRITON_DUMP_
 TRITON_ALWAYS_COMPILE. Triton 3.9 compiles sm_90 with ptxas 13.x and --regAllocOptLevel=2 (3.6:
 ptxas 12.8, default options), which can move a few bytes of spill either way: the gate runs 3.6.
 
-Table: one row per distinct compile; see sm90_report.py for the columns and the flags. Exit
+sm90_compile.py compiles the jobs and reads the logs. Table: one row per distinct compile; see
+sm90_report.py for the columns and the flags. Exit
 status 1 when any compiled config spills registers, asks for more than 227 KB of shared memory,
 runs a 16-bit tl.dot off the tensor cores, is a memory-bound kernel held to one block per SM by
 its shared memory, or fails to compile; 0 otherwise.
@@ -46,15 +47,11 @@ changed; --no-cache forces every compile (CI: a clean machine, nothing cached).
 """
 import argparse
 import atexit
-import concurrent.futures
-import contextlib
 import glob
 import hashlib
 import importlib
-import io
 import json
 import math
-import multiprocessing
 import os
 import re
 import shutil
@@ -115,18 +112,15 @@ sys.path.insert(0, os.getcwd())
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton import knobs  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from lora_kernels.triton import _common  # noqa: E402
+from sm90_compile import BACKEND, run_jobs  # noqa: E402
 
 assert not getattr(_common, "INTERPRET", False), "TRITON_INTERPRET leaked in: the modules hold plain kernels"
 
 DTYPE_SHORT.update({getattr(torch, v): k for k, v in DTYPE_NAMES.items()})
-TARGET = GPUTarget("cuda", 90, 32)
-BACKEND = make_backend(TARGET)
 torch.backends.cuda.matmul.allow_tf32 = ARGS.tf32
 
 
@@ -327,103 +321,6 @@ def int_specialisation(fn, signature, constexprs, attrs):
         elif kind.startswith("i") or kind.startswith("u"):
             spec[name] = "%16" if aligned else ""
     return spec
-
-
-_REGS = re.compile(r"Used (\d+) registers")
-_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-
-
-def classify_dots(ttgir):
-    """How each tl.dot was lowered: wgmma (ttng.warp_group_dot), mma (mma.sync, nvidia_mma v2),
-    fma (blocked layout: CUDA cores)."""
-    kinds = []
-    for line in ttgir.splitlines():
-        s = line.strip()
-        if "ttng.warp_group_dot " in s and "_wait" not in s:
-            kinds.append("wgmma")
-        elif re.search(r"= tt\.dot ", s):
-            result = s.rsplit("->", 1)[-1]
-            if "#mma" in result or "nvidia_mma" in result:
-                kinds.append("mma")
-            else:
-                kinds.append("fma")
-    return kinds
-
-
-def compile_job(job):
-    signature, constexprs, attrs, options = job["src"]
-    out, start = io.StringIO(), time.time()
-    try:
-        with contextlib.redirect_stdout(out):
-            ck = triton.compile(ASTSource(job["fn"], signature, constexprs, attrs), target=TARGET,
-                                options=options.__dict__)
-    except Exception as err:  # a failed compile is a result too
-        msg = str(err).strip().splitlines()
-        return dict(error=(msg[0] if msg else type(err).__name__)[:300], secs=time.time() - start)
-    log = out.getvalue()
-    regs, spill = _REGS.search(log), _SPILL.search(log)
-    ttgir, ptx = ck.asm.get("ttgir", ""), ck.asm.get("ptx", "")
-    return dict(
-        regs=int(regs.group(1)) if regs else None,
-        stack=int(spill.group(1)) if spill else None,
-        spill_st=int(spill.group(2)) if spill else None,
-        spill_ld=int(spill.group(3)) if spill else None,
-        shared=int(ck.metadata.shared), num_warps=int(ck.metadata.num_warps),
-        dots=classify_dots(ttgir),
-        ptx_wgmma="wgmma.mma_async" in ptx, ptx_mma="mma.sync" in ptx,
-        secs=time.time() - start,
-    )
-
-
-_POOL_JOBS = []
-
-
-def _pool_compile(i):
-    return i, compile_job(_POOL_JOBS[i])
-
-
-def run_jobs(jobs, n_workers, cache_dir):
-    results = [None] * len(jobs)
-    todo = []
-    for i, job in enumerate(jobs):
-        path = cache_dir and os.path.join(cache_dir, job["key"] + ".json")
-        if path and os.path.exists(path):
-            with open(path) as f:
-                results[i] = json.load(f)
-        else:
-            todo.append(i)
-    print(f"{len(jobs)} distinct compiles, {len(jobs) - len(todo)} cached, compiling {len(todo)} "
-          f"on {n_workers} process(es) ...", file=sys.stderr, flush=True)
-    todo.sort(key=lambda i: -jobs[i]["cost"])  # biggest first: better balance
-    start, done = time.time(), 0
-
-    def store(i, res):
-        nonlocal done
-        results[i] = res
-        done += 1
-        if cache_dir and "error" not in res:
-            with open(os.path.join(cache_dir, jobs[i]["key"] + ".json"), "w") as f:
-                json.dump(res, f)
-        if done % 25 == 0 or done == len(todo):
-            print(f"  {done}/{len(todo)} compiled, {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-
-    if n_workers > 1 and len(todo) > 1:
-        _POOL_JOBS[:] = jobs  # forked workers inherit the jobs (kernels are not picklable)
-        ctx = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_pool_compile, i): i for i in todo}
-            try:
-                for fut in concurrent.futures.as_completed(futures):
-                    store(*fut.result())
-            except concurrent.futures.process.BrokenProcessPool:
-                for fut, i in futures.items():
-                    if results[i] is None:
-                        store(i, dict(error="a compiler process died (LLVM/MLIR crash?)", secs=0.0))
-    else:
-        for i in todo:
-            store(i, compile_job(jobs[i]))
-    return results, len(todo)
-
 
 
 def checkout():
