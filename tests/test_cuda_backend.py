@@ -95,10 +95,14 @@ def test_use_backend_cuda_raises_the_reason():
 
 
 def _selected_op_names():
-    """Every op name that ops/ passes to backend.select."""
+    """Every op name that ops/ passes to backend.select (each call must name its op literally, or
+    an op chosen at run time could miss AUTO_ORDER unseen)."""
     names = set()
     for path in (ROOT / "lora_kernels" / "ops").glob("*.py"):
-        names |= set(re.findall(r'backend\.select\(\s*"(\w+)"', path.read_text()))
+        text = path.read_text()
+        literal = re.findall(r'backend\.select\(\s*"(\w+)"', text)
+        assert len(literal) == text.count("backend.select("), f"{path.name}: a backend.select call without a literal op name"
+        names |= set(literal)
     return names
 
 
