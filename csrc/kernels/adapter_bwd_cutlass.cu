@@ -11,11 +11,13 @@
 // W_d and T(dz), and N % 8 for the N-major B), g, W_u, W_d and the workspace 16-byte aligned, sizes
 // that fit CuTe's int shapes and the (⌈M/128⌉, ⌈N/128⌉) grid, and a device whose image of both kernels
 // is loadable.
-// The tile is 128×128 in (rows, N): the dz product's N is R, so at R < 128 part of every tile's MMA
-// work is on the zero-filled rows of W_u past R (R = 96: 25%; R = 32, reached only where the fused
-// pass's g tile exceeds shared memory: 75%); a 128×64 tile would halve that but doubles the kernels to
-// compile. dx's reduction is R: ⌈R/64⌉ k-tiles, too few to fill the pipeline; it is bound by reading
-// g and writing dx (2·M·K elements) and T(dz) (M·R), against the DxBwd GEMM's fp32 dz.
+// dz is adapter_bwd.cu's dh (the same fp32 buffer); T(dz) goes to its workspace's dht.
+// The tile is 128×128 in (rows, N): the dz product's N is R, so where R is not a multiple of 128
+// part of the MMA work is on the zero-filled rows of W_u past R (R = 96: 25%; R = 32, reached only
+// where the fused pass's g tile exceeds shared memory: 75%). A 128×64 tile would cut that where
+// R mod 128 <= 64 (R = 32: 50%; R = 96: no change) at the price of more kernels to compile (and a
+// change to cutlass_sm80.cuh / cutlass_sm90.cuh). dx's reduction is R: ⌈R/64⌉ k-tiles, too few to
+// fill the pipeline; at R/2 FLOP per byte of g read and dx written it is memory-bound (arithmetic).
 // Not run or timed yet: no GPU so far.
 #include "adapter_cutlass.cuh"
 
