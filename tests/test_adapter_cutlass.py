@@ -1,7 +1,7 @@
-"""With a GPU and the built extension: the 16-bit adapter forward on LoRA's CUTLASS kernels
-(csrc/kernels/adapter_cutlass.cu), where adapter_fused.cu's single pass does not apply (R > 64)
-and M >= 128, K and R are multiples of 8. Which path other shapes take: test_cuda_backend.py's
-ADAPTER_PATHS."""
+"""With a GPU and the built extension: the 16-bit adapter forward (csrc/kernels/adapter_cutlass.cu) and
+its backward's dz and dx (adapter_bwd_cutlass.cu) on LoRA's CUTLASS kernels, where adapter_fused.cu's
+single pass does not apply (R > 64) and M >= 128, K and R are multiples of 8. Which path other shapes
+take: test_cuda_backend.py's ADAPTER_PATHS."""
 import re
 
 import pytest
