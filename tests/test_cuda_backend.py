@@ -186,14 +186,21 @@ STRIDE_PROBE = r"""
 #include "layer_norm.cuh"
 #include "rms_norm.cuh"
 #include "adapter_detail.cuh"
-// adapter_cutlass.cu's entry point without its CUTLASS kernels (not linked here): declines, as
-// it does for fp32 and on a machine without a device.
+// adapter_cutlass.cu's and adapter_bwd_cutlass.cu's entry points without their CUTLASS kernels (not
+// linked here): decline, as they do for fp32 and on a machine without a device.
 namespace lk { namespace adapter_detail {
 template <typename T>
 cudaError_t adapter_fwd_cutlass(const T*, int64_t, const T*, const T*, const T*, const T*, T*, acc_t<T>*, void*,
                                 int64_t, int64_t, int64_t, Activation, double, cudaStream_t) { return cudaErrorNotSupported; }
+template <typename T> size_t adapter_bwd_cutlass_workspace(int64_t, int64_t, int64_t) { return 0; }
+template <typename T>
+cudaError_t adapter_bwd_cutlass(const T*, const T*, const T*, const acc_t<T>*, acc_t<T>*, T*, T*, int64_t, int64_t,
+                                int64_t, Activation, double, cudaStream_t) { return cudaErrorNotSupported; }
 #define LK_PROBE_STUB(T) template cudaError_t adapter_fwd_cutlass<T>(const T*, int64_t, const T*, const T*, const T*, \
-    const T*, T*, acc_t<T>*, void*, int64_t, int64_t, int64_t, Activation, double, cudaStream_t);
+    const T*, T*, acc_t<T>*, void*, int64_t, int64_t, int64_t, Activation, double, cudaStream_t); \
+  template size_t adapter_bwd_cutlass_workspace<T>(int64_t, int64_t, int64_t); \
+  template cudaError_t adapter_bwd_cutlass<T>(const T*, const T*, const T*, const acc_t<T>*, acc_t<T>*, T*, T*, \
+    int64_t, int64_t, int64_t, Activation, double, cudaStream_t);
 LK_FOR_EACH_TYPE(LK_PROBE_STUB)
 } }
 template <typename T> T* fake(size_t i) { return reinterpret_cast<T*>(static_cast<uintptr_t>(0x1000000 * (i + 1))); }

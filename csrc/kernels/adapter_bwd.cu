@@ -3,8 +3,9 @@
 //   dW_u = s·gᵀ·act(h), db_u = s·Σ_m g;   dW_d = dhᵀ·x, db_d = Σ_m dh   (split over M)
 //   dx  = g + dh·W_d           [M, K] over R
 // dh and dx come from adapter_fused.cu's single pass where its tiles fit (R <= 64, the g tile in
-// shared memory), else from the DhBwd and DxBwd GEMMs; the weight gradients always from the
-// tiled GEMM of adapter_gemm.cuh.
+// shared memory), else from the CUTLASS kernels where they apply (adapter_bwd_cutlass.cu: 16-bit,
+// M >= 128, K and R multiples of 8), else from the DhBwd and DxBwd GEMMs; the weight gradients
+// always from the tiled GEMM of adapter_gemm.cuh.
 // Memory traffic of the M×K and M×R operands (e = sizeof(T), a = sizeof(acc_t); each kernel's
 // operands counted once, the weights and the [S ≤ 64, K, R] split partials aside):
 //   fused dh, dx    reads g MK·e, h MR·a     writes dh MR·a, dx MK·e
@@ -12,7 +13,9 @@
 //   dW_d, db_d      reads x MK·e, dh MR·a
 // 4·MK·e + 4·MR·a in all, g read twice. The two-GEMM fallback reads g three times (DhBwd,
 // dW_u, DxBwd) and dh once more: 5·MK·e + 5·MR·a. bf16, K = 4096, R = 64: 33.8 instead of
-// 42.2 KB per row, -20% (arithmetic, not measured: no GPU so far). g cannot be read once here:
+// 42.2 KB per row, -20% (arithmetic, not measured: no GPU so far). The CUTLASS dh and dx (R > 64)
+// read g three times too (dx's epilogue reads it) and pass T(dh) to dx instead of dh:
+// 5·MK·e + 4·MR·a + 2·MR·e, the same bytes as the fallback in 16-bit. g cannot be read once here:
 // dW_u sums over rows, dh over columns, and a row-block pass owning dW_u would need a [K, R]
 // acc_t partial per block of BM rows (2R/BM times the g bytes it saves: 2x at R = BM = 64), or
 // float atomics (not deterministic).
@@ -158,11 +161,13 @@ constexpr int kBK = TileSquare::BK;
 // The weight-gradient GEMMs are split over M into S row ranges of `chunk` rows, enough to
 // give ~512 blocks with at least 256 rows per range, at most 64 ranges. The same tile count
 // holds for dW_u ([K, R]) and dW_d ([R, K]): TileTall and TileWide are transposes.
-// Workspace (each piece 256-byte aligned): dh [M, R], then, when S > 1, the partials of
-// dW_u [S, K, R], db_u [S, K], dW_d [S, R, K], db_d [S, R]; all acc_t.
+// Workspace (each piece 256-byte aligned): dh [M, R] (acc_t); T(dh) [M, R] where the CUTLASS path
+// can apply (adapter_bwd_cutlass_workspace: 16-bit T, sizes alone; else 0 bytes), written by that
+// path only, when dx is asked for: the dx product's A operand; then, when S > 1, the acc_t partials
+// of dW_u [S, K, R], db_u [S, K], dW_d [S, R, K], db_d [S, R].
 struct BwdLayout {
   int64_t S, chunk;
-  size_t dh, pwu, pbu, pwd, pbd, total;  // byte offsets, total size
+  size_t dh, dht, pwu, pbu, pwd, pbd, total;  // byte offsets, total size
 };
 
 template <typename T>
@@ -182,6 +187,7 @@ BwdLayout bwd_layout(int64_t M, int64_t K, int64_t R) {
   const size_t nS = l.S > 1 ? static_cast<size_t>(l.S) : 0;
   size_t off = 0;
   l.dh = off;  off += round(static_cast<size_t>(M) * R * a);
+  l.dht = off; off += round(adapter_detail::adapter_bwd_cutlass_workspace<T>(M, K, R));
   l.pwu = off; off += round(nS * K * R * a);
   l.pbu = off; off += round(nS * K * a);
   l.pwd = off; off += round(nS * R * K * a);
@@ -229,11 +235,19 @@ cudaError_t adapter_bwd(const T* g, const T* x, int64_t ldx, const T* w_down, co
   cudaError_t e;
 
   // dh first: dW_d, db_d and dx read it. Where adapter_fused.cu's tiles fit, one pass makes dh
-  // and dx, reading g once for both; else the DhBwd GEMM here and the DxBwd GEMM last.
+  // and dx, reading g once for both (first even where CUTLASS would apply: the two products below
+  // read g twice, dh's GEMM and dx's epilogue, and pass T(dh) through memory); else the CUTLASS
+  // kernels make dh and then dx; else the DhBwd GEMM here and the DxBwd GEMM last.
   e = adapter_detail::adapter_bwd_fused<T>(g, w_down, w_up, h, dh, dx, M, K, R, act, scale, stream);
   if (e != cudaSuccess && e != cudaErrorNotSupported) return e;
-  const bool fused = e == cudaSuccess;
-  if (!fused) {
+  bool dh_dx_done = e == cudaSuccess;
+  if (!dh_dx_done) {
+    T* dht = l.pwu > l.dht ? reinterpret_cast<T*>(ws + l.dht) : nullptr;  // 0 bytes: CUTLASS cannot apply
+    e = adapter_detail::adapter_bwd_cutlass<T>(g, w_down, w_up, h, dh, dht, dx, M, K, R, act, scale, stream);
+    if (e != cudaSuccess && e != cudaErrorNotSupported) return e;
+    dh_dx_done = e == cudaSuccess;
+  }
+  if (!dh_dx_done) {
     DhBwd<T> pdh{};
     //                          I  J  P  chunk row_sums j_fastest
     static_cast<Shape&>(pdh) = {M, R, K, K, false, true};
@@ -272,7 +286,7 @@ cudaError_t adapter_bwd(const T* g, const T* x, int64_t ldx, const T* w_down, co
     if (e != cudaSuccess) return e;
   }
 
-  if (dx != nullptr && !fused) {
+  if (dx != nullptr && !dh_dx_done) {
     DxBwd<T> pdx{};
     static_cast<Shape&>(pdx) = {M, K, R, R, false, true};
     pdx.dh = dh, pdx.wd = w_down, pdx.g = g, pdx.dx = dx, pdx.K = K, pdx.R = R;

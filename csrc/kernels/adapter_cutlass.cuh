@@ -6,7 +6,12 @@
 //   up    y = x + s·(T(act(h)) W_uᵀ + b_u)   EpilogueResidual: x read in the epilogue
 // act(h) is rounded to T between the two, as adapter_gemm.cuh's tensor-core GEMM (and an eager
 // half-precision matmul) rounds it in shared memory. The activations are adapter_detail.cuh's act_fwd.
-// No CUTLASS header here; adapter_cutlass.cu (host) and adapter_sm80.cu / adapter_sm90.cu include it.
+// The backward's dz and dx (adapter_bwd_cutlass.cu), B operands N-major (W_u [K, R], W_d [R, K] read
+// along their rows):
+//   dz  = s·(g W_u) ⊙ act'(h)   EpilogueActGrad: fp32 dz and T(dz) into the backward's workspace
+//   dx  = g + T(dz) W_d         EpilogueResidual with no bias and scale 1: g read in the epilogue
+// No CUTLASS header here; adapter_cutlass.cu and adapter_bwd_cutlass.cu (host) and adapter_sm80.cu /
+// adapter_sm90.cu include it.
 #pragma once
 #include "adapter_detail.cuh"
 #include "lora_cutlass.cuh"
@@ -63,6 +68,48 @@ struct EpilogueResidual {
   __device__ __forceinline__ void operator()(int64_t i, int64_t j, float v) const {
     if (bias != nullptr) v += to_acc<float>(bias[j]);
     y[i * ldy + j] = from_acc<T>(to_acc<float>(x[i * ldx + j]) + scale * v);
+  }
+};
+
+// The backward's dz = s·(g W_u) ⊙ act'(h) [M, R] from acc = g W_u (adapter_bwd_cutlass.cu): dz in fp32,
+// what adapter_bwd.cu's weight-gradient GEMMs read (as DhBwd and adapter_fused.cu's pass write it),
+// and, where dzt is set, T(dz), the dx product's A operand: rounded once, as DhBwd's dh is rounded in
+// the WMMA tiles of the DxBwd GEMM it replaces. act' is adapter_detail.cuh's act_grad.
+template <typename T>
+struct EpilogueActGrad {
+  using Elem = T;
+  const float* h;  // [M, N], row stride ldh: the forward's pre-activation
+  int64_t ldh;
+  float* dz;       // [M, N], row stride ldz
+  int64_t ldz;
+  T* dzt;          // [M, N], row stride ldzt, or nullptr
+  int64_t ldzt;
+  float scale;
+  Activation act;
+
+  template <Activation kAct>
+  struct Out {
+    const float* h;
+    int64_t ldh;
+    float* dz;
+    int64_t ldz;
+    T* dzt;
+    int64_t ldzt;
+    float scale;
+    __device__ __forceinline__ void operator()(int64_t i, int64_t j, float v) const {
+      const float d = scale * v * adapter_detail::act_grad(h[i * ldh + j], kAct);
+      dz[i * ldz + j] = d;
+      if (dzt != nullptr) dzt[i * ldzt + j] = from_acc<T>(d);
+    }
+  };
+  template <class Visit>
+  __device__ __forceinline__ void dispatch(Visit&& visit) const {
+    switch (act) {
+      case Activation::gelu: visit(Out<Activation::gelu>{h, ldh, dz, ldz, dzt, ldzt, scale}); break;
+      case Activation::gelu_tanh: visit(Out<Activation::gelu_tanh>{h, ldh, dz, ldz, dzt, ldzt, scale}); break;
+      case Activation::relu: visit(Out<Activation::relu>{h, ldh, dz, ldz, dzt, ldzt, scale}); break;
+      default: visit(Out<Activation::silu>{h, ldh, dz, ldz, dzt, ldzt, scale}); break;
+    }
   }
 };
 

@@ -98,5 +98,18 @@ cudaError_t adapter_bwd_fused(const T* g, const T* w_down, const T* w_up, const 
                               T* dx, int64_t M, int64_t K, int64_t R, Activation act, double scale,
                               cudaStream_t stream);
 
+// The backward's dz and dx on the CUTLASS kernels (adapter_bwd_cutlass.cu), for adapter_bwd where
+// adapter_bwd_fused declined: dz = s·(g W_u) ⊙ act'(h) into dz [M, R] (acc_t) and, when dx is not
+// null, T(dz) into dzt [M, R], then dx = g + T(dz) W_d. dzt: adapter_bwd_cutlass_workspace(M, K, R)
+// bytes, 16-byte aligned (0 bytes: the path never applies, from the sizes and T alone). Returns
+// cudaErrorNotSupported, having launched nothing, where it does not apply (adapter_bwd_cutlass.cu's
+// rules): the caller then runs the DhBwd and DxBwd GEMMs.
+template <typename T>
+size_t adapter_bwd_cutlass_workspace(int64_t M, int64_t K, int64_t R);
+template <typename T>
+cudaError_t adapter_bwd_cutlass(const T* g, const T* w_down, const T* w_up, const acc_t<T>* h, acc_t<T>* dz,
+                                T* dzt, T* dx, int64_t M, int64_t K, int64_t R, Activation act, double scale,
+                                cudaStream_t stream);
+
 }  // namespace adapter_detail
 }  // namespace lk
