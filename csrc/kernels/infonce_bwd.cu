@@ -1,6 +1,6 @@
 // InfoNCE backward: the square loss (infonce_bwd) and the rows op's one direction
 // (infonce_rows_bwd). See infonce_detail.cuh for the plan.
-#include "infonce_detail.cuh"
+#include "infonce_mma.cuh"
 
 namespace lk {
 namespace infonce_detail {
@@ -8,17 +8,17 @@ namespace infonce_detail {
 template <typename T>
 struct GradSmem {
   using C = Cfg<T>;
-  static constexpr size_t tile = align128(sizeof(typename C::S) * C::BT * C::LDK);
-  static constexpr size_t slab = align128(sizeof(typename C::S) * C::KC * C::LDV);
-  // The X/Y tiles (S phase) and the Y slab chunk (H·Y phase) are never live together.
-  static constexpr size_t x = 0, y = tile, ys = 0;
-  static constexpr size_t region = 2 * tile > slab ? 2 * tile : slab;
-  static constexpr size_t d = region;
-  static constexpr size_t dbytes = C::kWmma ? align128(sizeof(float) * C::BT * C::LDD) : 0;
-  static constexpr size_t h = d + dbytes;
-  static constexpr size_t red = h + align128(sizeof(typename C::S) * C::BT * C::LDH);
+  using S = typename C::S;
+  static constexpr size_t tile = align128(sizeof(S) * C::BT * C::LDK);
+  // MMA: X's two stages, then Y's (which end as the fp32 S tile); FMA: one tile each.
+  static constexpr size_t x = 0, y = C::kMma ? 2 * kChunkBytes : tile;
+  static constexpr size_t tiles = C::kMma ? y + kYBytes : 2 * tile;
+  // The (b⊙Y) slab chunk of the H·Y phase aliases the tiles of the S phase: never live together.
+  static constexpr size_t ys = 0;
+  static constexpr size_t slab = C::kMma ? kSlabBytes : align128(sizeof(S) * C::KC * C::LDV);
+  static constexpr size_t h = tiles > slab ? tiles : slab;
+  static constexpr size_t red = h + (C::kMma ? kHBytes : align128(sizeof(S) * C::BT * C::LDH));
   static constexpr size_t total = red + align128(sizeof(typename C::A) * kWarps);
-  static_assert(!C::kWmma || dbytes >= sizeof(float) * 256 * kWarps, "epilogue scratch");
   static_assert(total <= 48 * 1024, "static shared memory limit");
 };
 
@@ -75,13 +75,10 @@ __device__ __forceinline__ void hy_fma(acc_t<T> (&acc)[Cfg<T>::TM][Cfg<T>::TV][4
   }
 }
 
-// Accumulators of the H·Y product, one D slab of BT rows. FMA: registers in the (ty, tx)
-// layout. WMMA: warp w holds rows 32·(w/4) + 16i, columns 64·(w%4) + 16j, i < 2, j < 4.
-template <typename T, bool W = Cfg<T>::kWmma>
-struct HYAcc;
-
+// Accumulators of the H·Y product on CUDA cores, one D slab of BT rows in the (ty, tx) layout
+// (the MMA path's are infonce_mma.cuh's mma16::HY).
 template <typename T>
-struct HYAcc<T, false> {
+struct HYAcc {
   using C = Cfg<T>;
   using A = acc_t<T>;
   A acc[C::TM][C::TV][4];
@@ -98,7 +95,7 @@ struct HYAcc<T, false> {
     hy_fma<T>(acc, sH, sYs, kc);
   }
   // out[row][d] = scale·acc, to T (outT) or to the accumulator type (outA).
-  __device__ __forceinline__ void store(float* /*scratch*/, A scale, int64_t row0, int64_t d0,
+  __device__ __forceinline__ void store(A scale, int64_t row0, int64_t d0,
                                         int64_t N, int64_t D, T* outT, A* outA) {
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 #pragma unroll
@@ -122,67 +119,6 @@ struct HYAcc<T, false> {
   }
 };
 
-template <typename T>
-struct HYAcc<T, true> {
-  using C = Cfg<T>;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][4];
-
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
-  }
-  __device__ __forceinline__ void mma(const T* sH, const T* sYs, int kc) {
-    namespace wmma = nvcuda::wmma;
-    const int warp = threadIdx.x >> 5, rg = warp >> 2, cg = warp & 3;
-#pragma unroll
-    for (int ks = 0; ks < C::KC; ks += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-        wmma::load_matrix_sync(fa[i], sH + (rg * 2 + i) * 16 * C::LDH + kc + ks, C::LDH);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fb, sYs + ks * C::LDV + (cg * 4 + j) * 16, C::LDV);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[i][j], fa[i], fb, acc[i][j]);
-      }
-    }
-  }
-  // Fragments go through a private 16×16 fp32 patch of `scratch` per warp (the fragment's
-  // register layout is opaque), then out with bounds checks.
-  __device__ __forceinline__ void store(float* scratch, float scale, int64_t row0, int64_t d0,
-                                        int64_t N, int64_t D, T* outT, float* outA) {
-    namespace wmma = nvcuda::wmma;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, rg = warp >> 2, cg = warp & 3;
-    float* patch = scratch + warp * 256;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        wmma::store_matrix_sync(patch, acc[i][j], 16, wmma::mem_row_major);
-        __syncwarp();
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int idx = lane + 32 * e, r = idx >> 4, cc = idx & 15;
-          const int64_t row = row0 + (rg * 2 + i) * 16 + r;
-          const int64_t d = d0 + (cg * 4 + j) * 16 + cc;
-          if (row < N && d < D) {
-            const float v = scale * patch[idx];
-            if (outT != nullptr) {
-              outT[row * D + d] = from_acc<T>(v);
-            } else {
-              outA[row * D + d] = v;
-            }
-          }
-        }
-        __syncwarp();
-      }
-  }
-};
-
 // Grid (row blocks, D slabs). See infonce_detail.cuh's file comment for the roles of (X, Y, lse_x, lse_y, wx,
 // wy); X has NX rows, Y has NY, and the −δ sits at column x + doff. A null lse_x (lse_y) drops
 // its term, whose weight is then 0 (the rows op has one direction only). do_out = false: only
@@ -201,6 +137,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
   using A = acc_t<T>;
   using S = typename C::S;
   using L = GradSmem<T>;
+  using HYT = std::conditional_t<C::kMma, mma16::HY<T>, HYAcc<T>>;
   constexpr int TM = C::TM, BT = C::BT;
   __shared__ __align__(128) unsigned char smem[L::total];
   S* sH = reinterpret_cast<S*>(smem + L::h);
@@ -221,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
     ax[a] = (inv_x != nullptr && rv[a]) ? inv_x[row] : A(1);
     lx[a] = (has_x && rv[a]) ? lse_x[row] : A(0);
   }
-  HYAcc<T> hy;
+  HYT hy;
   hy.zero();
   A dc = A(0);
 
@@ -229,7 +166,8 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
     const int64_t col0 = cb * BT;
     A s[TM][TM];
     // Begins with a barrier: the previous H·Y pass is done with sH and the slab chunk.
-    dot_tile<T>(s, smem, L::x, L::y, L::d, X, ldx, Y, ldy, row0, col0, NX, NY, D, vx, vy);
+    dot_tile<T>(s, smem + L::x, smem + L::y, X, ldx, Y, ldy, row0, col0, NX, NY, D, vx, vy, false,
+                true);
     bool cv[TM];
     A by[TM], ly[TM];
 #pragma unroll
@@ -254,22 +192,35 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
         if (valid) dc = vfma(g, u, dc);
         // H = G' ∈ [−1, 1]; b_y goes onto the Y slab rows instead (load_tile's rscale): a
         // fp16 H = G'·b_y would fall into subnormals for features of large norm.
-        if (do_out) sH[(ty + 16 * a) * C::LDH + tx + 16 * b] = from_acc_s<S>(g);
+        if (do_out) {
+          const int r = ty + 16 * a, cc = tx + 16 * b;
+          if constexpr (C::kMma) {
+            sH[mma16::h_offset(r, cc)] = from_acc_s<S>(g);
+          } else {
+            sH[r * C::LDH + cc] = from_acc_s<S>(g);
+          }
+        }
       }
     if (!do_out) continue;
     __syncthreads();  // sH complete; the X/Y tiles (aliased by the slab chunk) no longer read
-    for (int kc = 0; kc < BT; kc += C::KC) {
-      load_tile<T, S, C::KC, C::DV, C::LDV>(sYs, Y, ldy, col0 + kc, NY, d0, D, vy, inv_y);
+    if constexpr (C::kMma) {
+      // One chunk of all 64 rows; the next dot_tile's opening barrier protects sH and the slab.
+      mma16::load_slab<T>(sYs, Y, ldy, col0, NY, d0, D, vy, inv_y);
       __syncthreads();
-      hy.mma(sH, sYs, kc);
-      __syncthreads();
+      hy.mma(sH, sYs);
+    } else {
+      for (int kc = 0; kc < BT; kc += C::KC) {
+        load_tile<T, S, C::KC, C::DV, C::LDV>(sYs, Y, ldy, col0 + kc, NY, d0, D, vy, inv_y);
+        __syncthreads();
+        hy.mma(sH, sYs, kc);
+        __syncthreads();
+      }
     }
   }
 
   if (do_out) {
     const A scale = c * *gloss_ptr / denom;
-    __syncthreads();  // the WMMA epilogue reuses the fp32 tile region as scratch
-    hy.store(reinterpret_cast<float*>(smem + L::d), scale, row0, d0, NX, D, outT, outA);
+    hy.store(scale, row0, d0, NX, D, outT, outA);
   }
   if (dc_part != nullptr && blockIdx.y == 0) {
     const A total = block_sum(dc, reinterpret_cast<A*>(smem + L::red));
