@@ -15,8 +15,8 @@ struct FwdSmem {
   size_t y, cm, cl, total;
   __host__ __device__ explicit FwdSmem(int64_t D) {
     if constexpr (C::kMma) {
-      x_res = false;  // X streamed like Y for now
-      y = 2 * static_cast<size_t>(kChunkBytes);
+      x_res = D <= kResidentD;
+      y = static_cast<size_t>(x_slots(D)) * kChunkBytes;
       cm = y + kYBytes;
     } else {
       const size_t tile = align128(sizeof(typename C::S) * C::BT * C::LDK);

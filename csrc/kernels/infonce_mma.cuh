@@ -16,9 +16,16 @@
 // hardware's, but fixed), so results are deterministic and a recomputed S tile is the forward's.
 //
 // X resident (forward): a block keeps its row block of X, all ⌈D/64⌉ chunks, in shared memory
-// while it walks its column tiles when D <= kResidentD, streaming only Y (the chunk index then
-// names X's slot; streaming X uses slots 0 and 1 like Y). Same products in the same order, so the
-// choice changes no result bit.
+// while it walks its column tiles when D <= kResidentD = 512, streaming only Y (the chunk index
+// then names X's slot; streamed X uses slots 0 and 1 like Y). Same products in the same order, so
+// the choice changes no result bit. Global→shared bytes of one square forward, nrb = ⌈N/64⌉ row
+// tiles, Q column ranges (infonce_fwd.cu's grid), 2-byte elements (arithmetic, not measured):
+//   streamed X:  nrb²·2·64·D·2           ≈ N²·D/16
+//   resident X:  nrb²·64·D·2 + nrb·Q·64·D·2 ≈ N²·D/32 + 128·nrb·Q·D
+// e.g. N = 16384, D = 512 (Q = 2): 8.59 GB → 4.33 GB; N = 32768, D = 256 (Q = 1): 17.2 → 8.61 GB.
+// Occupancy (2 blocks an SM wanted, as the forward grid assumes): shared memory 8 KB per X chunk
+// + 17 KB (Y's stages / the fp32 tile) + 4 KB, i.e. 29-85 KB: two blocks fit an sm_90 SM (228 KB)
+// for every D, an sm_80 SM (164 KB) up to D = 448 and one block for D = 449..512.
 #pragma once
 #include "infonce_detail.cuh"
 
