@@ -3,8 +3,9 @@
 and test_cuda_backend.py / test_large_shapes.py cover the common shapes; these add the edges of
 the new code: D around the resident-X threshold (512: all of X's row block in shared memory
 at or below, two streamed stages above), D not a multiple of 8 (plain stores instead of
-cp.async), N not a multiple of the 64-row tile, D over one backward slab (256), and N past
-264·64 rows with X streamed (each forward block merges column partials over two row blocks)."""
+cp.async), N not a multiple of the 64-row tile, the backward's slab widths (256 for D <= 256,
+else 512: D = 264 one partial slab, 520 a second one 8 wide), and N past 264·64 rows with X
+streamed (each forward block merges column partials over two row blocks)."""
 import math
 
 import pytest
@@ -19,8 +20,9 @@ from test_cuda_backend import _cuda_kernels_run, needs_cuda
 
 HALF = [torch.float16, torch.bfloat16]
 # (N, D, normalize): D = 504 and 512 resident (8 chunks of 64, the last partial at 504), 520
-# streamed (a partial 9th chunk, 3 backward slabs); 129 unaligned rows (plain stores, a partial
-# chunk, one slab); 264 two slabs, the second 8 wide. N = 70, 100, 300: partial row and column tiles.
+# streamed (a partial 9th chunk; two 512-wide backward slabs, the second 8 wide); 129 unaligned
+# rows (plain stores, a partial chunk, one 256-wide slab); 264 one partial 512-wide slab.
+# N = 70, 100, 300: partial row and column tiles.
 BOUNDARIES = [(100, 504, True), (300, 512, False), (100, 520, True), (70, 129, False), (300, 264, True)]
 
 
@@ -55,8 +57,9 @@ def test_infonce_mma_boundaries(dtype, n, d, normalize):
     if names is None:
         pytest.skip("results matched; the profiler recorded no CUDA kernel (no CUPTI), so which kernels ran is unknown")
     elem = "__half" if dtype == torch.float16 else "__nv_bfloat16"
-    for kernel in ("fwd_kernel", "grad_kernel"):
-        assert any(f"infonce_detail::{kernel}<{elem}>" in name for name in names), f"{kernel}<{elem}> did not run: {names}"
+    # D > 256: slabs of 512 (half the S recomputes of 256-wide ones).
+    for kernel in (f"fwd_kernel<{elem}>", f"grad_kernel<{elem}, {512 if d > 256 else 256}>"):
+        assert any(f"infonce_detail::{kernel}" in name for name in names), f"{kernel} did not run: {names}"
 
 
 @needs_cuda
@@ -81,7 +84,7 @@ def test_infonce_rows_mma(d):
 @needs_cuda
 def test_infonce_mma_large_streamed():
     """N = 17000 > 264·64: forward blocks own two row blocks and merge their column partials; D =
-    520 streams X (test_large_shapes.py's D = 320 keeps it resident) and gives 3 backward slabs."""
+    520 streams X (test_large_shapes.py's D = 320 keeps it resident) and gives 2 backward slabs."""
     n, d = 17000, 520
     args = _args(n, d, True)
     with lk.use_backend("cuda"):

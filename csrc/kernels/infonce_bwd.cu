@@ -5,7 +5,8 @@
 namespace lk {
 namespace infonce_detail {
 
-template <typename T>
+// Shared memory of grad_kernel<T, DV> (dynamic: DV = 512's slab chunk alone is 64 KB).
+template <typename T, int DV>
 struct GradSmem {
   using C = Cfg<T>;
   using S = typename C::S;
@@ -15,11 +16,12 @@ struct GradSmem {
   static constexpr size_t tiles = C::kMma ? y + kYBytes : 2 * tile;
   // The (b⊙Y) slab chunk of the H·Y phase aliases the tiles of the S phase: never live together.
   static constexpr size_t ys = 0;
-  static constexpr size_t slab = C::kMma ? kSlabBytes : align128(sizeof(S) * C::KC * C::LDV);
+  static constexpr size_t slab = C::kMma ? slab_bytes(DV) : align128(sizeof(S) * C::KC * C::LDV);
   static constexpr size_t h = tiles > slab ? tiles : slab;
   static constexpr size_t red = h + (C::kMma ? kHBytes : align128(sizeof(S) * C::BT * C::LDH));
   static constexpr size_t total = red + align128(sizeof(typename C::A) * kWarps);
-  static_assert(total <= 48 * 1024, "static shared memory limit");
+  static_assert(C::kMma ? (DV == 256 || DV == 512) : DV == C::DV, "slab width");
+  static_assert(total <= 99 * 1024, "fits every sm_80+ GPU (99 KB on sm_86/sm_89)");
 };
 
 // Turns dẑ (gradient w.r.t. the unit rows, fp32/fp64, contiguous [N, D]) into dx:
@@ -125,7 +127,7 @@ struct HYAcc {
 // Σ G'⊙u (d logit_scale), grid.y must be 1. Outputs [NX, D] contiguous, scaled by c·gloss/denom:
 // outT (T, final) or outA (accumulator type, dẑ before the normalisation chain);
 // dc_part[row block] (or nullptr) gets Σ G'⊙u of the block's rows.
-template <typename T>
+template <typename T, int DV>
 __global__ void __launch_bounds__(kThreads) grad_kernel(
     const T* __restrict__ X, int64_t ldx, const T* __restrict__ Y, int64_t ldy,
     const acc_t<T>* __restrict__ scale_ptr, const acc_t<T>* __restrict__ gloss_ptr,
@@ -136,16 +138,16 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
   using C = Cfg<T>;
   using A = acc_t<T>;
   using S = typename C::S;
-  using L = GradSmem<T>;
-  using HYT = std::conditional_t<C::kMma, mma16::HY<T>, HYAcc<T>>;
+  using L = GradSmem<T, DV>;
+  using HYT = std::conditional_t<C::kMma, mma16::HY<T, DV>, HYAcc<T>>;
   constexpr int TM = C::TM, BT = C::BT;
-  __shared__ __align__(128) unsigned char smem[L::total];
+  extern __shared__ __align__(1024) unsigned char smem[];
   S* sH = reinterpret_cast<S*>(smem + L::h);
   S* sYs = reinterpret_cast<S*>(smem + L::ys);
 
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const int64_t ncb = (NY + BT - 1) / BT;
-  const int64_t rb = blockIdx.x, row0 = rb * BT, d0 = static_cast<int64_t>(blockIdx.y) * C::DV;
+  const int64_t rb = blockIdx.x, row0 = rb * BT, d0 = static_cast<int64_t>(blockIdx.y) * DV;
   const A c = *scale_ptr;
   const bool has_x = lse_x != nullptr, has_y = lse_y != nullptr;
 
@@ -205,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
     __syncthreads();  // sH complete; the X/Y tiles (aliased by the slab chunk) no longer read
     if constexpr (C::kMma) {
       // One chunk of all 64 rows; the next dot_tile's opening barrier protects sH and the slab.
-      mma16::load_slab<T>(sYs, Y, ldy, col0, NY, d0, D, vy, inv_y);
+      mma16::load_slab<T, DV>(sYs, Y, ldy, col0, NY, d0, D, vy, inv_y);
       __syncthreads();
       hy.mma(sH, sYs);
     } else {
@@ -268,7 +270,10 @@ cudaError_t grad_pass(const Side<T>& x, const Side<T>& y, int64_t doff, double d
   using A = acc_t<T>;
   const bool do_out = out != nullptr && D > 0;
   if (!do_out && dc_part == nullptr) return cudaSuccess;
-  const int64_t nrb = ceil_div(x.n, C::BT), nslab = ceil_div(D, C::DV);
+  // 16-bit with D > 256: slabs of 512, half the S recomputes (infonce_detail.cuh's Backward).
+  constexpr int kWide = C::kMma ? 512 : C::DV;
+  const bool wide = do_out && D > C::DV;
+  const int64_t nrb = ceil_div(x.n, C::BT), nslab = ceil_div(D, wide ? kWide : C::DV);
   if (nrb > 0x7fffffff || nslab > 65535) return cudaErrorInvalidValue;
   T* outT = nullptr;
   A* outA = nullptr;
@@ -282,10 +287,19 @@ cudaError_t grad_pass(const Side<T>& x, const Side<T>& y, int64_t doff, double d
     }
   }
   const dim3 grid(static_cast<unsigned>(nrb), do_out ? static_cast<unsigned>(nslab) : 1u);
-  grad_kernel<T><<<grid, kThreads, 0, stream>>>(
-      x.z, x.ld, y.z, y.ld, scale, gloss, x.inv, y.inv, x.lse, y.lse, x.w, y.w, x.n, y.n, doff,
-      static_cast<A>(denom), D, x.vec, y.vec, do_out, outT, outA, dc_part);
-  const cudaError_t err = cudaGetLastError();
+  auto launch = [&](auto kernel, size_t smem) {
+    if (smem > 48 * 1024) {
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+    }
+    kernel<<<grid, kThreads, smem, stream>>>(x.z, x.ld, y.z, y.ld, scale, gloss, x.inv, y.inv, x.lse,
+                                             y.lse, x.w, y.w, x.n, y.n, doff, static_cast<A>(denom), D,
+                                             x.vec, y.vec, do_out, outT, outA, dc_part);
+    return cudaGetLastError();
+  };
+  const cudaError_t err = wide ? launch(grad_kernel<T, kWide>, GradSmem<T, kWide>::total)
+                               : launch(grad_kernel<T, C::DV>, GradSmem<T, C::DV>::total);
   if (err != cudaSuccess || !do_out || !normalize) return err;
   norm_bwd_kernel<T><<<static_cast<unsigned>(ceil_div(x.n, kWarps)), kThreads, 0, stream>>>(
       x.z, x.ld, x.inv, outA, out, x.n, D);

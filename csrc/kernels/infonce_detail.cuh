@@ -42,6 +42,13 @@
 //   grad_kernel on grid (row blocks, D slabs of DV): each block recomputes S tiles for its rows
 //   against every column block, forms H = G' in shared memory and accumulates H·(b⊙Y)[:, slab]
 //   in registers (the slab bounds the accumulator for any D; S is recomputed once per slab).
+//   S recomputes: each of the nrb² tile pairs gets its S computed once per slab and pass, i.e.
+//   2·⌈D/DV⌉ times for both gradients, each 64·64·D MACs, beside the H·Y products' 2·64·64·D in
+//   all (counted, not measured). 16-bit with D > 256 uses slabs of DV = 512 (grad_kernel<T, 512>,
+//   128 fp32 accumulators a thread, 240 registers on sm_80: one block of 8 warps per SM where
+//   DV = 256 runs two at 128): D = 512: 4 → 2 S computations per pair, MACs 6 → 4 ·N²·D;
+//   D = 768: 6 → 4, 8 → 6 ·N²·D; D = 1024: 8 → 4, 10 → 6 ·N²·D. Whether that pays for the
+//   halved occupancy is for a GPU benchmark to say; grad_pass's kWide is the switch.
 //   Slab 0 also sums G'⊙u, written per row block (d logit_scale = gloss/N·Σ). With normalize,
 //   dẑ goes to an accumulator-type buffer (the output itself when T is fp32/fp64) and norm_bwd_kernel
 //   applies dx = (dz − z(z·dz))/‖x‖ per row.

@@ -45,7 +45,8 @@ constexpr int kLDD = 64 + 4;  // row stride of the fp32 S tile (padding spreads 
 constexpr int kDBytes = 64 * kLDD * 4;
 // Y's two stages, also the fp32 S tile once the products are done.
 constexpr int kYBytes = kDBytes > 2 * kChunkBytes ? kDBytes : 2 * kChunkBytes;
-constexpr int kSlabBytes = 256 * 64 * 2;          // the backward's (b⊙Y) chunk: 64 rows × DV
+// The backward's (b⊙Y) chunk: 64 rows × a D slab of DV = 256 or 512 (infonce_bwd.cu picks).
+constexpr int slab_bytes(int dv) { return dv * 64 * 2; }
 constexpr int kHBytes = kChunkBytes;              // the backward's H = G' tile, 64×64
 
 // Chunks of X held in shared memory by the forward: all of them when resident, else 2 stages.
@@ -75,17 +76,19 @@ using KChunks = decltype(tile_to_shape(KAtom{}, Shape<_64, _64, Int<SLOTS>>{}));
 using KChunk = decltype(tile_to_shape(KAtom{}, Shape<_64, _64>{}));
 // N-major (b⊙Y) chunk of the backward: (d, k) with 64 d (128 bytes) per k row, read by ldmatrix.trans.
 using NAtom = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{}));
-using SlabLayout = decltype(tile_to_shape(NAtom{}, Shape<_256, _64>{}));
+template <int DV>
+using SlabLayout = decltype(tile_to_shape(NAtom{}, Shape<Int<DV>, _64>{}));
 
 // S: warps 4 (rows) × 2 (columns) of 16×32.
 template <typename T>
 using SMma = TiledMMA<MMA_Atom<typename Types<T>::Atom>, Layout<Shape<_4, _2, _1>>, Tile<_64, _64, _16>>;
-// H·Y: warps 2 (rows) × 4 (d) of 32×64, 64 accumulators a thread, as the WMMA layout before.
-template <typename T>
-using HYMma = TiledMMA<MMA_Atom<typename Types<T>::Atom>, Layout<Shape<_2, _4, _1>>, Tile<_64, _256, _16>>;
+// H·Y: warps 2 (rows) × 4 (d) of 32×DV/4: DV/4 accumulators a thread (64 for DV = 256, 128 for 512).
+template <typename T, int DV>
+using HYMma = TiledMMA<MMA_Atom<typename Types<T>::Atom>, Layout<Shape<_2, _4, _1>>, Tile<_64, Int<DV>, _16>>;
 
 static_assert(cosize(KChunk{}) * 2 == kChunkBytes, "chunk size");
-static_assert(cosize(SlabLayout{}) * 2 == kSlabBytes, "slab size");
+static_assert(cosize(SlabLayout<256>{}) * 2 == slab_bytes(256) && cosize(SlabLayout<512>{}) * 2 == slab_bytes(512),
+              "slab size");
 
 // 16 bytes global → shared, asynchronously; in = false writes 16 zero bytes and reads nothing.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
@@ -187,11 +190,11 @@ __device__ __forceinline__ void dot_tile(float (&dot)[4][4], unsigned char* sx, 
 }
 
 // The (b⊙Y) chunk of the backward: rows [col0, col0 + 64) of Y (zero past ny), columns
-// [d0, d0 + 256) (zero past D), each row times rscale[row] when given, as the N-major slab.
-template <typename T>
+// [d0, d0 + DV) (zero past D), each row times rscale[row] when given, as the N-major slab.
+template <typename T, int DV>
 __device__ __forceinline__ void load_slab(T* dst, const T* __restrict__ Y, int64_t ld, int64_t col0, int64_t ny,
                                           int64_t d0, int64_t D, bool vec, const float* __restrict__ rscale) {
-  constexpr int GPR = 256 / 8;
+  constexpr int GPR = DV / 8;
   for (int g = threadIdx.x; g < 64 * GPR; g += kThreads) {
     const int r = g / GPR, dd = (g % GPR) * 8;
     const int64_t row = col0 + r, d = d0 + dd;
@@ -210,28 +213,28 @@ __device__ __forceinline__ void load_slab(T* dst, const T* __restrict__ Y, int64
     }
     uint4 raw;
     memcpy(&raw, e, sizeof(raw));
-    *reinterpret_cast<uint4*>(dst + SlabLayout{}(dd, r)) = raw;  // 8 consecutive d: one aligned group
+    *reinterpret_cast<uint4*>(dst + SlabLayout<DV>{}(dd, r)) = raw;  // 8 consecutive d: one aligned group
   }
 }
 
 // Offset of H = G' entry (row, column of the S tile) in its swizzled K-major tile.
 __device__ __forceinline__ int h_offset(int r, int c) { return KChunk{}(r, c); }
 
-// H·(b⊙Y) accumulators of one 64-row × 256-column slab.
-template <typename T>
+// H·(b⊙Y) accumulators of one 64-row × DV-column slab.
+template <typename T, int DV>
 struct HY {
   using E = typename Types<T>::E;
-  using Frag = decltype(partition_fragment_C(HYMma<T>{}, Shape<_64, _256>{}));
+  using Frag = decltype(partition_fragment_C(HYMma<T, DV>{}, Shape<_64, Int<DV>>{}));
   Frag acc;
 
   __device__ __forceinline__ void zero() { clear(acc); }
 
-  // acc += H (64×64, sH) · slab (64 rows × 256, sYs), k ascending in steps of 16.
+  // acc += H (64×64, sH) · slab (64 rows × DV, sYs), k ascending in steps of 16.
   __device__ __forceinline__ void mma(const T* sH, const T* sYs) {
-    HYMma<T> tm;
+    HYMma<T, DV> tm;
     auto thr = tm.get_slice(threadIdx.x);
     Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<const E*>(sH)), KChunk{});
-    Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<const E*>(sYs)), SlabLayout{});
+    Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<const E*>(sYs)), SlabLayout<DV>{});
     Tensor rA = thr.partition_fragment_A(sA);
     Tensor rB = thr.partition_fragment_B(sB);
     auto ldA = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, E>{}, tm);
@@ -253,8 +256,8 @@ struct HY {
   // out[row][d] = scale·acc straight from the fragments, predicated on N and D.
   __device__ __forceinline__ void store(float scale, int64_t row0, int64_t d0, int64_t N, int64_t D, T* outT,
                                         float* outA) {
-    HYMma<T> tm;
-    Tensor coord = tm.get_slice(threadIdx.x).partition_C(make_identity_tensor(Shape<_64, _256>{}));
+    HYMma<T, DV> tm;
+    Tensor coord = tm.get_slice(threadIdx.x).partition_C(make_identity_tensor(Shape<_64, Int<DV>>{}));
     CUTE_UNROLL
     for (int e = 0; e < size(acc); ++e) {
       const int64_t row = row0 + get<0>(coord(e)), d = d0 + get<1>(coord(e));

@@ -59,13 +59,15 @@ void cover(const char* name, int per_thread) {
 
 int main() {
   groups<KChunk>("KChunk (row, k)", 64, 64, false);
-  groups<SlabLayout>("SlabLayout (d, k)", 256, 64, true);
+  groups<SlabLayout<256>>("SlabLayout<256> (d, k)", 256, 64, true);
+  groups<SlabLayout<512>>("SlabLayout<512> (d, k)", 512, 64, true);
   for (int s = 0; s < kResidentChunks; ++s)
     for (int r = 0; r < 64; ++r)
       for (int k = 0; k < 64; ++k)
         CHECK(KChunks<kResidentChunks>{}(r, k, s) == s * kChunk * kChunk + KChunk{}(r, k), "slot %d\n", s);
   cover<SMma<__half>, 64, 64>("SMma", 16);
-  cover<HYMma<__half>, 64, 256>("HYMma", 64);
+  cover<HYMma<__half, 256>, 64, 256>("HYMma<256>", 64);
+  cover<HYMma<__half, 512>, 64, 512>("HYMma<512>", 128);
   cover<SMma<__nv_bfloat16>, 64, 64>("SMma bf16", 16);
   for (int64_t D = 0; D <= 1100; ++D) {
     const int64_t nk = (D + kChunk - 1) / kChunk, slots = x_slots(D);
