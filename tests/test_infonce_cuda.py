@@ -21,9 +21,11 @@ from test_cuda_backend import _cuda_kernels_run, needs_cuda
 HALF = [torch.float16, torch.bfloat16]
 # (N, D, normalize): D = 504 and 512 resident (8 chunks of 64, the last partial at 504), 520
 # streamed (a partial 9th chunk; two 512-wide backward slabs, the second 8 wide); 129 unaligned
-# rows (plain stores, a partial chunk, one 256-wide slab); 264 one partial 512-wide slab.
-# N = 70, 100, 300: partial row and column tiles.
-BOUNDARIES = [(100, 504, True), (300, 512, False), (100, 520, True), (70, 129, False), (300, 264, True)]
+# rows (plain stores, a partial chunk, one 256-wide slab); 264 one partial 512-wide slab; 256 the
+# largest D with X resident in the backward too (4 chunks), 129 also resident there.
+# N = 70, 100, 130, 300: partial row and column tiles.
+BOUNDARIES = [(100, 504, True), (300, 512, False), (100, 520, True), (70, 129, False), (300, 264, True),
+              (130, 256, False)]
 
 
 def _args(n, d, normalize):

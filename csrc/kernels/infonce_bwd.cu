@@ -5,24 +5,46 @@
 namespace lk {
 namespace infonce_detail {
 
-// Shared memory of grad_kernel<T, DV> (dynamic: DV = 512's slab chunk alone is 64 KB).
+// Shared memory of grad_kernel<T, DV>, dynamic. MMA: X's region (its row block's chunks, all of
+// them when resident: DV = 256 and D <= 256, else two stages), Y's two stages (ending as the fp32 S
+// tile), the (b⊙Y) slab chunk of the H·Y phase — over the X/Y stages when X is streamed (never
+// live together), from Y's stages on when X is resident (X must outlive it) — then H and the
+// block-sum scratch. FMA: one X and one Y tile, the slab chunk over them, H, scratch.
 template <typename T, int DV>
 struct GradSmem {
   using C = Cfg<T>;
   using S = typename C::S;
-  static constexpr size_t tile = align128(sizeof(S) * C::BT * C::LDK);
-  // MMA: X's two stages, then Y's (which end as the fp32 S tile); FMA: one tile each.
-  static constexpr size_t x = 0, y = C::kMma ? 2 * kChunkBytes : tile;
-  static constexpr size_t tiles = C::kMma ? y + kYBytes : 2 * tile;
-  // The (b⊙Y) slab chunk of the H·Y phase aliases the tiles of the S phase: never live together.
-  static constexpr size_t ys = 0;
-  static constexpr size_t slab = C::kMma ? slab_bytes(DV) : align128(sizeof(S) * C::KC * C::LDV);
-  static constexpr size_t h = tiles > slab ? tiles : slab;
-  static constexpr size_t red = h + (C::kMma ? kHBytes : align128(sizeof(S) * C::BT * C::LDH));
-  static constexpr size_t total = red + align128(sizeof(typename C::A) * kWarps);
+  bool x_res;
+  size_t y, ys, h, red, total;
+  __host__ __device__ explicit GradSmem(int64_t D) {
+    size_t tiles, slab_end;
+    if constexpr (C::kMma) {
+      x_res = DV == 256 && D <= DV;
+      y = static_cast<size_t>(x_res ? x_slots(D) : 2) * kChunkBytes;
+      ys = x_res ? y : 0;
+      tiles = y + kYBytes;
+      slab_end = ys + slab_bytes(DV);
+      h = tiles > slab_end ? tiles : slab_end;
+      red = h + kHBytes;
+    } else {
+      const size_t tile = align128(sizeof(S) * C::BT * C::LDK);
+      x_res = false;
+      y = tile;
+      ys = 0;
+      tiles = 2 * tile;
+      slab_end = align128(sizeof(S) * C::KC * C::LDV);
+      h = tiles > slab_end ? tiles : slab_end;
+      red = h + align128(sizeof(S) * C::BT * C::LDH);
+    }
+    total = red + align128(sizeof(typename C::A) * kWarps);
+  }
   static_assert(C::kMma ? (DV == 256 || DV == 512) : DV == C::DV, "slab width");
-  static_assert(total <= 99 * 1024, "fits every sm_80+ GPU (99 KB on sm_86/sm_89)");
 };
+// The largest (DV = 256 with 4 resident X chunks, or DV = 512): 72 KB, under the 99 KB of every
+// sm_80+ GPU; two blocks an SM (for DV = 256's 128 registers) fit sm_80 (164 KB) and sm_90.
+static_assert(4 * kChunkBytes + slab_bytes(256) + kHBytes + 128 <= 99 * 1024 &&
+                  slab_bytes(512) + kHBytes + 128 <= 99 * 1024,
+              "grad_kernel shared memory");
 
 // Turns dẑ (gradient w.r.t. the unit rows, fp32/fp64, contiguous [N, D]) into dx:
 // dx = a·(dẑ − ẑ(ẑ·dẑ)) with a = 1/‖x‖, ẑ = a·x. dz may alias out (fp32/fp64 outputs are
@@ -127,8 +149,13 @@ struct HYAcc {
 // Σ G'⊙u (d logit_scale), grid.y must be 1. Outputs [NX, D] contiguous, scaled by c·gloss/denom:
 // outT (T, final) or outA (accumulator type, dẑ before the normalisation chain);
 // dc_part[row block] (or nullptr) gets Σ G'⊙u of the block's rows.
+// 16-bit, DV = 256: two blocks an SM (at most 128 registers; 72 KB of shared memory with X
+// resident). DV = 512 (128 accumulators) and the FMA path take what they need, one block.
 template <typename T, int DV>
-__global__ void __launch_bounds__(kThreads) grad_kernel(
+constexpr int grad_min_blocks() { return Cfg<T>::kMma && DV == 256 ? 2 : 1; }
+
+template <typename T, int DV>
+__global__ void __launch_bounds__(kThreads, grad_min_blocks<T, DV>()) grad_kernel(
     const T* __restrict__ X, int64_t ldx, const T* __restrict__ Y, int64_t ldy,
     const acc_t<T>* __restrict__ scale_ptr, const acc_t<T>* __restrict__ gloss_ptr,
     const acc_t<T>* __restrict__ inv_x, const acc_t<T>* __restrict__ inv_y,
@@ -138,12 +165,12 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
   using C = Cfg<T>;
   using A = acc_t<T>;
   using S = typename C::S;
-  using L = GradSmem<T, DV>;
   using HYT = std::conditional_t<C::kMma, mma16::HY<T, DV>, HYAcc<T>>;
   constexpr int TM = C::TM, BT = C::BT;
   extern __shared__ __align__(1024) unsigned char smem[];
-  S* sH = reinterpret_cast<S*>(smem + L::h);
-  S* sYs = reinterpret_cast<S*>(smem + L::ys);
+  const GradSmem<T, DV> L(D);
+  S* sH = reinterpret_cast<S*>(smem + L.h);
+  S* sYs = reinterpret_cast<S*>(smem + L.ys);
 
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const int64_t ncb = (NY + BT - 1) / BT;
@@ -168,8 +195,9 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
     const int64_t col0 = cb * BT;
     A s[TM][TM];
     // Begins with a barrier: the previous H·Y pass is done with sH and the slab chunk.
-    dot_tile<T>(s, smem + L::x, smem + L::y, X, ldx, Y, ldy, row0, col0, NX, NY, D, vx, vy, false,
-                true);
+    // A resident X is loaded with the first column tile and kept for the others.
+    dot_tile<T>(s, smem, smem + L.y, X, ldx, Y, ldy, row0, col0, NX, NY, D, vx, vy, L.x_res,
+                !L.x_res || cb == 0);
     bool cv[TM];
     A by[TM], ly[TM];
 #pragma unroll
@@ -225,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
     hy.store(scale, row0, d0, NX, D, outT, outA);
   }
   if (dc_part != nullptr && blockIdx.y == 0) {
-    const A total = block_sum(dc, reinterpret_cast<A*>(smem + L::red));
+    const A total = block_sum(dc, reinterpret_cast<A*>(smem + L.red));
     if (threadIdx.x == 0) dc_part[rb] = total;
   }
 }
@@ -298,8 +326,8 @@ cudaError_t grad_pass(const Side<T>& x, const Side<T>& y, int64_t doff, double d
                                              x.vec, y.vec, do_out, outT, outA, dc_part);
     return cudaGetLastError();
   };
-  const cudaError_t err = wide ? launch(grad_kernel<T, kWide>, GradSmem<T, kWide>::total)
-                               : launch(grad_kernel<T, C::DV>, GradSmem<T, C::DV>::total);
+  const cudaError_t err = wide ? launch(grad_kernel<T, kWide>, GradSmem<T, kWide>(D).total)
+                               : launch(grad_kernel<T, C::DV>, GradSmem<T, C::DV>(D).total);
   if (err != cudaSuccess || !do_out || !normalize) return err;
   norm_bwd_kernel<T><<<static_cast<unsigned>(ceil_div(x.n, kWarps)), kThreads, 0, stream>>>(
       x.z, x.ld, x.inv, outA, out, x.n, D);

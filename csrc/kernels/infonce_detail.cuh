@@ -49,6 +49,7 @@
 //   DV = 256 runs two at 128): D = 512: 4 → 2 S computations per pair, MACs 6 → 4 ·N²·D;
 //   D = 768: 6 → 4, 8 → 6 ·N²·D; D = 1024: 8 → 4, 10 → 6 ·N²·D. Whether that pays for the
 //   halved occupancy is for a GPU benchmark to say; grad_pass's kWide is the switch.
+//   16-bit with D <= 256 keeps X's row block resident across the column tiles (infonce_mma.cuh).
 //   Slab 0 also sums G'⊙u, written per row block (d logit_scale = gloss/N·Σ). With normalize,
 //   dẑ goes to an accumulator-type buffer (the output itself when T is fp32/fp64) and norm_bwd_kernel
 //   applies dx = (dz − z(z·dz))/‖x‖ per row.

@@ -11,9 +11,11 @@
 // aligned (vec = false) take plain stores instead. Each accumulator's (row, column) comes from the
 // TiledMMA's C partition of an identity tensor; the tile goes through an fp32 shared tile to the
 // (ty, tx) ownership the online log-sum-exp, the diagonal and the backward's G' use.
-// Reduction order: k ascending in steps of 16 within one MMA chain per entry, the same in every
-// pass and both orientations of the backward (a tensor-core k-step's internal order is the
-// hardware's, but fixed), so results are deterministic and a recomputed S tile is the forward's.
+// Reduction order: k ascending in steps of 16 within one MMA chain per entry (inside a step, the
+// hardware's fixed order), the same in every pass: results are deterministic, and the backward's
+// d image pass recomputes the forward's S bit for bit. Its d text pass computes Sᵀ from the same
+// products per step; that it matches bit for bit too is the hardware's summation order, not
+// ours to promise (the 16-bit tolerances do not need it).
 //
 // X resident (forward): a block keeps its row block of X, all ⌈D/64⌉ chunks, in shared memory
 // while it walks its column tiles when D <= kResidentD = 512, streaming only Y (the chunk index
@@ -26,6 +28,9 @@
 // Occupancy (2 blocks an SM wanted, as the forward grid assumes): shared memory 8 KB per X chunk
 // + 17 KB (Y's stages / the fp32 tile) + 4 KB, i.e. 29-85 KB: two blocks fit an sm_90 SM (228 KB)
 // for every D, an sm_80 SM (164 KB) up to D = 448 and one block for D = 449..512.
+// The backward's blocks each own one row block against all column tiles, so X stays resident
+// there too where it fits beside the (b⊙Y) slab: 16-bit D <= 256 (infonce_bwd.cu's GradSmem).
+// Its bytes per pass and slab, per tile pair: X + Y + slab = 3·64·256·2 → Y + slab (2/3) at D = 256.
 #pragma once
 #include "infonce_detail.cuh"
 
