@@ -84,8 +84,9 @@ def test_layer_norm_large(backend, dtype):
 @pytest.mark.parametrize("dtype", LARGE_DTYPES, ids=str)
 def test_infonce_large(backend, dtype):
     # infonce_*.cu: N = 17000 > 264·64 row blocks, so each forward block owns two row blocks and
-    # merges its column partials (the not-first path); d = 320 > DV = 256 gives the backward two
-    # D slabs, each recomputing S.
+    # merges its column partials (the not-first path); d = 320 > 256 gives the fp32 backward two
+    # D slabs of 256, each recomputing S, and 16-bit one partial slab of 512 (X resident in the
+    # 16-bit forward: D <= 512).
     n, d = 17000, 320
     args = [randn(n, d, requires_grad=True), randn(n, d, requires_grad=True),
             torch.tensor(10.0, dtype=torch.float64, device=DEVICE, requires_grad=True)]
@@ -99,7 +100,7 @@ def test_infonce_large(backend, dtype):
 @pytest.mark.parametrize("dtype", LARGE_DTYPES, ids=str)
 def test_infonce_rows_large(backend, dtype):
     # The distributed block: 600 local rows against 20000 gathered keys at offset 19000 (the
-    # diagonal crosses column tiles away from the row tiles), d = 320: two D slabs.
+    # diagonal crosses column tiles away from the row tiles), d = 320: two D slabs (fp32; 16-bit: one of 512).
     m, n, offset, d = 600, 20000, 19000, 320
     args = [randn(m, d, requires_grad=True), randn(n, d, requires_grad=True),
             torch.tensor(10.0 / math.sqrt(d), dtype=torch.float64, device=DEVICE, requires_grad=True)]

@@ -1,26 +1,50 @@
 // InfoNCE backward: the square loss (infonce_bwd) and the rows op's one direction
 // (infonce_rows_bwd). See infonce_detail.cuh for the plan.
-#include "infonce_detail.cuh"
+#include "infonce_mma.cuh"
 
 namespace lk {
 namespace infonce_detail {
 
-template <typename T>
+// Shared memory of grad_kernel<T, DV>, dynamic. MMA: X's region (its row block's chunks, all of
+// them when resident: DV = 256 and D <= 256, else two stages), Y's two stages (ending as the fp32 S
+// tile), the (b⊙Y) slab chunk of the H·Y phase — over the X/Y stages when X is streamed (never
+// live together), from Y's stages on when X is resident (X must outlive it) — then H and the
+// block-sum scratch. FMA: one X and one Y tile, the slab chunk over them, H, scratch.
+template <typename T, int DV>
 struct GradSmem {
   using C = Cfg<T>;
-  static constexpr size_t tile = align128(sizeof(typename C::S) * C::BT * C::LDK);
-  static constexpr size_t slab = align128(sizeof(typename C::S) * C::KC * C::LDV);
-  // The X/Y tiles (S phase) and the Y slab chunk (H·Y phase) are never live together.
-  static constexpr size_t x = 0, y = tile, ys = 0;
-  static constexpr size_t region = 2 * tile > slab ? 2 * tile : slab;
-  static constexpr size_t d = region;
-  static constexpr size_t dbytes = C::kWmma ? align128(sizeof(float) * C::BT * C::LDD) : 0;
-  static constexpr size_t h = d + dbytes;
-  static constexpr size_t red = h + align128(sizeof(typename C::S) * C::BT * C::LDH);
-  static constexpr size_t total = red + align128(sizeof(typename C::A) * kWarps);
-  static_assert(!C::kWmma || dbytes >= sizeof(float) * 256 * kWarps, "epilogue scratch");
-  static_assert(total <= 48 * 1024, "static shared memory limit");
+  using S = typename C::S;
+  bool x_res;
+  size_t y, ys, h, red, total;
+  __host__ __device__ explicit GradSmem(int64_t D) {
+    size_t tiles, slab_end;
+    if constexpr (C::kMma) {
+      x_res = DV == 256 && D <= DV;
+      y = static_cast<size_t>(x_res ? x_slots(D) : 2) * kChunkBytes;
+      ys = x_res ? y : 0;
+      tiles = y + kYBytes;
+      slab_end = ys + slab_bytes(DV);
+      h = tiles > slab_end ? tiles : slab_end;
+      red = h + kHBytes;
+    } else {
+      const size_t tile = align128(sizeof(S) * C::BT * C::LDK);
+      x_res = false;
+      y = tile;
+      ys = 0;
+      tiles = 2 * tile;
+      slab_end = align128(sizeof(S) * C::KC * C::LDV);
+      h = tiles > slab_end ? tiles : slab_end;
+      red = h + align128(sizeof(S) * C::BT * C::LDH);
+    }
+    total = red + align128(sizeof(typename C::A) * kWarps);
+  }
+  static_assert(C::kMma ? (DV == 256 || DV == 512) : DV == C::DV, "slab width");
 };
+// The largest (DV = 256 with 4 resident X chunks, or DV = 512): 72 KB, under the 99 KB of every
+// sm_80+ GPU; two blocks an SM (for DV = 256's 128 registers) fit sm_80 (164 KB) and sm_90.
+static_assert(4 * kChunkBytes + slab_bytes(256) + kHBytes + 128 <= 99 * 1024 &&
+                  slab_bytes(512) + kHBytes + 128 <= 99 * 1024,
+              "grad_kernel shared memory");
 
 // Turns dẑ (gradient w.r.t. the unit rows, fp32/fp64, contiguous [N, D]) into dx:
 // dx = a·(dẑ − ẑ(ẑ·dẑ)) with a = 1/‖x‖, ẑ = a·x. dz may alias out (fp32/fp64 outputs are
@@ -75,13 +99,10 @@ __device__ __forceinline__ void hy_fma(acc_t<T> (&acc)[Cfg<T>::TM][Cfg<T>::TV][4
   }
 }
 
-// Accumulators of the H·Y product, one D slab of BT rows. FMA: registers in the (ty, tx)
-// layout. WMMA: warp w holds rows 32·(w/4) + 16i, columns 64·(w%4) + 16j, i < 2, j < 4.
-template <typename T, bool W = Cfg<T>::kWmma>
-struct HYAcc;
-
+// Accumulators of the H·Y product on CUDA cores, one D slab of BT rows in the (ty, tx) layout
+// (the MMA path's are infonce_mma.cuh's mma16::HY).
 template <typename T>
-struct HYAcc<T, false> {
+struct HYAcc {
   using C = Cfg<T>;
   using A = acc_t<T>;
   A acc[C::TM][C::TV][4];
@@ -98,7 +119,7 @@ struct HYAcc<T, false> {
     hy_fma<T>(acc, sH, sYs, kc);
   }
   // out[row][d] = scale·acc, to T (outT) or to the accumulator type (outA).
-  __device__ __forceinline__ void store(float* /*scratch*/, A scale, int64_t row0, int64_t d0,
+  __device__ __forceinline__ void store(A scale, int64_t row0, int64_t d0,
                                         int64_t N, int64_t D, T* outT, A* outA) {
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 #pragma unroll
@@ -122,75 +143,19 @@ struct HYAcc<T, false> {
   }
 };
 
-template <typename T>
-struct HYAcc<T, true> {
-  using C = Cfg<T>;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][4];
-
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
-  }
-  __device__ __forceinline__ void mma(const T* sH, const T* sYs, int kc) {
-    namespace wmma = nvcuda::wmma;
-    const int warp = threadIdx.x >> 5, rg = warp >> 2, cg = warp & 3;
-#pragma unroll
-    for (int ks = 0; ks < C::KC; ks += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-        wmma::load_matrix_sync(fa[i], sH + (rg * 2 + i) * 16 * C::LDH + kc + ks, C::LDH);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fb, sYs + ks * C::LDV + (cg * 4 + j) * 16, C::LDV);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[i][j], fa[i], fb, acc[i][j]);
-      }
-    }
-  }
-  // Fragments go through a private 16×16 fp32 patch of `scratch` per warp (the fragment's
-  // register layout is opaque), then out with bounds checks.
-  __device__ __forceinline__ void store(float* scratch, float scale, int64_t row0, int64_t d0,
-                                        int64_t N, int64_t D, T* outT, float* outA) {
-    namespace wmma = nvcuda::wmma;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, rg = warp >> 2, cg = warp & 3;
-    float* patch = scratch + warp * 256;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        wmma::store_matrix_sync(patch, acc[i][j], 16, wmma::mem_row_major);
-        __syncwarp();
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int idx = lane + 32 * e, r = idx >> 4, cc = idx & 15;
-          const int64_t row = row0 + (rg * 2 + i) * 16 + r;
-          const int64_t d = d0 + (cg * 4 + j) * 16 + cc;
-          if (row < N && d < D) {
-            const float v = scale * patch[idx];
-            if (outT != nullptr) {
-              outT[row * D + d] = from_acc<T>(v);
-            } else {
-              outA[row * D + d] = v;
-            }
-          }
-        }
-        __syncwarp();
-      }
-  }
-};
-
 // Grid (row blocks, D slabs). See infonce_detail.cuh's file comment for the roles of (X, Y, lse_x, lse_y, wx,
 // wy); X has NX rows, Y has NY, and the −δ sits at column x + doff. A null lse_x (lse_y) drops
 // its term, whose weight is then 0 (the rows op has one direction only). do_out = false: only
 // Σ G'⊙u (d logit_scale), grid.y must be 1. Outputs [NX, D] contiguous, scaled by c·gloss/denom:
 // outT (T, final) or outA (accumulator type, dẑ before the normalisation chain);
 // dc_part[row block] (or nullptr) gets Σ G'⊙u of the block's rows.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) grad_kernel(
+// 16-bit, DV = 256: two blocks an SM (at most 128 registers; 72 KB of shared memory with X
+// resident). DV = 512 (128 accumulators) and the FMA path take what they need, one block.
+template <typename T, int DV>
+constexpr int grad_min_blocks() { return Cfg<T>::kMma && DV == 256 ? 2 : 1; }
+
+template <typename T, int DV>
+__global__ void __launch_bounds__(kThreads, grad_min_blocks<T, DV>()) grad_kernel(
     const T* __restrict__ X, int64_t ldx, const T* __restrict__ Y, int64_t ldy,
     const acc_t<T>* __restrict__ scale_ptr, const acc_t<T>* __restrict__ gloss_ptr,
     const acc_t<T>* __restrict__ inv_x, const acc_t<T>* __restrict__ inv_y,
@@ -200,15 +165,16 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
   using C = Cfg<T>;
   using A = acc_t<T>;
   using S = typename C::S;
-  using L = GradSmem<T>;
+  using HYT = std::conditional_t<C::kMma, mma16::HY<T, DV>, HYAcc<T>>;
   constexpr int TM = C::TM, BT = C::BT;
-  __shared__ __align__(128) unsigned char smem[L::total];
-  S* sH = reinterpret_cast<S*>(smem + L::h);
-  S* sYs = reinterpret_cast<S*>(smem + L::ys);
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const GradSmem<T, DV> L(D);
+  S* sH = reinterpret_cast<S*>(smem + L.h);
+  S* sYs = reinterpret_cast<S*>(smem + L.ys);
 
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const int64_t ncb = (NY + BT - 1) / BT;
-  const int64_t rb = blockIdx.x, row0 = rb * BT, d0 = static_cast<int64_t>(blockIdx.y) * C::DV;
+  const int64_t rb = blockIdx.x, row0 = rb * BT, d0 = static_cast<int64_t>(blockIdx.y) * DV;
   const A c = *scale_ptr;
   const bool has_x = lse_x != nullptr, has_y = lse_y != nullptr;
 
@@ -221,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
     ax[a] = (inv_x != nullptr && rv[a]) ? inv_x[row] : A(1);
     lx[a] = (has_x && rv[a]) ? lse_x[row] : A(0);
   }
-  HYAcc<T> hy;
+  HYT hy;
   hy.zero();
   A dc = A(0);
 
@@ -229,7 +195,9 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
     const int64_t col0 = cb * BT;
     A s[TM][TM];
     // Begins with a barrier: the previous H·Y pass is done with sH and the slab chunk.
-    dot_tile<T>(s, smem, L::x, L::y, L::d, X, ldx, Y, ldy, row0, col0, NX, NY, D, vx, vy);
+    // A resident X is loaded with the first column tile and kept for the others.
+    dot_tile<T>(s, smem, smem + L.y, X, ldx, Y, ldy, row0, col0, NX, NY, D, vx, vy, L.x_res,
+                !L.x_res || cb == 0);
     bool cv[TM];
     A by[TM], ly[TM];
 #pragma unroll
@@ -254,25 +222,38 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(
         if (valid) dc = vfma(g, u, dc);
         // H = G' ∈ [−1, 1]; b_y goes onto the Y slab rows instead (load_tile's rscale): a
         // fp16 H = G'·b_y would fall into subnormals for features of large norm.
-        if (do_out) sH[(ty + 16 * a) * C::LDH + tx + 16 * b] = from_acc_s<S>(g);
+        if (do_out) {
+          const int r = ty + 16 * a, cc = tx + 16 * b;
+          if constexpr (C::kMma) {
+            sH[mma16::h_offset(r, cc)] = from_acc_s<S>(g);
+          } else {
+            sH[r * C::LDH + cc] = from_acc_s<S>(g);
+          }
+        }
       }
     if (!do_out) continue;
     __syncthreads();  // sH complete; the X/Y tiles (aliased by the slab chunk) no longer read
-    for (int kc = 0; kc < BT; kc += C::KC) {
-      load_tile<T, S, C::KC, C::DV, C::LDV>(sYs, Y, ldy, col0 + kc, NY, d0, D, vy, inv_y);
+    if constexpr (C::kMma) {
+      // One chunk of all 64 rows; the next dot_tile's opening barrier protects sH and the slab.
+      mma16::load_slab<T, DV>(sYs, Y, ldy, col0, NY, d0, D, vy, inv_y);
       __syncthreads();
-      hy.mma(sH, sYs, kc);
-      __syncthreads();
+      hy.mma(sH, sYs);
+    } else {
+      for (int kc = 0; kc < BT; kc += C::KC) {
+        load_tile<T, S, C::KC, C::DV, C::LDV>(sYs, Y, ldy, col0 + kc, NY, d0, D, vy, inv_y);
+        __syncthreads();
+        hy.mma(sH, sYs, kc);
+        __syncthreads();
+      }
     }
   }
 
   if (do_out) {
     const A scale = c * *gloss_ptr / denom;
-    __syncthreads();  // the WMMA epilogue reuses the fp32 tile region as scratch
-    hy.store(reinterpret_cast<float*>(smem + L::d), scale, row0, d0, NX, D, outT, outA);
+    hy.store(scale, row0, d0, NX, D, outT, outA);
   }
   if (dc_part != nullptr && blockIdx.y == 0) {
-    const A total = block_sum(dc, reinterpret_cast<A*>(smem + L::red));
+    const A total = block_sum(dc, reinterpret_cast<A*>(smem + L.red));
     if (threadIdx.x == 0) dc_part[rb] = total;
   }
 }
@@ -317,7 +298,10 @@ cudaError_t grad_pass(const Side<T>& x, const Side<T>& y, int64_t doff, double d
   using A = acc_t<T>;
   const bool do_out = out != nullptr && D > 0;
   if (!do_out && dc_part == nullptr) return cudaSuccess;
-  const int64_t nrb = ceil_div(x.n, C::BT), nslab = ceil_div(D, C::DV);
+  // 16-bit with D > 256: slabs of 512, half the S recomputes (infonce_detail.cuh's Backward).
+  constexpr int kWide = C::kMma ? 512 : C::DV;
+  const bool wide = do_out && D > C::DV;
+  const int64_t nrb = ceil_div(x.n, C::BT), nslab = ceil_div(D, wide ? kWide : C::DV);
   if (nrb > 0x7fffffff || nslab > 65535) return cudaErrorInvalidValue;
   T* outT = nullptr;
   A* outA = nullptr;
@@ -331,10 +315,19 @@ cudaError_t grad_pass(const Side<T>& x, const Side<T>& y, int64_t doff, double d
     }
   }
   const dim3 grid(static_cast<unsigned>(nrb), do_out ? static_cast<unsigned>(nslab) : 1u);
-  grad_kernel<T><<<grid, kThreads, 0, stream>>>(
-      x.z, x.ld, y.z, y.ld, scale, gloss, x.inv, y.inv, x.lse, y.lse, x.w, y.w, x.n, y.n, doff,
-      static_cast<A>(denom), D, x.vec, y.vec, do_out, outT, outA, dc_part);
-  const cudaError_t err = cudaGetLastError();
+  auto launch = [&](auto kernel, size_t smem) {
+    if (smem > 48 * 1024) {
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+    }
+    kernel<<<grid, kThreads, smem, stream>>>(x.z, x.ld, y.z, y.ld, scale, gloss, x.inv, y.inv, x.lse,
+                                             y.lse, x.w, y.w, x.n, y.n, doff, static_cast<A>(denom), D,
+                                             x.vec, y.vec, do_out, outT, outA, dc_part);
+    return cudaGetLastError();
+  };
+  const cudaError_t err = wide ? launch(grad_kernel<T, kWide>, GradSmem<T, kWide>(D).total)
+                               : launch(grad_kernel<T, C::DV>, GradSmem<T, C::DV>(D).total);
   if (err != cudaSuccess || !do_out || !normalize) return err;
   norm_bwd_kernel<T><<<static_cast<unsigned>(ceil_div(x.n, kWarps)), kThreads, 0, stream>>>(
       x.z, x.ld, x.inv, outA, out, x.n, D);

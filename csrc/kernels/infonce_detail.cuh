@@ -20,9 +20,11 @@
 //   * float / double: CUDA-core FMA in the accumulator type. fp32 must meet 1e-5 without TF32,
 //     which rules tensor cores out; every dot is one fma chain over k = 0..D−1, so a tile
 //     recomputed in the backward (in either orientation) is bitwise the forward's S.
-//   * half / bf16: WMMA 16×16×16 with fp32 accumulation, for both products (S = X Yᵀ and the
-//     backward's G·Y). Build with -DLK_INFONCE_NO_WMMA to run them on the FMA path instead
-//     (a quick bisection switch if a tensor-core path is ever suspected).
+//   * half / bf16: tensor-core mma.sync (m16n8k16, fp32 accumulation) through CuTe, for both
+//     products (S = X Yᵀ and the backward's G·Y): infonce_mma.cuh, which also keeps the
+//     forward's X tile resident in shared memory for D <= 512. Build with -DLK_INFONCE_NO_MMA
+//     to run them on the FMA path instead (a bisection switch if the tensor-core path is ever
+//     suspected).
 //
 // Forward (no N×N, no N²/tile buffer, no float atomics):
 //   1. [normalize] inverse norms of the rows of I and T (warp per row).
@@ -40,6 +42,14 @@
 //   grad_kernel on grid (row blocks, D slabs of DV): each block recomputes S tiles for its rows
 //   against every column block, forms H = G' in shared memory and accumulates H·(b⊙Y)[:, slab]
 //   in registers (the slab bounds the accumulator for any D; S is recomputed once per slab).
+//   S recomputes: each of the nrb² tile pairs gets its S computed once per slab and pass, i.e.
+//   2·⌈D/DV⌉ times for both gradients, each 64·64·D MACs, beside the H·Y products' 2·64·64·D in
+//   all (counted, not measured). 16-bit with D > 256 uses slabs of DV = 512 (grad_kernel<T, 512>,
+//   128 fp32 accumulators a thread, 240 registers on sm_80: one block of 8 warps per SM where
+//   DV = 256 runs two at 128): D = 512: 4 → 2 S computations per pair, MACs 6 → 4 ·N²·D;
+//   D = 768: 6 → 4, 8 → 6 ·N²·D; D = 1024: 8 → 4, 10 → 6 ·N²·D. Whether that pays for the
+//   halved occupancy is for a GPU benchmark to say; grad_pass's kWide is the switch.
+//   16-bit with D <= 256 keeps X's row block resident across the column tiles (infonce_mma.cuh).
 //   Slab 0 also sums G'⊙u, written per row block (d logit_scale = gloss/N·Σ). With normalize,
 //   dẑ goes to an accumulator-type buffer (the output itself when T is fp32/fp64) and norm_bwd_kernel
 //   applies dx = (dz − z(z·dz))/‖x‖ per row.
@@ -54,7 +64,6 @@
 #include "infonce.cuh"
 
 #include <math_constants.h>
-#include <mma.h>
 
 #include <cstring>
 #include <type_traits>
@@ -75,33 +84,32 @@ constexpr bool kIs16 = std::is_same<T, __half>::value || std::is_same<T, __nv_bf
 template <typename T>
 struct Cfg {
   using A = acc_t<T>;
-#ifdef LK_INFONCE_NO_WMMA
-  static constexpr bool kWmma = false;
+#ifdef LK_INFONCE_NO_MMA
+  static constexpr bool kMma = false;
 #else
-  static constexpr bool kWmma = kIs16<T>;
+  static constexpr bool kMma = kIs16<T>;
 #endif
   static constexpr bool kF64 = std::is_same<T, double>::value;
   // fp64 (gradcheck sizes) gets smaller tiles so that every kernel stays in 48 KB of static
   // shared memory and its accumulators in registers.
   static constexpr int BT = kF64 ? 32 : 64;   // S tile: BT rows × BT columns
-  // D chunk of the S product; 64 for WMMA so that a barrier pair covers 4 k-steps, not 2.
-  static constexpr int BK = kF64 ? 16 : (kWmma ? 64 : 32);
+  // D chunk of the S product on the FMA path (the MMA path's is infonce_mma.cuh's kChunk).
+  static constexpr int BK = kF64 ? 16 : 32;
   static constexpr int DV = kF64 ? 64 : 256;  // D slab of the backward output per block
-  static constexpr int KC = kWmma ? 32 : 16;  // rows of Y per shared chunk in H·Y
-  // Tile element in shared memory: raw T for WMMA, converted accumulator type for FMA.
-  using S = std::conditional_t<kWmma, T, A>;
-  // Row padding: keeps 16-byte (FMA vector loads) / 32-byte (WMMA pointers) alignment while
-  // shifting consecutive rows across banks.
-  static constexpr int kPad = kWmma ? 8 : 4;
+  static constexpr int KC = 16;               // rows of Y per shared chunk in H·Y (FMA)
+  // Tile element in shared memory: raw T for the MMAs, converted accumulator type for FMA.
+  using S = std::conditional_t<kMma, T, A>;
+  // FMA tiles (the MMA path uses CuTe's swizzled layouts instead): the row padding keeps
+  // 16-byte alignment for the vector loads while shifting consecutive rows across banks.
+  static constexpr int kPad = 4;
   static constexpr int LDK = BK + kPad;  // X/Y tiles [BT][LDK]
   static constexpr int LDV = DV + kPad;  // Y slab chunk [KC][LDV]
   static constexpr int LDH = BT + kPad;  // H tile [BT][LDH]
-  static constexpr int LDD = BT + 4;     // fp32 tile of WMMA results [BT][LDD]
   static constexpr int TM = BT / 16;     // tile entries per thread along each side
   static constexpr int TV = DV / 64;     // 4-wide column groups per thread in H·Y (FMA)
   static_assert(BT % 16 == 0 && BK % 16 == 0 && KC % 16 == 0 && DV % 64 == 0, "tile shape");
   static_assert(BT % KC == 0, "KC must divide BT");
-  static_assert(!kWmma || (BT == 64 && DV == 256), "WMMA warp layout assumes these");
+  static_assert(!kMma || (BT == 64 && DV == 256), "infonce_mma.cuh's tiles assume these");
 };
 
 constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
@@ -308,70 +316,6 @@ __device__ __forceinline__ void dot_tile_fma(acc_t<T> (&dot)[Cfg<T>::TM][Cfg<T>:
           for (int b = 0; b < C::TM; ++b) dot[a][b] = vfma(xa[a][kk], yb[b][kk], dot[a][b]);
     }
     __syncthreads();
-  }
-}
-
-// Same contract with tensor cores (16-bit T, BT = 64): warp w computes the 16×32 strip
-// (rows 16·(w/2), columns 32·(w%2)) in two fp32 fragments, which go through the fp32 tile sD
-// to reach the (ty, tx) ownership used everywhere else.
-template <typename T>
-__device__ __forceinline__ void dot_tile_wmma(float (&dot)[Cfg<T>::TM][Cfg<T>::TM], T* sX, T* sY,
-                                              float* sD, const T* X, int64_t ldx, const T* Y,
-                                              int64_t ldy, int64_t row0, int64_t col0, int64_t nx,
-                                              int64_t ny, int64_t D, bool vx, bool vy) {
-  namespace wmma = nvcuda::wmma;
-  using C = Cfg<T>;
-  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4, warp = threadIdx.x >> 5;
-  const int rf = warp >> 1, cf0 = (warp & 1) * 2;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
-  wmma::fill_fragment(acc[0], 0.f);
-  wmma::fill_fragment(acc[1], 0.f);
-  __syncthreads();
-  for (int64_t k0 = 0; k0 < D; k0 += C::BK) {
-    load_tile<T, T, C::BT, C::BK, C::LDK>(sX, X, ldx, row0, nx, k0, D, vx);
-    load_tile<T, T, C::BT, C::BK, C::LDK>(sY, Y, ldy, col0, ny, k0, D, vy);
-    __syncthreads();
-#pragma unroll
-    for (int ks = 0; ks < C::BK; ks += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::load_matrix_sync(fa, sX + rf * 16 * C::LDK + ks, C::LDK);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        // Yᵀ as a column-major B: B[k][n] = sY[n][k].
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-        wmma::load_matrix_sync(fb, sY + (cf0 + j) * 16 * C::LDK + ks, C::LDK);
-        wmma::mma_sync(acc[j], fa, fb, acc[j]);
-      }
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-    wmma::store_matrix_sync(sD + rf * 16 * C::LDD + (cf0 + j) * 16, acc[j], C::LDD,
-                            wmma::mem_row_major);
-  __syncthreads();
-#pragma unroll
-  for (int a = 0; a < C::TM; ++a)
-#pragma unroll
-    for (int b = 0; b < C::TM; ++b) dot[a][b] = sD[(ty + 16 * a) * C::LDD + tx + 16 * b];
-  __syncthreads();
-}
-
-template <typename T>
-__device__ __forceinline__ void dot_tile(acc_t<T> (&dot)[Cfg<T>::TM][Cfg<T>::TM], unsigned char* smem,
-                                         size_t off_x, size_t off_y, size_t off_d, const T* X,
-                                         int64_t ldx, const T* Y, int64_t ldy, int64_t row0,
-                                         int64_t col0, int64_t nx, int64_t ny, int64_t D, bool vx,
-                                         bool vy) {
-  using C = Cfg<T>;
-  using S = typename C::S;
-  S* sX = reinterpret_cast<S*>(smem + off_x);
-  S* sY = reinterpret_cast<S*>(smem + off_y);
-  if constexpr (C::kWmma) {
-    dot_tile_wmma<T>(dot, sX, sY, reinterpret_cast<float*>(smem + off_d), X, ldx, Y, ldy, row0,
-                     col0, nx, ny, D, vx, vy);
-  } else {
-    dot_tile_fma<T>(dot, sX, sY, X, ldx, Y, ldy, row0, col0, nx, ny, D, vx, vy);
   }
 }
 

@@ -1,20 +1,36 @@
 // InfoNCE forward: the square loss (infonce_fwd) and one direction on a rectangular block
 // (infonce_rows_fwd, the distributed loss). See infonce_detail.cuh for the plan.
-#include "infonce_detail.cuh"
+#include "infonce_mma.cuh"
 
 namespace lk {
 namespace infonce_detail {
 
+// Shared memory of fwd_kernel, dynamic: with the MMAs, X's region holds all of its row block's
+// chunks when resident (D <= kResidentD), else two stages like Y's (infonce_mma.cuh).
 template <typename T>
 struct FwdSmem {
   using C = Cfg<T>;
-  static constexpr size_t tile = align128(sizeof(typename C::S) * C::BT * C::LDK);
-  static constexpr size_t x = 0, y = tile, d = 2 * tile;
-  static constexpr size_t dbytes = C::kWmma ? align128(sizeof(float) * C::BT * C::LDD) : 0;
   static constexpr size_t stat = align128(sizeof(typename C::A) * kWarps * C::BT);
-  static constexpr size_t cm = d + dbytes, cl = cm + stat, total = cl + stat;
-  static_assert(total <= 48 * 1024, "static shared memory limit");
+  bool x_res;
+  size_t y, cm, cl, total;
+  __host__ __device__ explicit FwdSmem(int64_t D) {
+    if constexpr (C::kMma) {
+      x_res = D <= kResidentD;
+      y = static_cast<size_t>(x_slots(D)) * kChunkBytes;
+      cm = y + kYBytes;
+    } else {
+      const size_t tile = align128(sizeof(typename C::S) * C::BT * C::LDK);
+      x_res = false;
+      y = tile;
+      cm = 2 * tile;
+    }
+    cl = cm + stat;
+    total = cl + stat;
+  }
 };
+// Largest footprint: 8 resident X chunks (64 KB) + Y's stages (17 KB) + statistics (4 KB) = 85 KB,
+// so that two blocks fit an sm_90 SM (228 KB); sm_80 (164 KB) fits two up to D = 448.
+static_assert(kResidentChunks * kChunkBytes + kYBytes + 2 * 2048 <= 113 * 1024, "2 blocks per sm_90 SM");
 
 // log-sum-exp of a set of (max, sum) partials m[k·N + j], l[k·N + j], k = 0..K−1, in order.
 // Every partial saw at least one finite entry, so its max is finite.
@@ -74,11 +90,11 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(
     acc_t<T>* __restrict__ col_m, acc_t<T>* __restrict__ col_l, acc_t<T>* __restrict__ diag) {
   using C = Cfg<T>;
   using A = acc_t<T>;
-  using L = FwdSmem<T>;
   constexpr int TM = C::TM, BT = C::BT;
-  __shared__ __align__(128) unsigned char smem[L::total];
-  A* s_cm = reinterpret_cast<A*>(smem + L::cm);  // [warp][column] tile column max
-  A* s_cl = reinterpret_cast<A*>(smem + L::cl);  // [warp][column] tile column sum
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const FwdSmem<T> L(D);
+  A* s_cm = reinterpret_cast<A*>(smem + L.cm);  // [warp][column] tile column max
+  A* s_cl = reinterpret_cast<A*>(smem + L.cl);  // [warp][column] tile column sum
 
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -104,7 +120,9 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(
     for (int64_t cb = cb_begin; cb < cb_end; ++cb) {
       const int64_t col0 = cb * BT;
       A s[TM][TM];
-      dot_tile<T>(s, smem, L::x, L::y, L::d, X, ldx, Y, ldy, row0, col0, NX, NY, D, vx, vy);
+      // A resident X is loaded with this block's first column tile of each row block.
+      dot_tile<T>(s, smem, smem + L.y, X, ldx, Y, ldy, row0, col0, NX, NY, D, vx, vy, L.x_res,
+                  !L.x_res || cb == cb_begin);
       bool cv[TM];
       A by[TM];
 #pragma unroll
@@ -260,7 +278,12 @@ cudaError_t forward(const T* X, int64_t ldx, const T* Y, int64_t ldy, const acc_
   }
   int64_t P, Q;
   fwd_grid<T>(NX, NY, P, Q);
-  fwd_kernel<T><<<dim3(static_cast<unsigned>(P), static_cast<unsigned>(Q)), kThreads, 0, stream>>>(
+  const FwdSmem<T> L(D);
+  if (L.total > 48 * 1024 &&
+      (e = cudaFuncSetAttribute(fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(L.total))) != cudaSuccess)
+    return e;
+  fwd_kernel<T><<<dim3(static_cast<unsigned>(P), static_cast<unsigned>(Q)), kThreads, L.total, stream>>>(
       X, ldx, Y, ldy, scale, normalize ? ws.inv_x : nullptr, normalize ? ws.inv_y : nullptr, NX, NY,
       doff, D, vec_ok(X, ldx, D), vec_ok(Y, ldy, D), ws.row_m, ws.row_l, ws.col_m, ws.col_l, ws.diag);
   if ((e = cudaGetLastError()) != cudaSuccess) return e;
