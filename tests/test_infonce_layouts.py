@@ -5,6 +5,7 @@ slot count), checked by a host program built with nvcc against the same CuTe hea
 import importlib.util
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,13 @@ def test_infonce_mma_layouts(tmp_path):
     assert built.returncode == 0, built.stdout + built.stderr[-4000:]
     done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "all checks passed" in done.stdout, done.stdout + done.stderr
+
+
+def test_infonce_shared_memory_phases_race_free():
+    """tests/cuda/infonce_smem_sim.py: the 16-bit InfoNCE kernels' shared-memory phases (cp.async
+    stages, resident X, the S tile, the backward's slab) overlap nothing they should not, D = 1..1000.
+    Its offsets mirror infonce_mma.cuh by hand: a layout change there must update it."""
+    script = ROOT / "tests" / "cuda" / "infonce_smem_sim.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "all phases race-free" in proc.stdout
