@@ -12,8 +12,10 @@
 //     rounding to T is where eager PyTorch rounds too: its half matmul takes u, v, act(h), dh as
 //     half tensors. Optionally the per-block column sums of src (the adapter's db_down = Σ_m dh,
 //     from fp32 dh, not from its rounding).
-//  2. the GEMM (cutlass_wgrad_sm80.cuh): one 128-thread block per 128 (w) × RT (r) output tile
-//     and per split z of M; both operands MN-major (contiguous along w and r), ldmatrix.trans.
+//  2. the GEMM: one block per 128 (w) × RT (r) output tile (RT = 16, 32, 64 by RB; more r tiles
+//     past 64) and per split z of M; both operands MN-major (contiguous along w and r). sm_90a
+//     (H100/H200 in a build with sm_90a code, rows not overlapping): cutlass_wgrad_sm90.cuh, TMA +
+//     wgmma; other sm_80+: cutlass_wgrad_sm80.cuh, cp.async + ldmatrix.trans + mma.sync.
 //     One split writes T(scale·C) straight to the output; S > 1 splits write fp32 partials.
 //  3. finish (S > 1): out = T(scale·Σ_{z=0..S-1} part[z]), z in increasing order.
 // Determinism: no atomics; S and the m-ranges depend on (M, W, R) only (wgrad_split in wgrad.cu).
@@ -39,11 +41,28 @@ struct WgradGemm {
   float* part;       // [S, W, NC] fp32 partials, or nullptr: write out/ones_out directly (S == 1)
 };
 
+// Where a finished accumulator C[w, r] of split `split` goes (both kernels' epilogue); the caller
+// has checked w < W, r < NC.
+template <typename T>
+__device__ __forceinline__ void wgrad_store(const WgradGemm<T>& p, int split, int64_t w, int64_t r, float v) {
+  if (p.part != nullptr)
+    p.part[(static_cast<int64_t>(split) * p.W + w) * p.NC + r] = v;
+  else if (r < p.R)
+    p.out[w * p.osw + r * p.osr] = from_acc<T>(p.scale * v);
+  else
+    p.ones_out[w] = from_acc<T>(p.ones_scale * v);
+}
+
 // cutlass_wgrad_sm80.cuh, instantiated for T = __half / __nv_bfloat16 and RT = 16, 32, 64 in
 // wgrad_sm80_f16.cu / wgrad_sm80_bf16.cu: whether the device can run the kernel, and its launch
 // over the grid (⌈W/128⌉, ⌈RB/RT⌉, splits).
 template <typename T, int RT> bool wgrad_sm80_ready(int device);
 template <typename T, int RT> cudaError_t wgrad_sm80_launch(const WgradGemm<T>& p, int64_t splits, cudaStream_t stream);
+// cutlass_wgrad_sm90.cuh (TMA + wgmma, sm_90a code only; wgrad_sm90_f16.cu / wgrad_sm90_bf16.cu): the
+// same contract, run on capability 9.0 in a build with sm_90a code (LK_BUILT_SM90A, as
+// lora_cutlass.cuh's cutlass_device_path explains), else the sm80 kernel.
+template <typename T, int RT> bool wgrad_sm90_ready(int device);
+template <typename T, int RT> cudaError_t wgrad_sm90_launch(const WgradGemm<T>& p, int64_t splits, cudaStream_t stream);
 
 // ---------------------------------------------------------------- host API (wgrad.cu)
 

@@ -8,7 +8,7 @@
 // split's rows are a sub-tensor (pointer moved by z·chunk rows), so the collective's K residue is
 // that split's own: only the last split has a partial 64-row k-tile (read first, zero-filled).
 // Why these sizes: the product is memory-bound (2·RT FLOP per 2-byte element of A), so the block
-// is small (4 warps, RT/4·... accumulators: 16/32/64 fp32 a thread) and many blocks stream A
+// is small (4 warps, RT fp32 accumulators a thread: 16, 32 or 64) and many blocks stream A
 // through deep cp.async pipelines: 4 stages (RT = 16, 32: 72 / 80 KB), 3 at RT = 64 (72 KB), so
 // two blocks fit an A100 SM (164 KB). Not run or timed: no GPU so far.
 // Residues: W and RB are multiples of 8 (the collective predicates each 8-element vector by its
@@ -118,13 +118,7 @@ __global__ void __launch_bounds__(128) wgrad_sm80_kernel(const WgradGemm<T> p) {
   CUTLASS_PRAGMA_UNROLL
   for (int e = 0; e < size(acc); ++e) {
     const int64_t w = w0 + get<0>(coord(e)), r = r0 + get<1>(coord(e));
-    if (w >= p.W || r >= p.NC) continue;
-    if (p.part != nullptr)
-      p.part[(static_cast<int64_t>(split) * p.W + w) * p.NC + r] = acc(e);
-    else if (r < p.R)
-      p.out[w * p.osw + r * p.osr] = from_acc<T>(p.scale * acc(e));
-    else
-      p.ones_out[w] = from_acc<T>(p.ones_scale * acc(e));
+    if (w < p.W && r < p.NC) wgrad_store(p, split, w, r, acc(e));
   }
 #endif
 }

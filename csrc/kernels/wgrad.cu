@@ -139,18 +139,41 @@ cudaError_t launch_finish(const float* part, int64_t S, int64_t W, int64_t NC, i
   return cudaGetLastError();
 }
 
+enum class Path { none, sm80, sm90a };
+
+template <typename T, int RT>
+Path path_for(int device, int major, int minor, bool tma) {
+  (void)minor;
+  (void)tma;
+#if defined(LK_BUILT_SM90A)
+  // a 9.0 device loads the sm_90a cubins: both kernels have bodies there, wgmma preferred
+  if (tma && major == 9 && minor == 0 && wgrad_sm90_ready<T, RT>(device)) return Path::sm90a;
+#endif
+  return major >= 8 && wgrad_sm80_ready<T, RT>(device) ? Path::sm80 : Path::none;
+}
+
+// The kernel the current device runs for B's padded width RB. TMA wants rows that do not overlap
+// (lda >= W; x.expand's lda = 0 takes the cp.async kernel).
 template <typename T>
-bool device_ready(int64_t RB) {
-  int device = 0, major = 0;
+Path device_path(int64_t RB, int64_t lda, int64_t W) {
+  const bool tma = lda >= W;
+  int device = 0, major = 0, minor = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    return Path::none;
   }
-  if (major < 8) return false;
   const int64_t rt = rank_tile(RB);
-  return rt == 16 ? wgrad_sm80_ready<T, 16>(device) : rt == 32 ? wgrad_sm80_ready<T, 32>(device)
-                                                                : wgrad_sm80_ready<T, 64>(device);
+  return rt == 16   ? path_for<T, 16>(device, major, minor, tma)
+         : rt == 32 ? path_for<T, 32>(device, major, minor, tma)
+                    : path_for<T, 64>(device, major, minor, tma);
+}
+
+template <typename T, int RT>
+cudaError_t launch_gemm(Path path, const WgradGemm<T>& p, int64_t splits, cudaStream_t stream) {
+  if (path == Path::sm90a) return wgrad_sm90_launch<T, RT>(p, splits, stream);
+  return wgrad_sm80_launch<T, RT>(p, splits, stream);
 }
 
 }  // namespace
@@ -170,7 +193,7 @@ bool wgrad_applies(const T* a, int64_t lda, int64_t M, int64_t W, int64_t R, boo
     if (a == nullptr || workspace == nullptr || M < 1 || W < 1 || R < 1 || M > INT_MAX || W > INT_MAX ||
         R > INT_MAX - 16 || W % 8 != 0 || lda % 8 != 0 || lda < 0 || !aligned16(a) || !aligned16(workspace))
       return false;
-    return device_ready<T>(padded(R, ones));
+    return device_path<T>(padded(R, ones), lda, W) != Path::none;
   }
 }
 
@@ -182,6 +205,8 @@ cudaError_t wgrad(const T* a, int64_t lda, const acc_t<T>* src, int act, int64_t
     return cudaErrorNotSupported;
   } else {
     const Layout l = layout<T>(M, W, R, ones_out != nullptr, colsum_out != nullptr);
+    const Path path = device_path<T>(l.RB, lda, W);
+    if (path == Path::none) return cudaErrorNotSupported;  // wgrad_applies said no: nothing launched
     unsigned char* ws = static_cast<unsigned char*>(workspace);
     T* b = reinterpret_cast<T*>(ws);
     float* part = l.split.S > 1 ? reinterpret_cast<float*>(ws + l.off_part) : nullptr;
@@ -200,9 +225,9 @@ cudaError_t wgrad(const T* a, int64_t lda, const acc_t<T>* src, int act, int64_t
     const WgradGemm<T> p{a, lda, b, M, W, l.RB, R, l.NC, l.split.chunk, static_cast<float>(scale), out, osw, osr,
                          static_cast<float>(ones_scale), ones_out, part};
     const int64_t rt = rank_tile(l.RB);
-    err = rt == 16   ? wgrad_sm80_launch<T, 16>(p, l.split.S, stream)
-          : rt == 32 ? wgrad_sm80_launch<T, 32>(p, l.split.S, stream)
-                     : wgrad_sm80_launch<T, 64>(p, l.split.S, stream);
+    err = rt == 16   ? launch_gemm<T, 16>(path, p, l.split.S, stream)
+          : rt == 32 ? launch_gemm<T, 32>(path, p, l.split.S, stream)
+                     : launch_gemm<T, 64>(path, p, l.split.S, stream);
     if (err != cudaSuccess || part == nullptr) return err;
     return launch_finish<T>(part, l.split.S, W, l.NC, R, scale, out, osw, osr, ones_scale, ones_out, stream);
   }
@@ -210,7 +235,7 @@ cudaError_t wgrad(const T* a, int64_t lda, const acc_t<T>* src, int act, int64_t
 
 #define LK_INSTANTIATE_WGRAD(T)                                                                                \
   template size_t wgrad_workspace<T>(int64_t, int64_t, int64_t, bool, bool);                                   \
-  template bool wgrad_applies<T>(const T*, int64_t, int64_t, int64_t, int64_t, bool, const void*);                  \
+  template bool wgrad_applies<T>(const T*, int64_t, int64_t, int64_t, int64_t, bool, const void*);            \
   template cudaError_t wgrad<T>(const T*, int64_t, const acc_t<T>*, int, int64_t, int64_t, int64_t, double, T*,  \
                                 int64_t, int64_t, T*, double, T*, void*, cudaStream_t);
 LK_FOR_EACH_TYPE(LK_INSTANTIATE_WGRAD)
