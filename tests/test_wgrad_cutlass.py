@@ -13,7 +13,7 @@ import lora_kernels as lk
 from lora_kernels.reference import adapter as ref_adapter
 from lora_kernels.reference import lora as ref_lora
 
-from conftest import check_against_reference, randn
+from conftest import assert_close, check_against_reference, randn
 from test_cuda_backend import _cuda_kernels_run, needs_cuda
 
 ROWS = [37, 4096 + 5]
@@ -45,8 +45,9 @@ def _backward_twice(fn, low):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_lora_weight_gradients_cutlass(dtype, m, r, dropout):
     """LoRA backward: dB (and db, from the ones column beside u) on the CUTLASS weight-gradient GEMM,
-    dA too without dropout; with dropout dA stays on colsum (the mask sits inside its sum), so the
-    output is checked against the reference at the same seed only without dropout."""
+    dA too without dropout; with dropout dA stays on colsum (the mask sits inside its sum). The
+    reference has no mask to share, so with dropout only db (= Σ of the upstream gradient, the ones
+    column's sum) is checked against float64, and dB for being finite."""
     k = n = WIDTH
     args = [randn(m, k, requires_grad=True), randn(n, k, scale=k**-0.5), randn(n, requires_grad=True),
             randn(r, k, requires_grad=True, scale=k**-0.5), randn(n, r, requires_grad=True, scale=r**-0.5)]
@@ -56,6 +57,12 @@ def test_lora_weight_gradients_cutlass(dtype, m, r, dropout):
             check_against_reference(fn, lambda *a: ref_lora.lora_linear(*a, 0.75), args, dtype,
                                     f"lora wgrad m={m} r={r}")
         low = [a.detach().to(dtype).requires_grad_(a.requires_grad) for a in args]
+        if dropout:
+            leaves = [a.detach().clone().requires_grad_(a.requires_grad) for a in low]
+            upstream = randn(m, n).to(dtype)
+            fn(*leaves).backward(upstream)
+            assert_close(leaves[2].grad, upstream.double().sum(0), dtype, f"lora db with dropout m={m} r={r}")
+            assert torch.isfinite(leaves[4].grad).all(), "dB with dropout is not finite"
         once = _backward_twice(fn, low) if dropout == 0.0 else None
         names = _cuda_kernels_run(lambda: fn(*low).sum().backward())
     if once is not None:
