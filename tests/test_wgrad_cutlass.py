@@ -8,13 +8,12 @@ import re
 
 import pytest
 import torch
+from conftest import assert_close, check_against_reference, randn
+from test_cuda_backend import _cuda_kernels_run, needs_cuda
 
 import lora_kernels as lk
 from lora_kernels.reference import adapter as ref_adapter
 from lora_kernels.reference import lora as ref_lora
-
-from conftest import assert_close, check_against_reference, randn
-from test_cuda_backend import _cuda_kernels_run, needs_cuda
 
 ROWS = [37, 4096 + 5]
 # (R, adapter activation): R = 8 and 16 (one 16-wide r tile; 16 + the ones column: 32), 64 (64-wide)
@@ -51,7 +50,7 @@ def test_lora_weight_gradients_cutlass(dtype, m, r, dropout):
     k = n = WIDTH
     args = [randn(m, k, requires_grad=True), randn(n, k, scale=k**-0.5), randn(n, requires_grad=True),
             randn(r, k, requires_grad=True, scale=k**-0.5), randn(n, r, requires_grad=True, scale=r**-0.5)]
-    fn = lambda *a: lk.lora_linear(*a, scaling=0.75, dropout_p=dropout, training=True)  # noqa: E731
+    fn = lambda *a: lk.lora_linear(*a, scaling=0.75, dropout_p=dropout, training=True)
     with lk.use_backend("cuda"):
         if dropout == 0.0:
             check_against_reference(fn, lambda *a: ref_lora.lora_linear(*a, 0.75), args, dtype,
@@ -87,7 +86,7 @@ def test_adapter_weight_gradients_cutlass(dtype, m, r, activation):
     args = [randn(m, k, requires_grad=True), randn(r, k, requires_grad=True, scale=k**-0.5),
             randn(r, requires_grad=True), randn(k, r, requires_grad=True, scale=r**-0.5),
             randn(k, requires_grad=True)]
-    fn = lambda *a: lk.adapter(*a, activation=activation, scale=0.7)  # noqa: E731
+    fn = lambda *a: lk.adapter(*a, activation=activation, scale=0.7)
     with lk.use_backend("cuda"):
         check_against_reference(fn, lambda *a: ref_adapter.adapter(*a, activation, 0.7), args, dtype,
                                 f"adapter wgrad m={m} r={r} {activation}")
