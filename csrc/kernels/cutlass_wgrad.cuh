@@ -14,8 +14,9 @@
 //     from fp32 dh, not from its rounding).
 //  2. the GEMM: one block per 128 (w) × RT (r) output tile (RT = 16, 32, 64 by RB; more r tiles
 //     past 64) and per split z of M; both operands MN-major (contiguous along w and r). sm_90a
-//     (H100/H200 in a build with sm_90a code, rows not overlapping): cutlass_wgrad_sm90.cuh, TMA +
-//     wgmma; other sm_80+: cutlass_wgrad_sm80.cuh, cp.async + ldmatrix.trans + mma.sync.
+//     (H100/H200 in a build with sm_90a code, rows not overlapping, else the old path there):
+//     cutlass_wgrad_sm90.cuh, TMA + wgmma; other sm_80+: cutlass_wgrad_sm80.cuh, cp.async +
+//     ldmatrix.trans + mma.sync.
 //     One split writes T(scale·C) straight to the output; S > 1 splits write fp32 partials.
 //  3. finish (S > 1): out = T(scale·Σ_{z=0..S-1} part[z]), z in increasing order.
 // Determinism: no atomics; S and the m-ranges depend on (M, W, R) only (wgrad_split in wgrad.cu).

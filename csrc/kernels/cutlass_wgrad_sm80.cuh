@@ -1,5 +1,6 @@
-// The weight-gradient GEMM of cutlass_wgrad.cuh for sm_80+ (also built into sm_90a code: H100/H200
-// run it there too; mma.sync is valid on sm_90a): C[w, r] = Σ_m A[m, w]·B[m, r].
+// The weight-gradient GEMM of cutlass_wgrad.cuh for sm_80+: C[w, r] = Σ_m A[m, w]·B[m, r]. No body
+// in sm_90a code, where cutlass_wgrad_sm90.cuh's kernel runs instead (half of this file's compile
+// time); a plain sm_90 build keeps it and runs it on H100/H200.
 //
 // CUTLASS's multistage mainloop (CollectiveMma<MainloopSm80CpAsync>) with the GEMM's M = w, N = r,
 // K = m: A(w, m) and B(r, m) are both MN-major (stride 1 along w and r), so the shared-memory tiles
@@ -89,7 +90,7 @@ struct Config {
 
 template <typename T, int RT>
 __global__ void __launch_bounds__(128) wgrad_sm80_kernel(const WgradGemm<T> p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Config<T, RT>;
   using E = typename C::E;
   extern __shared__ __align__(128) char smem[];

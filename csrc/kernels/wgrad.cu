@@ -146,14 +146,14 @@ Path path_for(int device, int major, int minor, bool tma) {
   (void)minor;
   (void)tma;
 #if defined(LK_BUILT_SM90A)
-  // a 9.0 device loads the sm_90a cubins: both kernels have bodies there, wgmma preferred
-  if (tma && major == 9 && minor == 0 && wgrad_sm90_ready<T, RT>(device)) return Path::sm90a;
+  // a 9.0 device loads the sm_90a cubins, where only the wgmma kernel has a body
+  if (major == 9 && minor == 0) return tma && wgrad_sm90_ready<T, RT>(device) ? Path::sm90a : Path::none;
 #endif
   return major >= 8 && wgrad_sm80_ready<T, RT>(device) ? Path::sm80 : Path::none;
 }
 
 // The kernel the current device runs for B's padded width RB. TMA wants rows that do not overlap
-// (lda >= W; x.expand's lda = 0 takes the cp.async kernel).
+// (lda >= W): x.expand's lda = 0 takes the cp.async kernel, or on sm_90a the old path.
 template <typename T>
 Path device_path(int64_t RB, int64_t lda, int64_t W) {
   const bool tma = lda >= W;
