@@ -4,8 +4,11 @@
 //   dx  = g + dh·W_d           [M, K] over R
 // dh and dx come from adapter_fused.cu's single pass where its tiles fit (R <= 64, the g tile in
 // shared memory), else from the CUTLASS kernels where they apply (adapter_bwd_cutlass.cu: 16-bit,
-// M >= 128, K and R multiples of 8), else from the DhBwd and DxBwd GEMMs; the weight gradients
-// always from the tiled GEMM of adapter_gemm.cuh.
+// M >= 128, K and R multiples of 8), else from the DhBwd and DxBwd GEMMs. The weight gradients
+// come from the tiled GEMM of adapter_gemm.cuh, or, for 16-bit operands where cutlass_wgrad.cuh
+// applies (K and ldx multiples of 8, sm_80+), its CUTLASS tensor-core GEMM: dW_u from T(act(h))
+// with a column of ones giving db_u in the same pass, dW_d from T(dh) with db_d summed from the
+// fp32 dh.
 // Memory traffic of the M×K and M×R operands (e = sizeof(T), a = sizeof(acc_t); each kernel's
 // operands counted once, the weights and the [S ≤ 64, K, R] split partials aside):
 //   fused dh, dx    reads g MK·e, h MR·a     writes dh MR·a, dx MK·e
@@ -21,6 +24,9 @@
 // float atomics (not deterministic).
 #include "adapter.cuh"
 #include "adapter_gemm.cuh"
+#include "cutlass_wgrad.cuh"
+
+#include <algorithm>
 
 namespace lk {
 namespace {
@@ -201,7 +207,9 @@ BwdLayout bwd_layout(int64_t M, int64_t K, int64_t R) {
 template <typename T>
 size_t adapter_bwd_workspace(int64_t M, int64_t K, int64_t R) {
   if (M <= 0 || K <= 0 || R <= 0) return 0;
-  return bwd_layout<T>(M, K, R).total;
+  // then the CUTLASS weight gradients' (dW_u's then dW_d's on one stream: they share it)
+  return bwd_layout<T>(M, K, R).total + std::max(wgrad::wgrad_workspace<T>(M, K, R, true, false),
+                                                 wgrad::wgrad_workspace<T>(M, K, R, false, true));
 }
 
 template <typename T>
@@ -257,14 +265,30 @@ cudaError_t adapter_bwd(const T* g, const T* x, int64_t ldx, const T* w_down, co
     if (e != cudaSuccess) return e;
   }
 
+  // dW_u = s·gᵀ act(h) (db_u = s·Σ g as its ones column), dW_d = dhᵀ x (db_d = Σ dh beside it) on
+  // the CUTLASS weight-gradient GEMM where it applies; the split GEMMs below otherwise.
+  void* wg_ws = ws + l.total;
+  const bool wg_up = wgrad::wgrad_applies<T>(g, K, M, K, R, db_up != nullptr, wg_ws);
+  const bool wg_down = wgrad::wgrad_applies<T>(x, ldx, M, K, R, false, wg_ws);
+  if (wg_up) {
+    e = wgrad::wgrad<T>(g, K, h, static_cast<int>(act), M, K, R, scale, dw_up, R, 1, db_up, scale, nullptr, wg_ws,
+                        stream);
+    if (e != cudaSuccess) return e;
+  }
+  if (wg_down) {
+    e = wgrad::wgrad<T>(x, ldx, dh, wgrad::kNoAct, M, K, R, 1.0, dw_down, 1, K, nullptr, 0.0, db_down, wg_ws, stream);
+    if (e != cudaSuccess) return e;
+  }
+
   WuBwd<T> pwu{};
   static_cast<Shape&>(pwu) = {K, R, M, l.chunk, db_up != nullptr, true};
   pwu.g = g, pwu.h = h, pwu.K = K, pwu.R = R, pwu.act = act;
   pwu.sink = GradSink<T>{dw_up, db_up, reinterpret_cast<A*>(ws + l.pwu),
                          reinterpret_cast<A*>(ws + l.pbu), K, R, direct, static_cast<A>(scale)};
-  e = R <= 16 ? launch_gemm<TileTall>(pwu, l.S, stream)
-              : launch_gemm<TileSquare>(pwu, l.S, stream);
-  if (e != cudaSuccess) return e;
+  if (!wg_up) {
+    e = R <= 16 ? launch_gemm<TileTall>(pwu, l.S, stream) : launch_gemm<TileSquare>(pwu, l.S, stream);
+    if (e != cudaSuccess) return e;
+  }
 
   WdBwd<T> pwd{};
   // Column-tile order: x, the large operand, is B here.
@@ -272,16 +296,18 @@ cudaError_t adapter_bwd(const T* g, const T* x, int64_t ldx, const T* w_down, co
   pwd.dh = dh, pwd.x = x, pwd.ldx = ldx, pwd.R = R;
   pwd.sink = GradSink<T>{dw_down, db_down, reinterpret_cast<A*>(ws + l.pwd),
                          reinterpret_cast<A*>(ws + l.pbd), R, K, direct, A(1)};
-  e = R <= 16 ? launch_gemm<TileWide>(pwd, l.S, stream)
-              : launch_gemm<TileSquare>(pwd, l.S, stream);
-  if (e != cudaSuccess) return e;
+  if (!wg_down) {
+    e = R <= 16 ? launch_gemm<TileWide>(pwd, l.S, stream) : launch_gemm<TileSquare>(pwd, l.S, stream);
+    if (e != cudaSuccess) return e;
+  }
 
   if (!direct) {
-    e = launch_sum_splits<T>(pwu.sink.pw, l.S, K * R, scale, dw_up, stream);
-    if (e == cudaSuccess && db_up != nullptr)
+    e = cudaSuccess;
+    if (!wg_up) e = launch_sum_splits<T>(pwu.sink.pw, l.S, K * R, scale, dw_up, stream);
+    if (e == cudaSuccess && db_up != nullptr && !wg_up)
       e = launch_sum_splits<T>(pwu.sink.pb, l.S, K, scale, db_up, stream);
-    if (e == cudaSuccess) e = launch_sum_splits<T>(pwd.sink.pw, l.S, R * K, 1.0, dw_down, stream);
-    if (e == cudaSuccess && db_down != nullptr)
+    if (e == cudaSuccess && !wg_down) e = launch_sum_splits<T>(pwd.sink.pw, l.S, R * K, 1.0, dw_down, stream);
+    if (e == cudaSuccess && db_down != nullptr && !wg_down)
       e = launch_sum_splits<T>(pwd.sink.pb, l.S, R, 1.0, db_down, stream);
     if (e != cudaSuccess) return e;
   }

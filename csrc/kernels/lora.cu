@@ -6,10 +6,17 @@
 //   forward   1. rowdot:  u = drop(x) Aᵀ                      [M, R] acc_t, saved
 //             2. gemm:    y = x Wᵀ  + epilogue (s·u Bᵀ + b)   [M, N]
 //   backward  1. rowdot:  v = s·g B                           [M, R] acc_t, workspace
-//             2. colsum:  dB = s·gᵀu                          [N, R]
+//             2. colsum:  dB = s·gᵀu                          [N, R]  (+ db, see 6)
 //             3. colsum:  dA = vᵀ drop(x)                     [R, K]
+//             (2, 3 on CUTLASS tensor cores where cutlass_wgrad.cuh applies: 16-bit, aligned,
+//             sm_80+; dA without dropout only (its mask sits inside the sum); db then comes
+//             from dB's GEMM as a column of ones beside u, without reading g again.)
 //             4. gemm:    dx = g W  + epilogue drop'(v A)     [M, K]  (if requested)
-//             5. gemm:    dW = gᵀ x                           [N, K]  (if requested)
+//             5. gemm:    dW = gᵀ x                           [N, K]  (if requested; stays on
+//                         lora_gemm.cu's WMMA GEMM: a full [N, K] output is not the narrow
+//                         product cutlass_wgrad.cuh's tiles are for (they would read x N/64
+//                         times), and cuBLAS picks split-K by device, against the determinism
+//                         rule below)
 //             6. colsum:  db = Σ_rows g                       [N]     (if requested)
 // One tiled GEMM template serves every large product: tensor cores (WMMA 16×16×16, fp32
 // accumulators) for half/bf16, a register-tiled CUDA-core loop for float/double (fp32 stays
@@ -32,6 +39,7 @@
 #include "lora_common.cuh"
 #include "lora_cutlass.cuh"
 #include "lora_detail.cuh"
+#include "cutlass_wgrad.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -87,6 +95,12 @@ BwdPlan<T> plan_bwd(int64_t M, int64_t N, int64_t K, int64_t R) {
   plan.off_db = plan.off_dA + align256(colsum_part_bytes<T>(plan.dA, K, R));
   plan.bytes = plan.off_db + align256(colsum_part_bytes<T>(plan.db, N, 1));
   return plan;
+}
+
+// dB (with the ones column for db) and dA on cutlass_wgrad.cuh's GEMM: one region for both.
+template <typename T>
+size_t wgrad_bytes(int64_t M, int64_t N, int64_t K, int64_t R) {
+  return std::max(wgrad::wgrad_workspace<T>(M, N, R, true, false), wgrad::wgrad_workspace<T>(M, K, R, false, false));
 }
 
 bool bad_sizes(int64_t M, int64_t N, int64_t K, int64_t R, double dropout_p) {
@@ -162,7 +176,9 @@ cudaError_t lora_fwd(const T* x, int64_t ldx, const T* weight, int64_t ldw, cons
 template <typename T>
 size_t lora_bwd_workspace(int64_t M, int64_t N, int64_t K, int64_t R) {
   if (bad_sizes(M, N, K, R, 0.0)) return 0;
-  return plan_bwd<T>(M, N, K, R).bytes + lora_detail::lora_dx_cutlass_workspace<T>(M, N, K, R);  // dx's after
+  // dx's after lora.cu's, then the weight gradients' (dB's then dA's on one stream: they share it)
+  return plan_bwd<T>(M, N, K, R).bytes + lora_detail::lora_dx_cutlass_workspace<T>(M, N, K, R) +
+         wgrad_bytes<T>(M, N, K, R);
 }
 
 template <typename T>
@@ -196,7 +212,22 @@ cudaError_t lora_bwd(const T* g, const T* x, int64_t ldx, const T* weight, int64
   cudaError_t err = launch_rowdot(vp, stream);
   if (err != cudaSuccess) return err;
 
-  // dB[n, r] = s·Σ_m g[m, n] u[m, r]
+  // dB[n, r] = s·Σ_m g[m, n] u[m, r] (u holds the dropout mask already), and db[n] = Σ_m g[m, n]
+  // alongside on the CUTLASS path; then dA[r, k] = Σ_m v[m, r] x[m, k] without dropout.
+  void* wg_ws = ws != nullptr && wgrad_bytes<T>(M, N, K, R) > 0
+                    ? ws + plan.bytes + lora_detail::lora_dx_cutlass_workspace<T>(M, N, K, R)
+                    : nullptr;
+  const bool wg_dB = wgrad::wgrad_applies<T>(g, N, M, N, R, db != nullptr, wg_ws);
+  const bool wg_dA = !drop.on && wgrad::wgrad_applies<T>(x, ldx, M, K, R, false, wg_ws);
+  if (wg_dB) {
+    err = wgrad::wgrad<T>(g, N, u, wgrad::kNoAct, M, N, R, scaling, dB, R, 1, db, 1.0, nullptr, wg_ws, stream);
+    if (err != cudaSuccess) return err;
+  }
+  if (wg_dA) {
+    err = wgrad::wgrad<T>(x, ldx, v, wgrad::kNoAct, M, K, R, 1.0, dA, 1, K, nullptr, 0.0, nullptr, wg_ws, stream);
+    if (err != cudaSuccess) return err;
+  }
+
   ColsumParams<T> cb{};
   cb.P = g;
   cb.ldp = N;
@@ -210,7 +241,7 @@ cudaError_t lora_bwd(const T* g, const T* x, int64_t ldx, const T* weight, int64
   cb.out = dB;
   cb.o_sc = R;
   cb.o_sr = 1;
-  err = launch_colsum(cb, plan.dB, reinterpret_cast<Acc*>(ws + plan.off_dB), stream);
+  if (!wg_dB) err = launch_colsum(cb, plan.dB, reinterpret_cast<Acc*>(ws + plan.off_dB), stream);
   if (err != cudaSuccess) return err;
 
   // dA[r, k] = Σ_m v[m, r] drop(x)[m, k]: the mask inside the sum, 1/(1−p) after it
@@ -227,7 +258,7 @@ cudaError_t lora_bwd(const T* g, const T* x, int64_t ldx, const T* weight, int64
   ca.out = dA;
   ca.o_sc = 1;
   ca.o_sr = K;
-  err = launch_colsum(ca, plan.dA, reinterpret_cast<Acc*>(ws + plan.off_dA), stream);
+  if (!wg_dA) err = launch_colsum(ca, plan.dA, reinterpret_cast<Acc*>(ws + plan.off_dA), stream);
   if (err != cudaSuccess) return err;
 
   // dx on CUTLASS (lora_cutlass.cuh) without dropout where it applies, its workspace after lora.cu's
@@ -287,7 +318,7 @@ cudaError_t lora_bwd(const T* g, const T* x, int64_t ldx, const T* weight, int64
     if (err != cudaSuccess) return err;
   }
 
-  if (db != nullptr) {
+  if (db != nullptr && !wg_dB) {
     ColsumParams<T> cd{};
     cd.P = g;
     cd.ldp = N;

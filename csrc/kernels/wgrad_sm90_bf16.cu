@@ -1,0 +1,8 @@
+// The weight-gradient GEMM for sm_90a (cutlass_wgrad_sm90.cuh) for __nv_bfloat16, r tiles of 16, 32 and 64.
+#include "cutlass_wgrad_sm90.cuh"
+
+namespace lk {
+namespace wgrad {
+LK_INSTANTIATE_WGRAD_SM90(__nv_bfloat16)
+}  // namespace wgrad
+}  // namespace lk
