@@ -186,6 +186,7 @@ STRIDE_PROBE = r"""
 #include "layer_norm.cuh"
 #include "rms_norm.cuh"
 #include "adapter_detail.cuh"
+#include "cutlass_wgrad.cuh"
 // adapter_cutlass.cu's and adapter_bwd_cutlass.cu's entry points without their CUTLASS kernels (not
 // linked here): decline, as they do for fp32 and on a machine without a device.
 namespace lk { namespace adapter_detail {
@@ -202,6 +203,19 @@ cudaError_t adapter_bwd_cutlass(const T*, const T*, const T*, const acc_t<T>*, a
   template cudaError_t adapter_bwd_cutlass<T>(const T*, const T*, const T*, const acc_t<T>*, acc_t<T>*, T*, T*, \
     int64_t, int64_t, int64_t, Activation, double, cudaStream_t);
 LK_FOR_EACH_TYPE(LK_PROBE_STUB)
+} }
+// wgrad.cu's entry points likewise: the weight gradients take the old GEMMs.
+namespace lk { namespace wgrad {
+template <typename T> size_t wgrad_workspace(int64_t, int64_t, int64_t, bool, bool) { return 0; }
+template <typename T> bool wgrad_applies(const T*, int64_t, int64_t, int64_t, int64_t, bool, const void*) { return false; }
+template <typename T>
+cudaError_t wgrad(const T*, int64_t, const acc_t<T>*, int, int64_t, int64_t, int64_t, double, T*, int64_t, int64_t, T*,
+                  double, T*, void*, cudaStream_t) { return cudaErrorNotSupported; }
+#define LK_PROBE_WGRAD_STUB(T) template size_t wgrad_workspace<T>(int64_t, int64_t, int64_t, bool, bool); \
+  template bool wgrad_applies<T>(const T*, int64_t, int64_t, int64_t, int64_t, bool, const void*); \
+  template cudaError_t wgrad<T>(const T*, int64_t, const acc_t<T>*, int, int64_t, int64_t, int64_t, double, T*, \
+    int64_t, int64_t, T*, double, T*, void*, cudaStream_t);
+LK_FOR_EACH_TYPE(LK_PROBE_WGRAD_STUB)
 } }
 template <typename T> T* fake(size_t i) { return reinterpret_cast<T*>(static_cast<uintptr_t>(0x1000000 * (i + 1))); }
 int main() {
