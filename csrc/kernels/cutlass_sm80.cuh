@@ -146,8 +146,8 @@ __global__ void __launch_bounds__(256, 1) cutlass_sm80_kernel(const CutlassGemm<
 // does K's (so only split 0's first k-tile can be partial); the second phase in the last split; the
 // fp32 tile into split.partials, summed and finished by splitk_finish_kernel. A kernel of its own
 // rather than a template flag on the one above: sharing a body changed the one-split kernel's PTX
-// (same operations, reordered; 176 registers instead of 174 for the adapter's), and this way its
-// SASS stays what it was.
+// (same operations, reordered; 176 registers instead of 174 for the adapter's, ptxas -v, CUDA
+// 13.0), and this way its SASS stays what it was (cuobjdump -sass against the previous build).
 template <class Epi, bool kBMN>
 __global__ void __launch_bounds__(256, 1) cutlass_sm80_splitk_kernel(const CutlassGemm<Epi> p, const SplitK split) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)

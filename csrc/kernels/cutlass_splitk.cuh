@@ -20,7 +20,7 @@ namespace {
 // those go out as one 8-byte store where in bounds and aligned, so a warp fills whole 32-byte
 // sectors. __stcg (st.global.cg: through L2, where the finish kernel reads them back) also keeps
 // nvcc from merging the vector branch with the scalar one, which it did with plain stores (two
-// STG.E per pair in the SASS).
+// STG.E per pair; cuobjdump -sass of a cutlass_sm80_splitk_kernel, CUDA 13.0).
 template <class Acc, class Coord>
 __device__ __forceinline__ void store_partial(const Acc& acc, const Coord& coord, float* plane, int64_t i0,
                                               int64_t j0, int64_t M, int64_t N) {
