@@ -20,12 +20,14 @@ checks:
           the reason; a listed build that stops spilling fails too, so the list only shrinks.
   tensor  the SASS of every 16-bit GEMM-class kernel (the GEMMs of lora_gemm.cu and adapter_gemm.cuh, the
           single-pass kernels of adapter_fused.cu (forward and backward) and lora_fused.cu, the S
-          tiles of infonce_*.cu, cutlass_sm80.cuh's CUTLASS kernel for LoRA (lora_sm80.cu) and the adapter
-          (adapter_sm80.cu), cutlass_wgrad_sm80.cuh's weight-gradient GEMM (wgrad_sm80_*.cu)) holds HMMA
-          instructions, on sm_80 and on sm_90a (cutlass_sm80_kernel, wgrad_sm80_kernel: sm_80 only);
-          cutlass_sm90.cuh's wgmma kernel (lora_sm90.cu, adapter_sm90.cu) and cutlass_wgrad_sm90.cuh's
-          (wgrad_sm90_*.cu) hold HGMMA on sm_90a. Those two compile to empty bodies for the other target, which the host never
-          launches. cuobjdump from the triton wheel, or the toolkit's.
+          tiles of infonce_*.cu, cutlass_sm80.cuh's CUTLASS kernels for LoRA (lora_sm80.cu) and the adapter
+          (adapter_sm80.cu), one-split and split-K, cutlass_wgrad_sm80.cuh's weight-gradient GEMM
+          (wgrad_sm80_*.cu)) holds HMMA instructions, on sm_80 and on sm_90a (cutlass_sm80_[splitk_]kernel,
+          wgrad_sm80_kernel: sm_80 only); cutlass_sm90.cuh's wgmma kernels (lora_sm90.cu, adapter_sm90.cu)
+          and cutlass_wgrad_sm90.cuh's (wgrad_sm90_*.cu) hold HGMMA on sm_90a. Those compile to empty
+          bodies for the other target, which the host never launches. The split-K finish kernel
+          (cutlass_splitk.cuh) is memory-bound: not tensor-checked. cuobjdump from the triton wheel, or
+          the toolkit's.
 
 Usage: python benchmarks/cuda_ptx_check.py [-j JOBS] [--keep DIR] [FILE.cu ...]
        python benchmarks/cuda_ptx_check.py --cutlass-include   (prints setup.py's CUTLASS folder)
@@ -48,11 +50,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("80", "90a")
 # Kernels whose 16-bit instantiations must run on tensor cores (demangled-name patterns).
 GEMM_CLASS = re.compile(r"\bgemm_kernel<|infonce_detail::(?:fwd|grad)_kernel<|\bfused_fwd_kernel<|\blora_fused_kernel<"
-                        r"|\bfused_bwd_kernel<|\bcutlass_sm80_kernel<|\bwgrad_sm80_kernel<")
+                        r"|\bfused_bwd_kernel<|\bcutlass_sm80(?:_splitk)?_kernel<|\bwgrad_sm80_kernel<")
 # wgmma kernels: HGMMA on sm_90a; their other builds are empty bodies the host never launches.
-WGMMA_CLASS = re.compile(r"\bcutlass_sm90_kernel<|\bwgrad_sm90_kernel<")
+WGMMA_CLASS = re.compile(r"\bcutlass_sm90(?:_splitk)?_kernel<|\bwgrad_sm90_kernel<")
 # mma.sync kernels that sm_90a code leaves empty (the wgmma kernel replaces them there).
-NOT_ON_SM90A = re.compile(r"\bcutlass_sm80_kernel<|\bwgrad_sm80_kernel<")
+NOT_ON_SM90A = re.compile(r"\bcutlass_sm80(?:_splitk)?_kernel<|\bwgrad_sm80_kernel<")
 # (arch, pattern of the demangled name, why not fixed yet). CUDA 13.0's ptxas, sm_80 only.
 _ADAPTER_WHY = ("__launch_bounds__(256, 2) caps adapter_gemm.cuh's GEMM at 128 registers; (256, 1) removes "
                 "these spills but lets most 16-bit adapter GEMMs take 133-166 registers on sm_80, one "

@@ -489,8 +489,8 @@ ADAPTER_PATHS = [
     (torch.bfloat16, 64, 1600, 8, "gelu", "one pass, RP=16 BM=16 (64 rows: 252 KB)"),
     (torch.bfloat16, 40, 8192, 8, "silu", "two GEMMs: even a 16-row x tile takes 278 KB"),
     (torch.float32, 40, 96, 65, "gelu", "two GEMMs: R = 65 > 64"),
-    (torch.bfloat16, 300, 264, 96, "gelu_tanh", "CUTLASS: R = 96 > 64, 16-bit, M >= 128, K and R % 8 == 0"),
-    (torch.float16, 127, 264, 96, "silu", "two GEMMs: M = 127 < 128 (CUTLASS's tile is 128 rows)"),
+    (torch.bfloat16, 300, 264, 96, "gelu_tanh", "CUTLASS: R = 96 > 64, 16-bit, K and R % 8 == 0"),
+    (torch.float16, 127, 264, 96, "silu", "CUTLASS at M = 127 < 128 (one split: 5 k-tiles)"),
     (torch.float16, 300, 264, 100, "relu", "two GEMMs: R = 100 not a multiple of 8"),
 ]
 
@@ -523,8 +523,9 @@ def test_adapter_fused_paths(dtype, m, k, r, activation, path):
 
 # ---- with a GPU: the LoRA forward's paths: CUTLASS (lora_cutlass.cuh), one launch (lora_fused.cu), lora.cu ----
 
-# (dtype, M, K, N, R, path). CUTLASS first (16-bit, no dropout, M >= 128, K, ldx, ldw multiples
-# of 8, sm_80+; the backward's dx too where N is a multiple of 8); then lora_fwd_fused's rule
+# (dtype, M, K, N, R, path). CUTLASS first (16-bit, no dropout, K, ldx, ldw multiples of 8,
+# sm_80+, split-K where there are few tiles: splitk_rule.h; the backward's dx too where N is a
+# multiple of 8); then lora_fwd_fused's rule
 # (16-bit, no dropout, >= 264 64×64 tiles, R <= 16 or a single column tile); else two launches.
 # An odd K keeps a case off CUTLASS. The backward reads the u the forward saved. With dropout
 # lora.cu always takes two launches (the op tests cover it).
@@ -536,7 +537,7 @@ LORA_PATHS = [
     (torch.bfloat16, 17000, 41, 64, 24, "one launch, RP=32: one column tile"),
     (torch.float16, 1100, 129, 1000, 24, "two launches: R > 16 and 16 column tiles"),
     (torch.bfloat16, 300, 129, 1000, 16, "two launches: 5·16 = 80 tiles < 264"),
-    (torch.bfloat16, 127, 264, 520, 16, "two launches: M < 128 (CUTLASS's tile is 128 rows)"),
+    (torch.bfloat16, 127, 264, 520, 16, "CUTLASS fwd (one split: 5 k-tiles) and dx (2 splits), M < 128"),
     (torch.float32, 1100, 129, 1000, 16, "two launches: fp32"),
 ]
 
@@ -589,7 +590,9 @@ def test_lora_cutlass_forward(dtype, bias):
     if names is None:
         pytest.skip("the outputs and gradients matched; the profiler recorded no CUDA kernel (no CUPTI), "
                     "so which kernels ran is unknown")
-    cutlass = [name for name in names if re.search(r"cutlass_sm(?:80|90)_kernel<", name) and "EpilogueBias<" in name]
+    # dx here runs split-K (2 splits: 9 k-tiles of N = 520 over 3·3 tiles; splitk_rule.h)
+    cutlass = [name for name in names
+               if re.search(r"cutlass_sm(?:80|90)(?:_splitk)?_kernel<", name) and "EpilogueBias<" in name]
     # the bool template argument as demanglers print it: false/true or (bool)0/(bool)1
     assert any(re.search(r", (?:false|\(bool\)0)>", name) for name in cutlass), \
         f"the CUTLASS LoRA forward did not run; kernels: {names}"

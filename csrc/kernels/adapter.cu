@@ -82,8 +82,8 @@ cudaError_t adapter_fwd(const T* x, int64_t ldx, const T* w_down, const T* b_dow
   const cudaError_t fused = adapter_detail::adapter_fwd_fused<T>(x, ldx, w_down, b_down, w_up, b_up, y, h,
                                                                  M, K, R, act, scale, stream);
   if (fused != cudaErrorNotSupported) return fused;
-  // Then the two products on CUTLASS's pipelined tensor-core mainloops (16-bit, M >= 128,
-  // 16-byte rows), then the same two products on adapter_gemm.cuh's tiled GEMM.
+  // Then the two products on CUTLASS's pipelined tensor-core mainloops (16-bit, split-K
+  // at small M, 16-byte rows), then the same two products on adapter_gemm.cuh's tiled GEMM.
   const cudaError_t cutlass = adapter_detail::adapter_fwd_cutlass<T>(x, ldx, w_down, b_down, w_up, b_up, y, h,
                                                                      workspace, M, K, R, act, scale, stream);
   if (cutlass != cudaErrorNotSupported) return cutlass;

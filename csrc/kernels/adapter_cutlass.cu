@@ -1,17 +1,20 @@
 // Host side of the adapter forward on the CUTLASS kernels (adapter_cutlass.cuh): where it applies,
 // its workspace, the two launches. The kernels are instantiated in adapter_sm80.cu / adapter_sm90.cu.
 //
-// Applies (as LoRA's CUTLASS forward, lora_cutlass.cu): half/bf16, M >= 128 (one 128-row tile),
-// K, R and ldx multiples of 8 elements (16-byte rows for cp.async and TMA), ldx >= K, x, W_d, W_u
-// and the workspace 16-byte aligned, sizes that fit CuTe's int shapes and the (⌈M/128⌉, ⌈N/128⌉)
-// grid, and a device whose image of both kernels is loadable. adapter.cu asks only after
+// Applies (as LoRA's CUTLASS forward, lora_cutlass.cu): half/bf16, any M >= 1 (few row tiles get
+// split-K instead, splitk_rule.h; each product has its own split count), K, R and ldx multiples of
+// 8 elements (16-byte rows for cp.async and TMA), ldx >= K, x, W_d, W_u and the workspace 16-byte
+// aligned, sizes that fit CuTe's int shapes and the (⌈M/128⌉, ⌈N/128⌉, S) grid, and a device whose
+// image of both kernels is loadable. adapter.cu asks only after
 // adapter_fused.cu's single pass declined (R > 64, or its x tile exceeds shared memory).
 // Traffic against that pass: x is read twice (down GEMM, then the residual in the up GEMM's
 // epilogue) and h goes through memory (fp32 h for the backward, written by both paths, plus
 // T(act(h)) written and read once); the GEMM work, 4·M·K·R FLOP, runs on mma.sync/wgmma tiles.
 // Not run or timed yet: no GPU so far.
 #include "adapter_cutlass.cuh"
+#include "splitk_rule.h"
 
+#include <algorithm>
 #include <climits>
 #include <type_traits>
 
@@ -22,15 +25,26 @@ namespace {
 template <typename T>
 constexpr bool k16 = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
 
-constexpr int64_t kMinRows = 128;
 constexpr int64_t kMaxCols = 65535LL * 128;  // gridDim.y counts the output's 128-column tiles
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The sizes alone (no pointers, no device): what adapter_fwd_workspace and the path share.
 bool sizes_fit(int64_t M, int64_t K, int64_t R) {
-  return M >= kMinRows && M <= INT_MAX && K >= 8 && K <= kMaxCols && R >= 8 && R <= kMaxCols && K % 8 == 0 &&
+  return M >= 1 && M <= INT_MAX && K >= 8 && K <= kMaxCols && R >= 8 && R <= kMaxCols && K % 8 == 0 &&
          R % 8 == 0;
+}
+
+// Split-K (splitk_rule.h) of the down product (output [M, R], reduction K) and of the up product
+// ([M, K], reduction R), and where their fp32 partials go: after T(act(h)), one buffer for both
+// (the launches are ordered on the stream), as large as the larger.
+constexpr size_t kAlign = 256;
+size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+size_t act_bytes(size_t elem, int64_t M, int64_t R) { return align_up(elem * static_cast<size_t>(M * R)); }
+size_t partial_bytes(int64_t M, int64_t K, int64_t R) {
+  const int64_t down = splitk::split_count(M, R, K), up = splitk::split_count(M, K, R);
+  const int64_t floats = std::max(down > 1 ? down * M * R : 0, up > 1 ? up * M * K : 0);
+  return sizeof(float) * static_cast<size_t>(floats);
 }
 
 }  // namespace
@@ -39,7 +53,8 @@ bool sizes_fit(int64_t M, int64_t K, int64_t R) {
 template <typename T>
 size_t adapter_fwd_workspace(int64_t M, int64_t K, int64_t R) {
   if (!lora_detail::k16<T> || !lora_detail::sizes_fit(M, K, R)) return 0;
-  return sizeof(T) * static_cast<size_t>(M) * static_cast<size_t>(R);  // T(act(h)) [M, R]
+  // T(act(h)) [M, R], then the split-K partials
+  return lora_detail::act_bytes(sizeof(T), M, R) + lora_detail::partial_bytes(M, K, R);
 }
 
 namespace adapter_detail {
@@ -60,14 +75,15 @@ cudaError_t adapter_fwd_cutlass(const T* x, int64_t ldx, const T* w_down, const 
     const CutlassPath path = cutlass_device_path<Down, false>();
     if (path == CutlassPath::none || cutlass_device_path<Up, false>() != path) return cudaErrorNotSupported;
     T* a = static_cast<T*>(workspace);  // T(act(h)) [M, R]
+    float* partials = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + act_bytes(sizeof(T), M, R));
     // h [M, R] = x [M, K] · W_d [R, K]ᵀ: B K-major with row stride K
     const CutlassGemm<Down> down{x, ldx, w_down, K, nullptr, 0, nullptr, 0, {b_down, h, R, a, R, act}, M, R, K, 0};
-    cudaError_t err = cutlass_launch<Down, false>(path, down, stream);
+    cudaError_t err = cutlass_launch<Down, false>(path, down, stream, SplitK{partials, splitk::split_count(M, R, K)});
     if (err != cudaSuccess) return err;
     // y [M, K] = x + s·(T(act(h)) [M, R] · W_u [K, R]ᵀ + b_u)
     const CutlassGemm<Up> up{a, R, w_up, R, nullptr, 0, nullptr, 0,
                              {b_up, x, ldx, y, K, static_cast<float>(scale)}, M, K, R, 0};
-    return cutlass_launch<Up, false>(path, up, stream);
+    return cutlass_launch<Up, false>(path, up, stream, SplitK{partials, splitk::split_count(M, K, R)});
   }
 }
 

@@ -17,7 +17,13 @@
 // CUDA 13.0, sm_80; benchmarks/cuda_ptx_check.py). Not run or timed yet: no GPU so far.
 // K2 = 0 skips the second run: the collective always loads its first k-tile (it has no
 // zero-k-tile case), which would read past a2 and b2.
+// Split-K where there are few output tiles (splitk_rule.h: the rule, the ranges; cutlass_splitk.cuh:
+// the partial stores and the fixed-order finish): cutlass_sm80_splitk_kernel, grid z = S, runs
+// the mainloop over a contiguous range of whole k-tiles of (a, b) as a sub-GEMM starting at
+// element k0 (the partial tile stays first, in split 0), the (a2, b2) run in split S-1 only.
+// S = 1 launches cutlass_sm80_kernel, whose code is what it was before split-K (same PTX).
 #pragma once
+#include "cutlass_splitk.cuh"
 #include "lora_cutlass.cuh"
 
 #include <cute/tensor.hpp>
@@ -67,9 +73,16 @@ struct Sm80Config {
   static constexpr int kThreads = size(TiledMma{});
   static constexpr int kSmem = static_cast<int>(sizeof(typename Mainloop::SharedStorage));
   static_assert(kThreads == 256, "2x4 warps");
+  static_assert(BM == splitk::kTileM && BN == splitk::kTileN && get<2>(TileShape{}) == splitk::kTileK,
+                "splitk_rule.h's tile");
 };
 
 // B(n, k) of an N-major or a K-major B.
+template <bool kBMN, typename E>
+__device__ __forceinline__ const E* b_at_k(const E* b, int64_t ldb, int k0) {
+  return kBMN ? b + static_cast<int64_t>(k0) * ldb : b + k0;
+}
+
 template <bool kBMN, typename E>
 __device__ __forceinline__ auto b_tensor(const E* b, int64_t ldb, int rows_b, int K) {
   if constexpr (kBMN) {
@@ -94,10 +107,10 @@ __device__ __forceinline__ void mainloop(Acc& acc, const typename C::E* a, int64
   collective(acc, gA, gB, acc, make_coord_iterator(shape<2>(gA)), int(size<2>(gA)), residue, int(threadIdx.x), smem);
 }
 
+// No body in sm_90a code, where cutlass_sm90.cuh's kernels run instead (cutlass_device_path): half
+// of the compile time. A plain sm_90 build keeps them and runs them on H100/H200.
 template <class Epi, bool kBMN>
 __global__ void __launch_bounds__(256, 1) cutlass_sm80_kernel(const CutlassGemm<Epi> p) {
-// No body in sm_90a code, where cutlass_sm90.cuh's kernel runs instead (cutlass_device_path): half
-// of the compile time. A plain sm_90 build keeps it and runs it on H100/H200.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Epi::Elem;
   using C = Sm80Config<T, kBMN>;
@@ -128,22 +141,71 @@ __global__ void __launch_bounds__(256, 1) cutlass_sm80_kernel(const CutlassGemm<
 #endif
 }
 
+// Split-K (split.splits > 1, grid z): the same tile over split blockIdx.z's k-range of the first
+// phase, [k0, k0 + k_len) (splitk_rule.h), a sub-GEMM whose residue the collective handles as it
+// does K's (so only split 0's first k-tile can be partial); the second phase in the last split; the
+// fp32 tile into split.partials, summed and finished by splitk_finish_kernel. A kernel of its own
+// rather than a template flag on the one above: sharing a body changed the one-split kernel's PTX
+// (same operations, reordered; 176 registers instead of 174 for the adapter's, ptxas -v, CUDA
+// 13.0), and this way its SASS stays what it was (cuobjdump -sass against the previous build).
+template <class Epi, bool kBMN>
+__global__ void __launch_bounds__(256, 1) cutlass_sm80_splitk_kernel(const CutlassGemm<Epi> p, const SplitK split) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Epi::Elem;
+  using C = Sm80Config<T, kBMN>;
+  using E = typename C::E;
+  extern __shared__ __align__(128) char smem[];
+  const int tile_m = blockIdx.x, tile_n = blockIdx.y, s = blockIdx.z;
+  const int M = static_cast<int>(p.M), N = static_cast<int>(p.N), K = static_cast<int>(p.K);
+  const splitk::TileRange r = splitk::split_tiles(static_cast<int>(splitk::k_tiles(K)), split.splits, s);
+  const int k0 = splitk::sm80_k_begin(K, r.first), k_len = splitk::sm80_k_begin(K, r.first + r.count) - k0;
+
+  typename C::TiledMma tiled_mma;
+  Tensor acc = partition_fragment_C(tiled_mma, Shape<Int<C::BM>, Int<C::BN>>{});  // (MMA, MMA_M, MMA_N) fp32
+  clear(acc);
+  mainloop<C, kBMN>(acc, reinterpret_cast<const E*>(p.a) + k0, p.lda,
+                    b_at_k<kBMN>(reinterpret_cast<const E*>(p.b), p.ldb, k0), p.ldb, M, N, k_len, tile_m, tile_n,
+                    smem);
+  if (p.K2 > 0 && s == split.splits - 1)
+    mainloop<C, kBMN>(acc, reinterpret_cast<const E*>(p.a2), p.lda2, reinterpret_cast<const E*>(p.b2), p.ldb2, M, N,
+                      static_cast<int>(p.K2), tile_m, tile_n, smem);
+
+  Tensor coord = tiled_mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(Shape<Int<C::BM>, Int<C::BN>>{}));
+  store_partial(acc, coord, split.partials + static_cast<int64_t>(s) * p.M * p.N, static_cast<int64_t>(tile_m) * C::BM,
+                static_cast<int64_t>(tile_n) * C::BN, p.M, p.N);
+#endif
+}
+
 }  // namespace
 
 template <class Epi, bool kBMN>
 bool cutlass_sm80_ready(int device) {
-  return kernel_runs_on(device, cutlass_sm80_kernel<Epi, kBMN>, Sm80Config<typename Epi::Elem, kBMN>::kSmem);
+  constexpr int smem = Sm80Config<typename Epi::Elem, kBMN>::kSmem;
+  return kernel_runs_on(device, cutlass_sm80_kernel<Epi, kBMN>, smem) &&
+         kernel_runs_on(device, cutlass_sm80_splitk_kernel<Epi, kBMN>, smem);
 }
 
 template <class Epi, bool kBMN>
-cudaError_t cutlass_sm80_launch(const CutlassGemm<Epi>& p, cudaStream_t stream) {
+cudaError_t cutlass_sm80_launch(const CutlassGemm<Epi>& p, cudaStream_t stream, SplitK split) {
   using C = Sm80Config<typename Epi::Elem, kBMN>;
-  cudaError_t err =
-      cudaFuncSetAttribute(cutlass_sm80_kernel<Epi, kBMN>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+  const int splits = grid_splits(p, split);
+  if (splits == 0) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.M, C::BM)), static_cast<unsigned>(ceil_div(p.N, C::BN)),
+                  static_cast<unsigned>(splits));
+  if (splits == 1) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(cutlass_sm80_kernel<Epi, kBMN>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+    if (err != cudaSuccess) return err;
+    cutlass_sm80_kernel<Epi, kBMN><<<grid, C::kThreads, C::kSmem, stream>>>(p);
+    return cudaGetLastError();
+  }
+  cudaError_t err = cudaFuncSetAttribute(cutlass_sm80_splitk_kernel<Epi, kBMN>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.M, C::BM)), static_cast<unsigned>(ceil_div(p.N, C::BN)));
-  cutlass_sm80_kernel<Epi, kBMN><<<grid, C::kThreads, C::kSmem, stream>>>(p);
-  return cudaGetLastError();
+  cutlass_sm80_splitk_kernel<Epi, kBMN><<<grid, C::kThreads, C::kSmem, stream>>>(p, split);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_splitk_finish(p, split, stream);
 }
 
 }  // namespace lora_detail
@@ -152,4 +214,4 @@ cudaError_t cutlass_sm80_launch(const CutlassGemm<Epi>& p, cudaStream_t stream) 
 // In lora_detail, after including this header: the entry points of one epilogue policy.
 #define LK_INSTANTIATE_CUTLASS_SM80(EPI, BMN)   \
   template bool cutlass_sm80_ready<EPI, BMN>(int); \
-  template cudaError_t cutlass_sm80_launch<EPI, BMN>(const CutlassGemm<EPI>&, cudaStream_t);
+  template cudaError_t cutlass_sm80_launch<EPI, BMN>(const CutlassGemm<EPI>&, cudaStream_t, SplitK);

@@ -24,9 +24,18 @@
 // cooperative/ping-pong persistent schedules with 128×256 tiles that cuBLAS-class speed needs are
 // the next step once a GPU can time them. Not run or timed yet: no GPU so far.
 //
+// Split-K where there are few output tiles (splitk_rule.h, cutlass_splitk.cuh):
+// cutlass_sm90_splitk_kernel, grid z = S. The collective's load() takes a k-tile iterator and a
+// count, so split s starts the iterator at its first k-tile (make_coord_iterator(first, k_tiles))
+// and the producer loads `count` tiles, plus the (a2, b2) tiles in split S-1; the consumer's
+// mma() runs over the same total (it only counts, the pipeline carries the data). TMA tiles start
+// at k = 0 and zero-fill past K, so the partial tile is the last split's. S = 1 launches
+// cutlass_sm90_kernel, the same code as before split-K (same SASS for LoRA's).
+//
 // wgmma exists only in sm_90a code: for any other target the kernel body is empty and the host
 // (cutlass_device_path) never launches it.
 #pragma once
+#include "cutlass_splitk.cuh"
 #include "lora_cutlass.cuh"
 
 #include <cute/tensor.hpp>
@@ -71,6 +80,8 @@ struct Sm90Config {
   static constexpr int kThreads = cutlass::NumThreadsPerWarpGroup + kConsumers;
   static constexpr int kSmem = static_cast<int>(sizeof(SharedStorage));
   static_assert(kConsumers == cutlass::NumThreadsPerWarpGroup, "one consumer warp group");
+  static_assert(BM == splitk::kTileM && BN == splitk::kTileN && get<2>(TileShape{}) == splitk::kTileK,
+                "splitk_rule.h's tile");
 };
 
 template <class Epi, bool kBMN>
@@ -81,10 +92,11 @@ struct Sm90Params {
   int M, N, K, K2;
 };
 
-template <class Epi, bool kBMN>
-__global__ void __launch_bounds__(Sm90Config<typename Epi::Elem, kBMN>::kThreads, 1)
-    cutlass_sm90_kernel(const __grid_constant__ Sm90Params<Epi, kBMN> p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// One block's work: tile (blockIdx.x, blockIdx.y), with kSplit split blockIdx.z's k-tiles and its
+// fp32 partial tile out instead of the epilogue. kSplit false is the one-split kernel, unchanged.
+// p is the kernel's __grid_constant__ parameter (the TMA descriptors stay in parameter space).
+template <class Epi, bool kBMN, bool kSplit>
+__device__ __forceinline__ void sm90_tile(const Sm90Params<Epi, kBMN>& p, SplitK split) {
   using C = Sm90Config<typename Epi::Elem, kBMN>;
   using Pipeline = typename C::Pipeline;
   extern __shared__ __align__(128) char smem[];
@@ -111,15 +123,24 @@ __global__ void __launch_bounds__(Sm90Config<typename Epi::Elem, kBMN>::kThreads
   typename C::Mainloop collective;
   auto main_in = collective.load_init(make_shape(p.M, p.N, p.K, 1), p.main);   // (BLK, BK, tiles, k, l)
   auto low_in = collective.load_init(make_shape(p.M, p.N, p.K2, 1), p.low);
-  const int k_main = size<3>(get<0>(main_in)), k_low = size<3>(get<0>(low_in));
+  // The first phase's k-tiles [first, first + count) (splitk_rule.h; TMA tiles start at k = 0, so
+  // only the last split's last tile can be partial) and the second phase's k_low tiles, in the last
+  // split. Producer and consumer derive the same counts from the same values.
+  int first = 0, count = size<3>(get<0>(main_in)), k_low = size<3>(get<0>(low_in));
+  if constexpr (kSplit) {
+    const splitk::TileRange r = splitk::split_tiles(count, split.splits, int(blockIdx.z));
+    first = r.first;
+    count = r.count;
+    if (int(blockIdx.z) != split.splits - 1) k_low = 0;
+  }
   const auto blk = make_coord(int(blockIdx.x), int(blockIdx.y), _, 0);
 
   if (warp_group == 0) {
     if (warp_idx == 0) {
       auto state = cutlass::make_producer_start_state<Pipeline>();
-      collective.load(p.main, pipeline, state, main_in, blk, make_coord_iterator(shape<3>(get<0>(main_in))), k_main,
-                      cutlass::canonical_lane_idx(), 0u, shared.tensors);
-      state.advance(k_main);
+      collective.load(p.main, pipeline, state, main_in, blk, make_coord_iterator(first, shape<3>(get<0>(main_in))),
+                      count, cutlass::canonical_lane_idx(), 0u, shared.tensors);
+      state.advance(count);
       if (k_low > 0) {
         collective.load(p.low, pipeline, state, low_in, blk, make_coord_iterator(shape<3>(get<0>(low_in))), k_low,
                         cutlass::canonical_lane_idx(), 0u, shared.tensors);
@@ -131,20 +152,40 @@ __global__ void __launch_bounds__(Sm90Config<typename Epi::Elem, kBMN>::kThreads
     typename C::TiledMma tiled_mma;
     Tensor acc = partition_fragment_C(tiled_mma, Shape<Int<C::BM>, Int<C::BN>>{});  // (MMA, MMA_M, MMA_N) fp32
     typename C::Mainloop::PipelineState read;
-    collective.mma(pipeline, read, acc, k_main + k_low, warp_group_thread, shared.tensors, p.main);
-    collective.mma_tail(pipeline, read, k_main + k_low);
+    collective.mma(pipeline, read, acc, count + k_low, warp_group_thread, shared.tensors, p.main);
+    collective.mma_tail(pipeline, read, count + k_low);
 
     Tensor coord = tiled_mma.get_slice(warp_group_thread)
                        .partition_C(make_identity_tensor(Shape<Int<C::BM>, Int<C::BN>>{}));
     const int64_t i0 = static_cast<int64_t>(blockIdx.x) * C::BM, j0 = static_cast<int64_t>(blockIdx.y) * C::BN;
-    p.epi.dispatch([&](const auto& out) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int e = 0; e < size(acc); ++e) {
-        const int64_t i = i0 + get<0>(coord(e)), j = j0 + get<1>(coord(e));
-        if (i < p.M && j < p.N) out(i, j, acc(e));
-      }
-    });
+    if constexpr (kSplit) {
+      store_partial(acc, coord, split.partials + static_cast<int64_t>(blockIdx.z) * p.M * p.N, i0, j0, p.M, p.N);
+    } else {
+      p.epi.dispatch([&](const auto& out) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < size(acc); ++e) {
+          const int64_t i = i0 + get<0>(coord(e)), j = j0 + get<1>(coord(e));
+          if (i < p.M && j < p.N) out(i, j, acc(e));
+        }
+      });
+    }
   }
+}
+
+template <class Epi, bool kBMN>
+__global__ void __launch_bounds__(Sm90Config<typename Epi::Elem, kBMN>::kThreads, 1)
+    cutlass_sm90_kernel(const __grid_constant__ Sm90Params<Epi, kBMN> p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  sm90_tile<Epi, kBMN, false>(p, SplitK{});
+#endif
+}
+
+// Split-K (split.splits > 1, grid z): partial tiles into split.partials, then splitk_finish_kernel.
+template <class Epi, bool kBMN>
+__global__ void __launch_bounds__(Sm90Config<typename Epi::Elem, kBMN>::kThreads, 1)
+    cutlass_sm90_splitk_kernel(const __grid_constant__ Sm90Params<Epi, kBMN> p, const SplitK split) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  sm90_tile<Epi, kBMN, true>(p, split);
 #endif
 }
 
@@ -170,25 +211,39 @@ typename Sm90Config<T, kBMN>::Mainloop::Params tma_params(const T* a, int64_t ld
 
 template <class Epi, bool kBMN>
 bool cutlass_sm90_ready(int device) {
-  return kernel_runs_on(device, cutlass_sm90_kernel<Epi, kBMN>, Sm90Config<typename Epi::Elem, kBMN>::kSmem);
+  constexpr int smem = Sm90Config<typename Epi::Elem, kBMN>::kSmem;
+  return kernel_runs_on(device, cutlass_sm90_kernel<Epi, kBMN>, smem) &&
+         kernel_runs_on(device, cutlass_sm90_splitk_kernel<Epi, kBMN>, smem);
 }
 
 template <class Epi, bool kBMN>
-cudaError_t cutlass_sm90_launch(const CutlassGemm<Epi>& f, cudaStream_t stream) {
+cudaError_t cutlass_sm90_launch(const CutlassGemm<Epi>& f, cudaStream_t stream, SplitK split) {
   using T = typename Epi::Elem;
   using C = Sm90Config<T, kBMN>;
   const int M = static_cast<int>(f.M), N = static_cast<int>(f.N), K = static_cast<int>(f.K);
   const int K2 = static_cast<int>(f.K2);
+  const int splits = grid_splits(f, split);
+  if (splits == 0) return cudaErrorInvalidValue;
   // to_underlying_arguments encodes the descriptors through the driver (cuTensorMapEncodeTiled)
   const auto first = tma_params<T, kBMN>(f.a, f.lda, f.b, f.ldb, M, N, K);
   const Sm90Params<Epi, kBMN> p{first, K2 > 0 ? tma_params<T, kBMN>(f.a2, f.lda2, f.b2, f.ldb2, M, N, K2) : first,
                                 f.epi, M, N, K, K2};
-  cudaError_t err =
-      cudaFuncSetAttribute(cutlass_sm90_kernel<Epi, kBMN>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+  const dim3 grid(static_cast<unsigned>(ceil_div(f.M, C::BM)), static_cast<unsigned>(ceil_div(f.N, C::BN)),
+                  static_cast<unsigned>(splits));
+  if (splits == 1) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(cutlass_sm90_kernel<Epi, kBMN>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+    if (err != cudaSuccess) return err;
+    cutlass_sm90_kernel<Epi, kBMN><<<grid, C::kThreads, C::kSmem, stream>>>(p);
+    return cudaGetLastError();
+  }
+  cudaError_t err = cudaFuncSetAttribute(cutlass_sm90_splitk_kernel<Epi, kBMN>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(ceil_div(f.M, C::BM)), static_cast<unsigned>(ceil_div(f.N, C::BN)));
-  cutlass_sm90_kernel<Epi, kBMN><<<grid, C::kThreads, C::kSmem, stream>>>(p);
-  return cudaGetLastError();
+  cutlass_sm90_splitk_kernel<Epi, kBMN><<<grid, C::kThreads, C::kSmem, stream>>>(p, split);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_splitk_finish(f, split, stream);
 }
 
 }  // namespace lora_detail
@@ -197,4 +252,4 @@ cudaError_t cutlass_sm90_launch(const CutlassGemm<Epi>& f, cudaStream_t stream) 
 // In lora_detail, after including this header: the entry points of one epilogue policy.
 #define LK_INSTANTIATE_CUTLASS_SM90(EPI, BMN)   \
   template bool cutlass_sm90_ready<EPI, BMN>(int); \
-  template cudaError_t cutlass_sm90_launch<EPI, BMN>(const CutlassGemm<EPI>&, cudaStream_t);
+  template cudaError_t cutlass_sm90_launch<EPI, BMN>(const CutlassGemm<EPI>&, cudaStream_t, SplitK);

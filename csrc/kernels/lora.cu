@@ -119,7 +119,7 @@ cudaError_t lora_fwd(const T* x, int64_t ldx, const T* weight, int64_t ldw, cons
   if (bad_sizes(M, N, K, R, dropout_p) || ldx < 0 || ldw < 0) return cudaErrorInvalidValue;
   if (M == 0) return cudaGetLastError();
   const Dropout drop = make_dropout(dropout_p, seed, K);
-  // CUTLASS first where it applies (lora_cutlass.cuh: 16-bit, aligned, M >= 128, sm_80+)
+  // CUTLASS first where it applies (lora_cutlass.cuh: 16-bit, aligned, sm_80+; split-K at small M)
   const lora_detail::CutlassPath cutlass =
       drop.on ? lora_detail::CutlassPath::none
               : lora_detail::lora_cutlass_path<T>(x, ldx, weight, ldw, M, N, K, R, workspace);

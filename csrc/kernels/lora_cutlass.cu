@@ -11,6 +11,7 @@
 // ⌈K/64⌉ at K = 4096, r <= 64 (1.6%; the zero columns past r are multiplied too). dx likewise:
 // v = s·g B by rowdot (which lora_bwd needs for dA anyway), then g W0 + T(v) A in one GEMM.
 #include "lora_cutlass.cuh"
+#include "splitk_rule.h"
 
 #include <algorithm>
 #include <climits>
@@ -24,11 +25,18 @@ template <typename T>
 constexpr bool k16 = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
 
 constexpr int64_t kRankPad = 16;      // RP: R rounded up to a multiple of this
-constexpr int64_t kMinRows = 128;     // one 128-row tile; below, lora.cu's narrow split tiles
 constexpr size_t kAlign = 256;
 
 int64_t padded_rank(int64_t R) { return (R + kRankPad - 1) / kRankPad * kRankPad; }
 size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// Split-K of an [M, N] output reduced over K (splitk_rule.h) and the bytes of its fp32 partials,
+// 0 with one split. The grid's z counts the splits; S·M·N stays below 132·128·128.
+int splits_of(int64_t M, int64_t N, int64_t K) { return splitk::split_count(M, N, K); }
+size_t partial_bytes(int64_t M, int64_t N, int64_t K) {
+  const int S = splits_of(M, N, K);
+  return S > 1 ? align_up(sizeof(float) * static_cast<size_t>(S) * static_cast<size_t>(M * N)) : 0;
+}
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // h = T(scale·u) [M, RP] with zeros in the columns R..RP-1, and dst = src zero-padded from
@@ -69,8 +77,10 @@ cudaError_t launch_operands(const float* u, T* h, int64_t M, int64_t R, int64_t 
 template <typename T, bool kBMN>
 CutlassPath cutlass_path(const void* a, int64_t lda, const void* b, int64_t ldb, int64_t M, int64_t N, int64_t K,
                          int64_t R, const void* workspace) {
-  // CuTe shapes are int; the tile grid is (⌈M/128⌉, ⌈N/128⌉) with N's count in gridDim.y.
-  if (workspace == nullptr || M < kMinRows || N < 1 || K < 1 || R < 1 || M > INT_MAX || K > INT_MAX ||
+  // CuTe shapes are int; the tile grid is (⌈M/128⌉, ⌈N/128⌉, S) with N's count in gridDim.y. Any
+  // M >= 1: rows past M are the collectives' residue (predicated cp.async, TMA zero fill); small M
+  // gets its blocks from split-K instead of more row tiles.
+  if (workspace == nullptr || M < 1 || N < 1 || K < 1 || R < 1 || M > INT_MAX || K > INT_MAX ||
       N > 65535LL * 128 || padded_rank(R) > INT_MAX || lda % 8 != 0 || ldb % 8 != 0 || K % 8 != 0 ||
       (kBMN && N % 8 != 0) || !aligned16(a) || !aligned16(b) || !aligned16(workspace))
     return CutlassPath::none;
@@ -108,16 +118,17 @@ cudaError_t lora_fwd_cutlass(CutlassPath path, const T* x, int64_t ldx, const T*
     cudaError_t err = launch_operands<T>(u, h, M, R, RP, scaling, lora_B, N, R, bp, N, RP, stream);
     if (err != cudaSuccess) return err;
     const CutlassGemm<EpilogueBias<T>> p{x, ldx, weight, ldw, h, RP, bp, RP, {bias, y, N}, M, N, K, RP};
-    return cutlass_launch<EpilogueBias<T>, false>(path, p, stream);
+    const SplitK split{second<float>(bp, sizeof(T) * N * RP), splits_of(M, N, K)};
+    return cutlass_launch<EpilogueBias<T>, false>(path, p, stream, split);
   }
 }
 
 template <typename T>
 size_t lora_dx_cutlass_workspace(int64_t M, int64_t N, int64_t K, int64_t R) {
-  (void)N;
-  if (!k16<T> || M < kMinRows || K < 1 || R < 1) return 0;
+  if (!k16<T> || M < 1 || N < 1 || K < 1 || R < 1) return 0;
   const int64_t RP = padded_rank(R);
-  return align_up(sizeof(T) * M * RP) + align_up(sizeof(T) * RP * K);
+  // the GEMM's output is [M, K], its reduction N
+  return align_up(sizeof(T) * M * RP) + align_up(sizeof(T) * RP * K) + partial_bytes(M, K, N);
 }
 
 template <typename T>
@@ -144,7 +155,8 @@ cudaError_t lora_dx_cutlass(CutlassPath path, const T* g, const T* weight, int64
     cudaError_t err = launch_operands<T>(v, h, M, R, RP, 1.0, lora_A, R, K, ap, RP, K, stream);
     if (err != cudaSuccess) return err;
     const CutlassGemm<EpilogueBias<T>> p{g, N, weight, ldw, h, RP, ap, K, {nullptr, dx, K}, M, K, N, RP};
-    return cutlass_launch<EpilogueBias<T>, true>(path, p, stream);
+    const SplitK split{second<float>(ap, sizeof(T) * RP * K), splits_of(M, K, N)};
+    return cutlass_launch<EpilogueBias<T>, true>(path, p, stream, split);
   }
 }
 
@@ -152,10 +164,10 @@ cudaError_t lora_dx_cutlass(CutlassPath path, const T* g, const T* weight, int64
 
 template <typename T>
 size_t lora_fwd_workspace(int64_t M, int64_t N, int64_t K, int64_t R, double dropout_p) {
-  (void)K;
-  if (!lora_detail::k16<T> || dropout_p > 0.0 || M < lora_detail::kMinRows || N < 1 || R < 1) return 0;
+  if (!lora_detail::k16<T> || dropout_p > 0.0 || M < 1 || N < 1 || K < 1 || R < 1) return 0;
   const int64_t RP = lora_detail::padded_rank(R);
-  return lora_detail::align_up(sizeof(T) * M * RP) + lora_detail::align_up(sizeof(T) * N * RP);
+  return lora_detail::align_up(sizeof(T) * M * RP) + lora_detail::align_up(sizeof(T) * N * RP) +
+         lora_detail::partial_bytes(M, N, K);
 }
 
 #define LK_INSTANTIATE_LORA_CUTLASS(T)                                                                      \

@@ -9,7 +9,9 @@
 //             16-byte rows whatever R is, as cp.async and TMA need.
 //          3. one GEMM kernel per output tile: CUTLASS's mainloop over (x, W0) for ⌈K/64⌉ k-tiles,
 //             then the same mainloop over (h, B) for ⌈RP/64⌉ more into the same accumulators,
-//             then bias, one rounding and one write of y.
+//             then bias, one rounding and one write of y. Few tiles (small M): split-K
+//             (splitk_rule.h), S blocks per tile each over a range of k-tiles, fp32 partials in
+//             the workspace, then a finish kernel sums them in a fixed order and adds the bias.
 // dx       the same with v = s·g B (lora.cu's rowdot, fp32): dx = g W0 + T(v) A, W0 and A read
 //          along their rows (B operand N-major), A copied to [RP, K] with zero rows past R.
 // sm_90a (H100/H200, in a build with sm_90a code): cutlass_sm90.cuh, TMA + wgmma; any other sm_80+
@@ -38,6 +40,15 @@ struct CutlassGemm {
   int64_t ldb2;
   Epi epi;
   int64_t M, N, K, K2;
+};
+
+// Split-K (splitk_rule.h, cutlass_splitk.cuh): `splits` blocks along K per output tile (grid z),
+// each writing its fp32 tile to partials [splits, M, N]; then one finish kernel sums the planes in
+// order and applies the epilogue. splits = 1 (the default): the one-split kernel, epilogue inside.
+// Kept out of CutlassGemm: the one-split kernel's parameters, and so its code, stay as they were.
+struct SplitK {
+  float* partials = nullptr;
+  int splits = 1;
 };
 
 // Epilogue policies. The kernels call epi.dispatch(visit) once: dispatch hands visit a functor f
@@ -73,7 +84,8 @@ inline bool kernel_runs_on(int device, Kernel kernel, int smem_bytes) {
 enum class CutlassPath { none, sm80, sm90a };
 
 // The forward's CUTLASS kernel, or none (lora_fwd then keeps its other paths): T half/bf16,
-// M >= 128, K, ldx and ldw multiples of 8 elements, x, weight and workspace 16-byte aligned,
+// M >= 1 (M < 128 was only a grid-filling heuristic, now split-K's job; the collectives handle
+// rows past M: predicated cp.async, TMA zero fill), K, ldx and ldw multiples of 8 elements, x, weight and workspace 16-byte aligned,
 // sizes below 2^31, a device of capability >= 8.0 whose image of the kernel is loadable and
 // whose shared memory per block fits it. sm90a only on capability 9.0 in a build with sm_90a code.
 template <typename T>
@@ -104,9 +116,11 @@ cudaError_t lora_dx_cutlass(CutlassPath path, const T* g, const T* weight, int64
 // can run the kernel (image loadable, shared memory), and its launch. Epi::Elem is __half or
 // __nv_bfloat16; kBMN: B and B2 N-major.
 template <class Epi, bool kBMN> bool cutlass_sm80_ready(int device);
-template <class Epi, bool kBMN> cudaError_t cutlass_sm80_launch(const CutlassGemm<Epi>& p, cudaStream_t stream);
+template <class Epi, bool kBMN>
+cudaError_t cutlass_sm80_launch(const CutlassGemm<Epi>& p, cudaStream_t stream, SplitK split = {});
 template <class Epi, bool kBMN> bool cutlass_sm90_ready(int device);
-template <class Epi, bool kBMN> cudaError_t cutlass_sm90_launch(const CutlassGemm<Epi>& p, cudaStream_t stream);
+template <class Epi, bool kBMN>
+cudaError_t cutlass_sm90_launch(const CutlassGemm<Epi>& p, cudaStream_t stream, SplitK split = {});
 
 // The kernel the current device runs for epilogue Epi, once the operands have passed the alignment
 // rules: sm90a only on capability 9.0 in a build with sm_90a code (setup.py defines LK_BUILT_SM90A
@@ -131,9 +145,9 @@ CutlassPath cutlass_device_path() {
 }
 
 template <class Epi, bool kBMN>
-cudaError_t cutlass_launch(CutlassPath path, const CutlassGemm<Epi>& p, cudaStream_t stream) {
-  if (path == CutlassPath::sm90a) return cutlass_sm90_launch<Epi, kBMN>(p, stream);
-  if (path == CutlassPath::sm80) return cutlass_sm80_launch<Epi, kBMN>(p, stream);
+cudaError_t cutlass_launch(CutlassPath path, const CutlassGemm<Epi>& p, cudaStream_t stream, SplitK split = {}) {
+  if (path == CutlassPath::sm90a) return cutlass_sm90_launch<Epi, kBMN>(p, stream, split);
+  if (path == CutlassPath::sm80) return cutlass_sm80_launch<Epi, kBMN>(p, stream, split);
   return cudaErrorNotSupported;
 }
 
