@@ -22,12 +22,7 @@ namespace lk {
 namespace lora_detail {
 namespace {
 
-template <typename T>
-constexpr bool k16 = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
-
 constexpr int64_t kMaxCols = 65535LL * 128;  // gridDim.y counts the output's 128-column tiles
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The sizes alone (no pointers, no device): what adapter_fwd_workspace and the path share.
 bool sizes_fit(int64_t M, int64_t K, int64_t R) {
@@ -38,9 +33,7 @@ bool sizes_fit(int64_t M, int64_t K, int64_t R) {
 // Split-K (splitk_rule.h) of the down product (output [M, R], reduction K) and of the up product
 // ([M, K], reduction R), and where their fp32 partials go: after T(act(h)), one buffer for both
 // (the launches are ordered on the stream), as large as the larger.
-constexpr size_t kAlign = 256;
-size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
-size_t act_bytes(size_t elem, int64_t M, int64_t R) { return align_up(elem * static_cast<size_t>(M * R)); }
+size_t act_bytes(size_t elem, int64_t M, int64_t R) { return round_up_256(elem * static_cast<size_t>(M * R)); }
 size_t partial_bytes(int64_t M, int64_t K, int64_t R) {
   const int64_t down = splitk::split_count(M, R, K), up = splitk::split_count(M, K, R);
   const int64_t floats = std::max(down > 1 ? down * M * R : 0, up > 1 ? up * M * K : 0);
@@ -52,7 +45,7 @@ size_t partial_bytes(int64_t M, int64_t K, int64_t R) {
 
 template <typename T>
 size_t adapter_fwd_workspace(int64_t M, int64_t K, int64_t R) {
-  if (!lora_detail::k16<T> || !lora_detail::sizes_fit(M, K, R)) return 0;
+  if (!is_16bit<T> || !lora_detail::sizes_fit(M, K, R)) return 0;
   // T(act(h)) [M, R], then the split-K partials
   return lora_detail::act_bytes(sizeof(T), M, R) + lora_detail::partial_bytes(M, K, R);
 }
@@ -64,7 +57,7 @@ cudaError_t adapter_fwd_cutlass(const T* x, int64_t ldx, const T* w_down, const 
                                 const T* b_up, T* y, acc_t<T>* h, void* workspace, int64_t M, int64_t K,
                                 int64_t R, Activation act, double scale, cudaStream_t stream) {
   using namespace lora_detail;
-  if constexpr (!k16<T>) {
+  if constexpr (!is_16bit<T>) {
     return cudaErrorNotSupported;
   } else {
     using Down = EpilogueBiasAct<T>;

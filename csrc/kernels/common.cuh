@@ -1,7 +1,9 @@
 // Shared by every kernel file: element types, their accumulator type, conversions.
 // Plain CUDA, no torch headers: each kernels/*.cu compiles with `nvcc -c` alone.
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -22,6 +24,13 @@ template <> __device__ __forceinline__ __half from_acc<__half, float>(float v) {
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) { return __float2bfloat16_rn(v); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// For the launchers: the element types of the 16-bit tensor-core paths; 16-byte alignment (vector
+// loads, cp.async and TMA move whole 16-byte rows); workspace pieces on 256-byte boundaries.
+template <typename T>
+inline constexpr bool is_16bit = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+inline size_t round_up_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 }  // namespace lk
 

@@ -21,23 +21,17 @@ namespace lk {
 namespace lora_detail {
 namespace {
 
-template <typename T>
-constexpr bool k16 = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
-
 constexpr int64_t kRankPad = 16;      // RP: R rounded up to a multiple of this
-constexpr size_t kAlign = 256;
 
 int64_t padded_rank(int64_t R) { return (R + kRankPad - 1) / kRankPad * kRankPad; }
-size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
 // Split-K of an [M, N] output reduced over K (splitk_rule.h) and the bytes of its fp32 partials,
 // 0 with one split. The grid's z counts the splits; S·M·N stays below 132·128·128.
 int splits_of(int64_t M, int64_t N, int64_t K) { return splitk::split_count(M, N, K); }
 size_t partial_bytes(int64_t M, int64_t N, int64_t K) {
   const int S = splits_of(M, N, K);
-  return S > 1 ? align_up(sizeof(float) * static_cast<size_t>(S) * static_cast<size_t>(M * N)) : 0;
+  return S > 1 ? round_up_256(sizeof(float) * static_cast<size_t>(S) * static_cast<size_t>(M * N)) : 0;
 }
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // h = T(scale·u) [M, RP] with zeros in the columns R..RP-1, and dst = src zero-padded from
 // [src_rows, src_cols] to [dst_rows, dst_cols] (lora_B to [N, RP], or lora_A to [RP, K]): the
@@ -90,7 +84,7 @@ CutlassPath cutlass_path(const void* a, int64_t lda, const void* b, int64_t ldb,
 // Two buffers in one workspace: bytes_a at offset 0, the second after it.
 template <typename T>
 T* second(void* workspace, size_t bytes_a) {
-  return reinterpret_cast<T*>(static_cast<unsigned char*>(workspace) + align_up(bytes_a));
+  return reinterpret_cast<T*>(static_cast<unsigned char*>(workspace) + round_up_256(bytes_a));
 }
 
 }  // namespace
@@ -98,7 +92,7 @@ T* second(void* workspace, size_t bytes_a) {
 template <typename T>
 CutlassPath lora_cutlass_path(const T* x, int64_t ldx, const T* weight, int64_t ldw, int64_t M, int64_t N,
                               int64_t K, int64_t R, const void* workspace) {
-  if constexpr (!k16<T>) {
+  if constexpr (!is_16bit<T>) {
     return CutlassPath::none;
   } else {
     return cutlass_path<T, false>(x, ldx, weight, ldw, M, N, K, R, workspace);
@@ -109,7 +103,7 @@ template <typename T>
 cudaError_t lora_fwd_cutlass(CutlassPath path, const T* x, int64_t ldx, const T* weight, int64_t ldw,
                              const T* bias, const T* lora_B, T* y, const acc_t<T>* u, int64_t M, int64_t N,
                              int64_t K, int64_t R, double scaling, void* workspace, cudaStream_t stream) {
-  if constexpr (!k16<T>) {
+  if constexpr (!is_16bit<T>) {
     return cudaErrorNotSupported;
   } else {
     const int64_t RP = padded_rank(R);
@@ -125,16 +119,16 @@ cudaError_t lora_fwd_cutlass(CutlassPath path, const T* x, int64_t ldx, const T*
 
 template <typename T>
 size_t lora_dx_cutlass_workspace(int64_t M, int64_t N, int64_t K, int64_t R) {
-  if (!k16<T> || M < 1 || N < 1 || K < 1 || R < 1) return 0;
+  if (!is_16bit<T> || M < 1 || N < 1 || K < 1 || R < 1) return 0;
   const int64_t RP = padded_rank(R);
   // the GEMM's output is [M, K], its reduction N
-  return align_up(sizeof(T) * M * RP) + align_up(sizeof(T) * RP * K) + partial_bytes(M, K, N);
+  return round_up_256(sizeof(T) * M * RP) + round_up_256(sizeof(T) * RP * K) + partial_bytes(M, K, N);
 }
 
 template <typename T>
 CutlassPath lora_dx_cutlass_path(const T* g, const T* weight, int64_t ldw, int64_t M, int64_t N, int64_t K,
                                  int64_t R, const void* workspace) {
-  if constexpr (!k16<T>) {
+  if constexpr (!is_16bit<T>) {
     return CutlassPath::none;
   } else {
     // dx [M, K] = g [M, N] · W0 [N, K]: the GEMM's N is K, its reduction N; W0 N-major (kBMN).
@@ -146,7 +140,7 @@ template <typename T>
 cudaError_t lora_dx_cutlass(CutlassPath path, const T* g, const T* weight, int64_t ldw, const T* lora_A,
                             const acc_t<T>* v, T* dx, int64_t M, int64_t N, int64_t K, int64_t R, void* workspace,
                             cudaStream_t stream) {
-  if constexpr (!k16<T>) {
+  if constexpr (!is_16bit<T>) {
     return cudaErrorNotSupported;
   } else {
     const int64_t RP = padded_rank(R);
@@ -164,9 +158,9 @@ cudaError_t lora_dx_cutlass(CutlassPath path, const T* g, const T* weight, int64
 
 template <typename T>
 size_t lora_fwd_workspace(int64_t M, int64_t N, int64_t K, int64_t R, double dropout_p) {
-  if (!lora_detail::k16<T> || dropout_p > 0.0 || M < 1 || N < 1 || K < 1 || R < 1) return 0;
+  if (!is_16bit<T> || dropout_p > 0.0 || M < 1 || N < 1 || K < 1 || R < 1) return 0;
   const int64_t RP = lora_detail::padded_rank(R);
-  return lora_detail::align_up(sizeof(T) * M * RP) + lora_detail::align_up(sizeof(T) * N * RP) +
+  return round_up_256(sizeof(T) * M * RP) + round_up_256(sizeof(T) * N * RP) +
          lora_detail::partial_bytes(M, N, K);
 }
 

@@ -82,8 +82,6 @@ constexpr int kMaxRowThreads = 512;
 // python benchmarks/cuda_ptx_check.py csrc/kernels/layer_norm.cu after raising it).
 constexpr int max_packs(int V) { return V == 8 ? 2 : 4; }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 struct RowLaunch {
   dim3 block;
   unsigned grid;

@@ -11,13 +11,7 @@ namespace lk {
 namespace wgrad {
 namespace {
 
-template <typename T>
-constexpr bool k16 = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
-
 constexpr int64_t kBW = 128, kBK = 64;  // cutlass_wgrad_sm80.cuh's tile along w and m
-constexpr size_t kAlign = 256;
-size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // ------------------------------------------------------------------------------ split over M
 
@@ -66,9 +60,9 @@ Layout layout(int64_t M, int64_t W, int64_t R, bool ones, bool colsum) {
   l.NC = R + (ones ? 1 : 0);
   l.split = split_m(M, W, l.RB);
   l.prep_blocks = ceil_div(M, prep_rows(M));
-  l.off_part = align_up(sizeof(T) * static_cast<size_t>(M * l.RB));
-  l.off_colsum = l.off_part + (l.split.S > 1 ? align_up(sizeof(float) * static_cast<size_t>(l.split.S * W * l.NC)) : 0);
-  l.bytes = l.off_colsum + (colsum ? align_up(sizeof(float) * static_cast<size_t>(l.prep_blocks * R)) : 0);
+  l.off_part = round_up_256(sizeof(T) * static_cast<size_t>(M * l.RB));
+  l.off_colsum = l.off_part + (l.split.S > 1 ? round_up_256(sizeof(float) * static_cast<size_t>(l.split.S * W * l.NC)) : 0);
+  l.bytes = l.off_colsum + (colsum ? round_up_256(sizeof(float) * static_cast<size_t>(l.prep_blocks * R)) : 0);
   return l;
 }
 
@@ -180,13 +174,13 @@ cudaError_t launch_gemm(Path path, const WgradGemm<T>& p, int64_t splits, cudaSt
 
 template <typename T>
 size_t wgrad_workspace(int64_t M, int64_t W, int64_t R, bool ones, bool colsum) {
-  if (!k16<T> || M < 1 || W < 1 || R < 1) return 0;
+  if (!is_16bit<T> || M < 1 || W < 1 || R < 1) return 0;
   return layout<T>(M, W, R, ones, colsum).bytes;
 }
 
 template <typename T>
 bool wgrad_applies(const T* a, int64_t lda, int64_t M, int64_t W, int64_t R, bool ones, const void* workspace) {
-  if constexpr (!k16<T>) {
+  if constexpr (!is_16bit<T>) {
     return false;
   } else {
     // CuTe shapes are int; RB <= R + 8 must fit one too. ldx may be 0 (x.expand: rows overlap, only read).
@@ -201,7 +195,7 @@ template <typename T>
 cudaError_t wgrad(const T* a, int64_t lda, const acc_t<T>* src, int act, int64_t M, int64_t W, int64_t R,
                   double scale, T* out, int64_t osw, int64_t osr, T* ones_out, double ones_scale, T* colsum_out,
                   void* workspace, cudaStream_t stream) {
-  if constexpr (!k16<T>) {
+  if constexpr (!is_16bit<T>) {
     return cudaErrorNotSupported;
   } else {
     const Layout l = layout<T>(M, W, R, ones_out != nullptr, colsum_out != nullptr);
