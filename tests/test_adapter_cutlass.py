@@ -1,7 +1,7 @@
 """With a GPU and the built extension: the 16-bit adapter forward (csrc/kernels/adapter_cutlass.cu) and
 its backward's dz and dx (adapter_bwd_cutlass.cu) on LoRA's CUTLASS kernels, where adapter_fused.cu's
-single pass does not apply (R > 64) and M >= 128, K and R are multiples of 8. Which path other shapes
-take: test_cuda_backend.py's ADAPTER_PATHS."""
+single pass does not apply (R > 64) and K and R are multiples of 8 (few output tiles: split-K,
+test_cutlass_splitk.py). Which path other shapes take: test_cuda_backend.py's ADAPTER_PATHS."""
 import re
 
 import pytest
@@ -42,15 +42,17 @@ def test_adapter_cutlass_forward(dtype, r, activation, bias):
     if names is None:
         pytest.skip("the outputs and gradients matched; the profiler recorded no CUDA kernel (no CUPTI), "
                     "so which kernels ran is unknown")
-    cutlass = [name for name in names if re.search(r"cutlass_sm(?:80|90)_kernel<", name)]
+    cutlass = [name for name in names if re.search(r"cutlass_sm(?:80|90)(?:_splitk)?_kernel<", name)]
     assert any("EpilogueBiasAct<" in name for name in cutlass), f"the CUTLASS down product did not run: {names}"
     assert any("EpilogueResidual<" in name for name in cutlass), f"the CUTLASS up product did not run: {names}"
 
 
 # (M, K, R, activation, bias): every activation at M = 300 (3 row tiles, a residue of 44) with K = 264 (dz's
 # partial k-tile; dx's 3 column tiles, a residue of 8) and at M = 4099 (33 row tiles, a residue of 3) with
-# K = 1024, each at R = 96 (dz's one 128-column tile with 32 columns masked; dx's partial second k-tile) and 128.
-ADAPTER_BWD_CUTLASS = [(m, k, r, a, b) for (m, k), rs in (((300, 264), (96, 128)), ((4099, 1024), (128, 96)))
+# K = 1024 (dz in 4 splits), and at M = 37 (one row tile: dz in 4 splits), each at R = 96 (dz's one 128-column
+# tile with 32 columns masked; dx's partial second k-tile) and 128.
+ADAPTER_BWD_CUTLASS = [(m, k, r, a, b) for (m, k), rs in (((300, 264), (96, 128)), ((4099, 1024), (128, 96)),
+                                                            ((37, 1024), (96, 128)))
                        for (a, b), r in zip([("gelu", True), ("gelu_tanh", False), ("relu", True), ("silu", False)],
                                             rs * 2)]
 # the bool template argument as demanglers print it: true or (bool)1
@@ -92,7 +94,7 @@ def test_adapter_cutlass_backward(dtype, m, k, r, activation, bias, need_dx):
     if names is None:
         pytest.skip("the gradients matched; the profiler recorded no CUDA kernel (no CUPTI), so which kernels ran "
                     "is unknown")
-    cutlass = [name for name in names if re.search(r"cutlass_sm(?:80|90)_kernel<", name)]
+    cutlass = [name for name in names if re.search(r"cutlass_sm(?:80|90)(?:_splitk)?_kernel<", name)]
     assert any("EpilogueActGrad<" in name for name in cutlass), f"the CUTLASS dz product did not run: {names}"
     dx_ran = any("EpilogueResidual<" in name and re.search(_N_MAJOR, name) for name in cutlass)
     assert dx_ran == need_dx, f"the CUTLASS dx product {'did not run' if need_dx else 'ran unasked'}: {names}"

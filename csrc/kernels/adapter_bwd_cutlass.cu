@@ -7,11 +7,13 @@
 //   dx [M, K] = g + T(dz) [M, R] · W_d [R, K]          N = K, reduction R; EpilogueResidual (scale 1)
 //
 // Applies as the forward's CUTLASS path (adapter_cutlass.cu's rules, restated here for the backward's
-// operands): half/bf16, M >= 128 (one 128-row tile), K and R multiples of 8 (16-byte rows of g, W_u,
+// operands): half/bf16, any M >= 1 (few output tiles get split-K, splitk_rule.h, each product its
+// own count), K and R multiples of 8 (16-byte rows of g, W_u,
 // W_d and T(dz), and N % 8 for the N-major B), g, W_u, W_d and the workspace 16-byte aligned, sizes
-// that fit CuTe's int shapes and the (⌈M/128⌉, ⌈N/128⌉) grid, and a device whose image of both kernels
-// is loadable.
-// dz is adapter_bwd.cu's dh (the same fp32 buffer); T(dz) goes to its workspace's dht.
+// that fit CuTe's int shapes and the (⌈M/128⌉, ⌈N/128⌉, S) grid, and a device whose image of both
+// kernels is loadable.
+// dz is adapter_bwd.cu's dh (the same fp32 buffer); T(dz) goes to its workspace's dht, followed by
+// the split-K partials (one buffer for both products: the launches are ordered on the stream).
 // The tile is 128×128 in (rows, N): the dz product's N is R, so where R is not a multiple of 128
 // part of the MMA work is on the zero-filled rows of W_u past R (R = 96: 25%; R = 32, reached only
 // where the fused pass's g tile exceeds shared memory: 75%). A 128×64 tile would cut that where
@@ -20,7 +22,9 @@
 // fill the pipeline; at R/2 FLOP per byte of g read and dx written it is memory-bound (arithmetic).
 // Not run or timed yet: no GPU so far.
 #include "adapter_cutlass.cuh"
+#include "splitk_rule.h"
 
+#include <algorithm>
 #include <climits>
 #include <type_traits>
 
@@ -28,26 +32,29 @@ namespace lk {
 namespace adapter_detail {
 namespace {
 
-template <typename T>
-constexpr bool k16 = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
-
-constexpr int64_t kMinRows = 128;
 constexpr int64_t kMaxCols = 65535LL * 128;  // gridDim.y counts the output's 128-column tiles
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The sizes alone (no pointers, no device): what adapter_bwd_cutlass_workspace and the path share.
 bool sizes_fit(int64_t M, int64_t K, int64_t R) {
-  return M >= kMinRows && M <= INT_MAX && K >= 8 && K <= kMaxCols && R >= 8 && R <= kMaxCols && K % 8 == 0 &&
+  return M >= 1 && M <= INT_MAX && K >= 8 && K <= kMaxCols && R >= 8 && R <= kMaxCols && K % 8 == 0 &&
          R % 8 == 0;
+}
+
+size_t dzt_bytes(size_t elem, int64_t M, int64_t R) { return round_up_256(elem * static_cast<size_t>(M * R)); }
+
+// dz: output [M, R] reduced over K; dx: [M, K] over R (⌈R/64⌉ k-tiles: one split below R = 512).
+size_t partial_bytes(int64_t M, int64_t K, int64_t R) {
+  const int64_t dz = splitk::split_count(M, R, K), dx = splitk::split_count(M, K, R);
+  const int64_t floats = std::max(dz > 1 ? dz * M * R : 0, dx > 1 ? dx * M * K : 0);
+  return sizeof(float) * static_cast<size_t>(floats);
 }
 
 }  // namespace
 
 template <typename T>
 size_t adapter_bwd_cutlass_workspace(int64_t M, int64_t K, int64_t R) {
-  if (!k16<T> || !sizes_fit(M, K, R)) return 0;
-  return sizeof(T) * static_cast<size_t>(M) * static_cast<size_t>(R);  // T(dz) [M, R]
+  if (!is_16bit<T> || !sizes_fit(M, K, R)) return 0;
+  return dzt_bytes(sizeof(T), M, R) + partial_bytes(M, K, R);  // T(dz) [M, R], then the partials
 }
 
 template <typename T>
@@ -55,7 +62,7 @@ cudaError_t adapter_bwd_cutlass(const T* g, const T* w_down, const T* w_up, cons
                                 T* dzt, T* dx, int64_t M, int64_t K, int64_t R, Activation act, double scale,
                                 cudaStream_t stream) {
   using namespace lora_detail;
-  if constexpr (!k16<T>) {
+  if constexpr (!is_16bit<T>) {
     return cudaErrorNotSupported;
   } else {
     using Dz = EpilogueActGrad<T>;
@@ -71,11 +78,12 @@ cudaError_t adapter_bwd_cutlass(const T* g, const T* w_down, const T* w_up, cons
     const CutlassGemm<Dz> pdz{g, K, w_up, R, nullptr, 0, nullptr, 0,
                               {h, R, dz, R, dx != nullptr ? dzt : nullptr, R, static_cast<float>(scale), act},
                               M, R, K, 0};
-    cudaError_t err = cutlass_launch<Dz, true>(path, pdz, stream);
+    float* partials = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(dzt) + dzt_bytes(sizeof(T), M, R));
+    cudaError_t err = cutlass_launch<Dz, true>(path, pdz, stream, SplitK{partials, splitk::split_count(M, R, K)});
     if (err != cudaSuccess || dx == nullptr) return err;
     // dx [M, K] = g + T(dz) [M, R] · W_d: B(n = k, kk = r) = W_d[r, k], N-major with row stride K.
     const CutlassGemm<Dx> pdx{dzt, R, w_down, K, nullptr, 0, nullptr, 0, {nullptr, g, K, dx, K, 1.0f}, M, K, R, 0};
-    return cutlass_launch<Dx, true>(path, pdx, stream);
+    return cutlass_launch<Dx, true>(path, pdx, stream, SplitK{partials, splitk::split_count(M, K, R)});
   }
 }
 
