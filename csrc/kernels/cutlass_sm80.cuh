@@ -25,6 +25,7 @@
 #pragma once
 #include "cutlass_splitk.cuh"
 #include "lora_cutlass.cuh"
+#include "cute_sm80_types.cuh"
 
 #include <cute/tensor.hpp>
 #include <cutlass/gemm/collective/collective_mma.hpp>
@@ -37,15 +38,8 @@ namespace {
 
 using namespace cute;
 
-template <typename T> struct Sm80Types;
-template <> struct Sm80Types<__half> {
-  using E = cutlass::half_t;
-  using Atom = SM80_16x8x16_F32F16F16F32_TN;
-};
-template <> struct Sm80Types<__nv_bfloat16> {
-  using E = cutlass::bfloat16_t;
-  using Atom = SM80_16x8x16_F32BF16BF16F32_TN;
-};
+template <typename T>
+using Sm80Types = CuteSm80<T>;  // cute_sm80_types.cuh
 
 template <typename T, bool kBMN>
 struct Sm80Config {

@@ -16,6 +16,7 @@
 // first element), R past RB is the caller's zero padding; the epilogue stores w < W, r < NC only.
 #pragma once
 #include "cutlass_wgrad.cuh"
+#include "cute_sm80_types.cuh"
 
 #include <cute/tensor.hpp>
 #include <cutlass/gemm/collective/collective_mma.hpp>
@@ -28,15 +29,8 @@ namespace {
 
 using namespace cute;
 
-template <typename T> struct Types;
-template <> struct Types<__half> {
-  using E = cutlass::half_t;
-  using Atom = SM80_16x8x16_F32F16F16F32_TN;
-};
-template <> struct Types<__nv_bfloat16> {
-  using E = cutlass::bfloat16_t;
-  using Atom = SM80_16x8x16_F32BF16BF16F32_TN;
-};
+template <typename T>
+using Types = CuteSm80<T>;  // cute_sm80_types.cuh
 
 // MN-major shared-memory atoms: RT elements along MN (one row of the atom per k) by 8 k, XOR-swizzled
 // in 16-byte units so that ldmatrix.trans's eight addresses (8 consecutive k at one MN offset) hit

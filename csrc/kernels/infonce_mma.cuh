@@ -33,6 +33,7 @@
 // Its bytes per pass and slab, per tile pair: X + Y + slab = 3·64·256·2 → Y + slab (2/3) at D = 256.
 #pragma once
 #include "infonce_detail.cuh"
+#include "cute_sm80_types.cuh"
 
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_atom.hpp>
@@ -63,15 +64,8 @@ __host__ __device__ constexpr int64_t x_slots(int64_t D) {
 namespace mma16 {
 using namespace cute;
 
-template <typename T> struct Types;
-template <> struct Types<__half> {
-  using E = cutlass::half_t;
-  using Atom = SM80_16x8x16_F32F16F16F32_TN;
-};
-template <> struct Types<__nv_bfloat16> {
-  using E = cutlass::bfloat16_t;
-  using Atom = SM80_16x8x16_F32BF16BF16F32_TN;
-};
+template <typename T>
+using Types = CuteSm80<T>;  // cute_sm80_types.cuh
 
 // K-major 64×64 chunk: 8 rows of 64 k (128 bytes) XOR-swizzled so that ldmatrix's eight 16-byte
 // rows hit distinct banks; 16-byte groups of 8 k stay contiguous and aligned (cp.async targets).
