@@ -98,3 +98,32 @@ def test_adapter_weight_gradients_cutlass(dtype, m, r, activation):
         pytest.skip("the gradients matched; the profiler recorded no CUDA kernel (no CUPTI), so which kernels "
                     "ran is unknown")
     assert _wgrad_launches(names) == 2, f"expected 2 wgrad_sm*_kernel launches (dW_up, dW_down); kernels: {names}"
+
+
+# (M, N, K): M = 4104 (a multiple of 8: CUTLASS; 64 output tiles, 2 splits), 512 at N = K = 256 (4 tiles, 8 k-tiles:
+# 2 splits), 37 (not a multiple of 8: lora_gemm.cu's WMMA GEMM keeps it)
+DW_SHAPES = [(4104, 1024, 1024), (512, 256, 256), (37, 264, 264)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("m,n,k", DW_SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in DW_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_lora_frozen_weight_gradient_cutlass(dtype, m, n, k):
+    """dW = gᵀx when the base weight requires grad: a transposed copy of g, then the forward's CUTLASS
+    GEMM (B = x N-major) where M, K and x's row stride are multiples of 8, else the WMMA GEMM; all
+    gradients against float64, bitwise reproducible, and (profiler) which path ran."""
+    r = 16
+    args = [randn(m, k, requires_grad=True), randn(n, k, requires_grad=True, scale=k**-0.5), randn(n),
+            randn(r, k, requires_grad=True, scale=k**-0.5), randn(n, r, requires_grad=True, scale=r**-0.5)]
+    fn = lambda *a: lk.lora_linear(*a, scaling=0.5)  # noqa: E731
+    with lk.use_backend("cuda"):
+        check_against_reference(fn, lambda *a: ref_lora.lora_linear(*a, 0.5), args, dtype, f"lora dW m={m}")
+        low = [a.detach().to(dtype).requires_grad_(a.requires_grad) for a in args]
+        once = _backward_twice(fn, low)
+        names = _cuda_kernels_run(lambda: fn(*low).sum().backward())
+    assert all(torch.equal(a, b) for a, b in zip(*once)), "gradients not bitwise reproducible"
+    if names is None:
+        pytest.skip("the gradients matched; the profiler recorded no CUDA kernel (no CUPTI), so which kernels "
+                    "ran is unknown")
+    transposed = any("transpose16_kernel" in name for name in names)
+    assert transposed == (m % 8 == 0), f"dW's CUTLASS path {'did not run' if m % 8 == 0 else 'ran'}: {names}"

@@ -87,7 +87,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cuda(
   launched(op, dispatch(op, in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = lk::acc_t<T>;
-    Tensor ws = workspace(lk::lora_bwd_workspace<T>(s.M, s.N, s.K, s.R), x);
+    Tensor ws = workspace(lk::lora_bwd_workspace<T>(s.M, s.N, s.K, s.R) +
+                              (need_dW ? lk::lora_dw_workspace<T>(s.M, s.N, s.K) : 0), x);
     return lk::lora_bwd<T>(cptr<T>(g), cptr<T>(x), x.stride(0), cptr<T>(weight), weight.stride(0),
                            cptr<T>(lora_A), cptr<T>(lora_B), cptr<A>(u), ptr_if<T>(need_dx, dx), ptr<T>(dA),
                            ptr<T>(dB), ptr_if<T>(need_dW, dW), ptr_if<T>(need_db, db), data_or_null(ws), s.M, s.N,

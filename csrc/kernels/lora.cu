@@ -12,11 +12,13 @@
 //             sm_80+; dA without dropout only (its mask sits inside the sum); db then comes
 //             from dB's GEMM as a column of ones beside u, without reading g again.)
 //             4. gemm:    dx = g W  + epilogue drop'(v A)     [M, K]  (if requested)
-//             5. gemm:    dW = gᵀ x                           [N, K]  (if requested; stays on
-//                         lora_gemm.cu's WMMA GEMM: a full [N, K] output is not the narrow
-//                         product cutlass_wgrad.cuh's tiles are for (they would read x N/64
-//                         times), and cuBLAS picks split-K by device, against the determinism
-//                         rule below)
+//             5. gemm:    dW = gᵀ x                           [N, K]  (if requested; on the
+//                         CUTLASS kernels of the forward after a transposed copy of g, where
+//                         16-bit and M, K, ldx multiples of 8 (lora_cutlass.cu); else
+//                         lora_gemm.cu's WMMA GEMM. Not cutlass_wgrad.cuh: a full [N, K] output
+//                         is not the narrow product its tiles are for (they would read x N/64
+//                         times); not cuBLAS: it picks split-K by device, against the
+//                         determinism rule below)
 //             6. colsum:  db = Σ_rows g                       [N]     (if requested)
 // One tiled GEMM template serves every large product: tensor cores (WMMA 16×16×16, fp32
 // accumulators) for half/bf16, a register-tiled CUDA-core loop for float/double (fp32 stays
@@ -296,7 +298,13 @@ cudaError_t lora_bwd(const T* g, const T* x, int64_t ldx, const T* weight, int64
     if (err != cudaSuccess) return err;
   }
 
-  if (dW != nullptr) {
+  // dW on CUTLASS where it applies (lora_cutlass.cuh), its workspace after all of the above
+  const size_t dw_bytes = dW != nullptr ? lora_detail::lora_dw_cutlass_workspace<T>(M, N, K) : 0;
+  err = dw_bytes > 0 && ws != nullptr
+            ? lora_detail::lora_dw_cutlass<T>(g, x, ldx, dW, M, N, K, ws + lora_bwd_workspace<T>(M, N, K, R), stream)
+            : cudaErrorNotSupported;
+  if (err != cudaSuccess && err != cudaErrorNotSupported) return err;
+  if (dW != nullptr && err == cudaErrorNotSupported) {
     // dW[n, k] = Σ_m g[m, n] x[m, k]; M = 0 runs an empty reduction, writing zeros
     GemmParams<T> gp{};
     gp.a = g;  // A(n, m) = g[m, n]

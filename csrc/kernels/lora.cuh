@@ -23,8 +23,14 @@ size_t lora_fwd_workspace(int64_t M, int64_t N, int64_t K, int64_t R, double dro
 template <typename T>
 size_t lora_bwd_workspace(int64_t M, int64_t N, int64_t K, int64_t R);
 
+// Extra workspace when dW is asked for (after lora_bwd_workspace's bytes): the CUTLASS dW path's
+// transposed copy of g and its split-K partials; 0 where that path cannot apply.
+template <typename T>
+size_t lora_dw_workspace(int64_t M, int64_t N, int64_t K);
+
 // g: [M, N] contiguous; x, weight, lora_A, lora_B, u as in the forward.
 // Outputs: dx [M, K] or nullptr; dA [R, K]; dB [N, R]; dW [N, K] or nullptr; db [N] or nullptr.
+// workspace: lora_bwd_workspace bytes, plus lora_dw_workspace when dW is not nullptr.
 template <typename T>
 cudaError_t lora_bwd(const T* g, const T* x, int64_t ldx, const T* weight, int64_t ldw,
                      const T* lora_A, const T* lora_B, const acc_t<T>* u, T* dx, T* dA, T* dB,

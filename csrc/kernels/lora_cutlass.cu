@@ -78,6 +78,9 @@ CutlassPath cutlass_path(const void* a, int64_t lda, const void* b, int64_t ldb,
       N > 65535LL * 128 || padded_rank(R) > INT_MAX || lda % 8 != 0 || ldb % 8 != 0 || K % 8 != 0 ||
       (kBMN && N % 8 != 0) || !aligned16(a) || !aligned16(b) || !aligned16(workspace))
     return CutlassPath::none;
+  // Rows that overlap (x.expand(M, K): a row stride below the row) are valid input, but not a tensor
+  // TMA can describe; they keep the older kernels.
+  if (lda < K || ldb < (kBMN ? N : K)) return CutlassPath::none;
   return cutlass_device_path<EpilogueBias<T>, kBMN>();
 }
 
@@ -154,7 +157,63 @@ cudaError_t lora_dx_cutlass(CutlassPath path, const T* g, const T* weight, int64
   }
 }
 
+// dW [N, K] = gᵀ x. The kernels take a K-major A only, and both of dW's operands run along M (g [M, N],
+// x [M, K]): g is transposed into the workspace (gᵀ [N, M], one read and one write of g, against the
+// GEMM's 2·M·N·K FLOP), x is read as it lies, an N-major B (B(n = k, kk = m) = x[m, k], row stride
+// ldx). M is the reduction: a multiple of 8 for whole 16-byte rows of gᵀ. The tile grid covers
+// [N, K] (split-K over M where tiles are few). lora_gemm.cu's WMMA GEMM stays for the other shapes.
+template <typename T>
+size_t lora_dw_cutlass_workspace(int64_t M, int64_t N, int64_t K) {
+  if (!is_16bit<T> || M < 8 || M % 8 != 0 || N < 1 || K < 8 || K % 8 != 0) return 0;
+  return round_up_256(sizeof(T) * N * M) + partial_bytes(N, K, M);
+}
+
+// dst [cols, rows] = srcᵀ for 16-bit src [rows, cols]: 32×32 tiles through shared memory (one
+// padding column against bank conflicts), bits moved as they are; rows on grid x (M may be large).
+__global__ void __launch_bounds__(256) transpose16_kernel(const uint16_t* __restrict__ src, uint16_t* __restrict__ dst,
+                                                          int64_t rows, int64_t cols) {
+  __shared__ uint16_t tile[32][33];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * 32, c0 = static_cast<int64_t>(blockIdx.y) * 32;
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int64_t r = r0 + i, c = c0 + threadIdx.x;
+    if (r < rows && c < cols) tile[i][threadIdx.x] = src[r * cols + c];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int64_t c = c0 + i, r = r0 + threadIdx.x;
+    if (c < cols && r < rows) dst[c * rows + r] = tile[threadIdx.x][i];
+  }
+}
+
+template <typename T>
+cudaError_t lora_dw_cutlass(const T* g, const T* x, int64_t ldx, T* dW, int64_t M, int64_t N, int64_t K,
+                            void* workspace, cudaStream_t stream) {
+  if constexpr (!is_16bit<T>) {
+    return cudaErrorNotSupported;
+  } else {
+    if (workspace == nullptr || lora_dw_cutlass_workspace<T>(M, N, K) == 0 || N > 65535LL * 32)
+      return cudaErrorNotSupported;
+    T* gt = static_cast<T*>(workspace);  // gᵀ [N, M]
+    // the GEMM: rows N, columns K, reduction M; R = 1 stands for "no second phase" in the checks
+    const CutlassPath path = cutlass_path<T, true>(gt, M, x, ldx, N, K, M, 1, workspace);
+    if (path == CutlassPath::none) return cudaErrorNotSupported;
+    const dim3 grid(static_cast<unsigned>(ceil_div(M, 32)), static_cast<unsigned>(ceil_div(N, 32)));
+    transpose16_kernel<<<grid, dim3(32, 8), 0, stream>>>(reinterpret_cast<const uint16_t*>(g),
+                                                        reinterpret_cast<uint16_t*>(gt), M, N);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    const CutlassGemm<EpilogueBias<T>> p{gt, M, x, ldx, nullptr, 0, nullptr, 0, {nullptr, dW, K}, N, K, M, 0};
+    const SplitK split{second<float>(gt, sizeof(T) * N * M), splits_of(N, K, M)};
+    return cutlass_launch<EpilogueBias<T>, true>(path, p, stream, split);
+  }
+}
+
 }  // namespace lora_detail
+
+template <typename T>
+size_t lora_dw_workspace(int64_t M, int64_t N, int64_t K) {
+  return lora_detail::lora_dw_cutlass_workspace<T>(M, N, K);
+}
 
 template <typename T>
 size_t lora_fwd_workspace(int64_t M, int64_t N, int64_t K, int64_t R, double dropout_p) {
@@ -182,5 +241,13 @@ size_t lora_fwd_workspace(int64_t M, int64_t N, int64_t K, int64_t R, double dro
                                                        int64_t, int64_t, void*, cudaStream_t);
 LK_FOR_EACH_TYPE(LK_INSTANTIATE_LORA_CUTLASS)
 #undef LK_INSTANTIATE_LORA_CUTLASS
+
+#define LK_INSTANTIATE_LORA_DW_CUTLASS(T)                                                                   \
+  template size_t lora_dw_workspace<T>(int64_t, int64_t, int64_t);                                         \
+  template size_t lora_detail::lora_dw_cutlass_workspace<T>(int64_t, int64_t, int64_t);                    \
+  template cudaError_t lora_detail::lora_dw_cutlass<T>(const T*, const T*, int64_t, T*, int64_t, int64_t,   \
+                                                       int64_t, void*, cudaStream_t);
+LK_FOR_EACH_TYPE(LK_INSTANTIATE_LORA_DW_CUTLASS)
+#undef LK_INSTANTIATE_LORA_DW_CUTLASS
 
 }  // namespace lk

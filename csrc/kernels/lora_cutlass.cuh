@@ -111,6 +111,15 @@ cudaError_t lora_dx_cutlass(CutlassPath path, const T* g, const T* weight, int64
                             const acc_t<T>* v, T* dx, int64_t M, int64_t N, int64_t K, int64_t R, void* workspace,
                             cudaStream_t stream);
 
+// dW [N, K] = gᵀ x (the frozen weight's gradient, when asked for): workspace bytes (0 where the
+// path cannot apply: 16-bit only, M, K and ldx multiples of 8), and the launches (cudaErrorNotSupported
+// where the path does not apply, launching nothing).
+template <typename T>
+size_t lora_dw_cutlass_workspace(int64_t M, int64_t N, int64_t K);
+template <typename T>
+cudaError_t lora_dw_cutlass(const T* g, const T* x, int64_t ldx, T* dW, int64_t M, int64_t N, int64_t K,
+                            void* workspace, cudaStream_t stream);
+
 // cutlass_sm80.cuh / cutlass_sm90.cuh (instantiated per epilogue: LoRA's in lora_sm80.cu and
 // lora_sm90.cu, the adapter's in adapter_sm80.cu and adapter_sm90.cu): whether the current device
 // can run the kernel (image loadable, shared memory), and its launch. Epi::Elem is __half or
