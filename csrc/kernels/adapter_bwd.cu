@@ -4,11 +4,11 @@
 //   dx  = g + dh·W_d           [M, K] over R
 // dh and dx come from adapter_fused.cu's single pass where its tiles fit (R <= 64, the g tile in
 // shared memory), else from the CUTLASS kernels where they apply (adapter_bwd_cutlass.cu: 16-bit,
-// K and R multiples of 8; split-K where output tiles are few), else from the DhBwd and DxBwd GEMMs. The weight gradients
-// come from the tiled GEMM of adapter_gemm.cuh, or, for 16-bit operands where cutlass_wgrad.cuh
-// applies (K and ldx multiples of 8, sm_80+), its CUTLASS tensor-core GEMM: dW_u from T(act(h))
-// with a column of ones giving db_u in the same pass, dW_d from T(dh) with db_d summed from the
-// fp32 dh.
+// K and R multiples of 8; split-K where output tiles are few), else from the DhBwd and DxBwd
+// GEMMs. The weight gradients come from the tiled GEMM of adapter_gemm.cuh, or, for 16-bit
+// operands where cutlass_wgrad.cuh applies (K and ldx multiples of 8, sm_80+), its CUTLASS
+// tensor-core GEMM: dW_u from T(act(h)) with a column of ones giving db_u in the same pass, dW_d
+// from T(dh) with db_d summed from the fp32 dh.
 // Memory traffic of the M×K and M×R operands (e = sizeof(T), a = sizeof(acc_t); each kernel's
 // operands counted once, the weights and the [S ≤ 64, K, R] split partials aside):
 //   fused dh, dx    reads g MK·e, h MR·a     writes dh MR·a, dx MK·e

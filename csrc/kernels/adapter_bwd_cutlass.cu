@@ -8,10 +8,9 @@
 //
 // Applies as the forward's CUTLASS path (adapter_cutlass.cu's rules, restated here for the backward's
 // operands): half/bf16, any M >= 1 (few output tiles get split-K, splitk_rule.h, each product its
-// own count), K and R multiples of 8 (16-byte rows of g, W_u,
-// W_d and T(dz), and N % 8 for the N-major B), g, W_u, W_d and the workspace 16-byte aligned, sizes
-// that fit CuTe's int shapes and the (⌈M/128⌉, ⌈N/128⌉, S) grid, and a device whose image of both
-// kernels is loadable.
+// own count), K and R multiples of 8 (16-byte rows of g, W_u, W_d and T(dz), and N % 8 for the
+// N-major B), g, W_u, W_d and the workspace 16-byte aligned, sizes that fit CuTe's int shapes and
+// the (⌈M/128⌉, ⌈N/128⌉, S) grid, and a device whose image of both kernels is loadable.
 // dz is adapter_bwd.cu's dh (the same fp32 buffer); T(dz) goes to its workspace's dht, followed by
 // the split-K partials (one buffer for both products: the launches are ordered on the stream).
 // The tile is 128×128 in (rows, N): the dz product's N is R, so where R is not a multiple of 128
