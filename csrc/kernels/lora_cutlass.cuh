@@ -14,6 +14,10 @@
 //             the workspace, then a finish kernel sums them in a fixed order and adds the bias.
 // dx       the same with v = s·g B (lora.cu's rowdot, fp32): dx = g W0 + T(v) A, W0 and A read
 //          along their rows (B operand N-major), A copied to [RP, K] with zero rows past R.
+// dW       (asked for only when the base weight trains) gᵀ x: g transposed into the workspace
+//          as the K-major A, x the N-major B, one phase (K2 = 0); M is the reduction.
+// Rows that overlap (a row stride below the row: x.expand) keep the older kernels: TMA cannot
+// describe them.
 // sm_90a (H100/H200, in a build with sm_90a code): cutlass_sm90.cuh, TMA + wgmma; any other sm_80+
 // GPU: cutlass_sm80.cuh, cp.async + ldmatrix + mma.sync.
 #pragma once
