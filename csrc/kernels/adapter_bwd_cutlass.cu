@@ -21,39 +21,20 @@
 // fill the pipeline; at R/2 FLOP per byte of g read and dx written it is memory-bound (arithmetic).
 // Not run or timed yet: no GPU so far.
 #include "adapter_cutlass.cuh"
-#include "splitk_rule.h"
-
-#include <algorithm>
-#include <climits>
-#include <type_traits>
 
 namespace lk {
 namespace adapter_detail {
 namespace {
 
-constexpr int64_t kMaxCols = 65535LL * 128;  // gridDim.y counts the output's 128-column tiles
-
-// The sizes alone (no pointers, no device): what adapter_bwd_cutlass_workspace and the path share.
-bool sizes_fit(int64_t M, int64_t K, int64_t R) {
-  return M >= 1 && M <= INT_MAX && K >= 8 && K <= kMaxCols && R >= 8 && R <= kMaxCols && K % 8 == 0 &&
-         R % 8 == 0;
-}
-
 size_t dzt_bytes(size_t elem, int64_t M, int64_t R) { return round_up_256(elem * static_cast<size_t>(M * R)); }
-
-// dz: output [M, R] reduced over K; dx: [M, K] over R (⌈R/64⌉ k-tiles: one split below R = 512).
-size_t partial_bytes(int64_t M, int64_t K, int64_t R) {
-  const int64_t dz = splitk::split_count(M, R, K), dx = splitk::split_count(M, K, R);
-  const int64_t floats = std::max(dz > 1 ? dz * M * R : 0, dx > 1 ? dx * M * K : 0);
-  return sizeof(float) * static_cast<size_t>(floats);
-}
 
 }  // namespace
 
 template <typename T>
 size_t adapter_bwd_cutlass_workspace(int64_t M, int64_t K, int64_t R) {
-  if (!is_16bit<T> || !sizes_fit(M, K, R)) return 0;
-  return dzt_bytes(sizeof(T), M, R) + partial_bytes(M, K, R);  // T(dz) [M, R], then the partials
+  if (!is_16bit<T> || !lora_detail::adapter_cutlass_sizes_fit(M, K, R)) return 0;
+  // T(dz) [M, R], then the partials
+  return dzt_bytes(sizeof(T), M, R) + lora_detail::adapter_cutlass_partial_bytes(M, K, R);
 }
 
 template <typename T>
@@ -66,8 +47,8 @@ cudaError_t adapter_bwd_cutlass(const T* g, const T* w_down, const T* w_up, cons
   } else {
     using Dz = EpilogueActGrad<T>;
     using Dx = EpilogueResidual<T>;
-    if (dzt == nullptr || !sizes_fit(M, K, R) || !aligned16(g) || !aligned16(w_down) || !aligned16(w_up) ||
-        !aligned16(dzt))
+    if (dzt == nullptr || !adapter_cutlass_sizes_fit(M, K, R) || !aligned16(g) || !aligned16(w_down) ||
+        !aligned16(w_up) || !aligned16(dzt))
       return cudaErrorNotSupported;
     const CutlassPath path = cutlass_device_path<Dz, true>();
     if (path == CutlassPath::none || (dx != nullptr && cutlass_device_path<Dx, true>() != path))

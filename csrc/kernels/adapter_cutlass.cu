@@ -12,42 +12,22 @@
 // T(act(h)) written and read once); the GEMM work, 4·M·K·R FLOP, runs on mma.sync/wgmma tiles.
 // Not run or timed yet: no GPU so far.
 #include "adapter_cutlass.cuh"
-#include "splitk_rule.h"
-
-#include <algorithm>
-#include <climits>
-#include <type_traits>
 
 namespace lk {
 namespace lora_detail {
 namespace {
 
-constexpr int64_t kMaxCols = 65535LL * 128;  // gridDim.y counts the output's 128-column tiles
-
-// The sizes alone (no pointers, no device): what adapter_fwd_workspace and the path share.
-bool sizes_fit(int64_t M, int64_t K, int64_t R) {
-  return M >= 1 && M <= INT_MAX && K >= 8 && K <= kMaxCols && R >= 8 && R <= kMaxCols && K % 8 == 0 &&
-         R % 8 == 0;
-}
-
-// Split-K (splitk_rule.h) of the down product (output [M, R], reduction K) and of the up product
-// ([M, K], reduction R), and where their fp32 partials go: after T(act(h)), one buffer for both
-// (the launches are ordered on the stream), as large as the larger.
+// T(act(h)) [M, R] in the workspace, then the split-K partials (adapter_cutlass_partial_bytes).
 size_t act_bytes(size_t elem, int64_t M, int64_t R) { return round_up_256(elem * static_cast<size_t>(M * R)); }
-size_t partial_bytes(int64_t M, int64_t K, int64_t R) {
-  const int64_t down = splitk::split_count(M, R, K), up = splitk::split_count(M, K, R);
-  const int64_t floats = std::max(down > 1 ? down * M * R : 0, up > 1 ? up * M * K : 0);
-  return sizeof(float) * static_cast<size_t>(floats);
-}
 
 }  // namespace
 }  // namespace lora_detail
 
 template <typename T>
 size_t adapter_fwd_workspace(int64_t M, int64_t K, int64_t R) {
-  if (!is_16bit<T> || !lora_detail::sizes_fit(M, K, R)) return 0;
+  if (!is_16bit<T> || !lora_detail::adapter_cutlass_sizes_fit(M, K, R)) return 0;
   // T(act(h)) [M, R], then the split-K partials
-  return lora_detail::act_bytes(sizeof(T), M, R) + lora_detail::partial_bytes(M, K, R);
+  return lora_detail::act_bytes(sizeof(T), M, R) + lora_detail::adapter_cutlass_partial_bytes(M, K, R);
 }
 
 namespace adapter_detail {
@@ -62,8 +42,8 @@ cudaError_t adapter_fwd_cutlass(const T* x, int64_t ldx, const T* w_down, const 
   } else {
     using Down = EpilogueBiasAct<T>;
     using Up = EpilogueResidual<T>;
-    if (workspace == nullptr || !sizes_fit(M, K, R) || ldx < K || ldx % 8 != 0 || !aligned16(x) ||
-        !aligned16(w_down) || !aligned16(w_up) || !aligned16(workspace))
+    if (workspace == nullptr || !adapter_cutlass_sizes_fit(M, K, R) || ldx < K || ldx % 8 != 0 ||
+        !aligned16(x) || !aligned16(w_down) || !aligned16(w_up) || !aligned16(workspace))
       return cudaErrorNotSupported;
     const CutlassPath path = cutlass_device_path<Down, false>();
     if (path == CutlassPath::none || cutlass_device_path<Up, false>() != path) return cudaErrorNotSupported;

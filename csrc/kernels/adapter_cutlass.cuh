@@ -15,9 +15,31 @@
 #pragma once
 #include "adapter_detail.cuh"
 #include "lora_cutlass.cuh"
+#include "splitk_rule.h"
+
+#include <algorithm>
+#include <climits>
 
 namespace lk {
 namespace lora_detail {
+
+// The sizes alone (no pointers, no device) for which the adapter's CUTLASS products (forward:
+// adapter_cutlass.cu, backward: adapter_bwd_cutlass.cu) can apply; their workspace functions and
+// paths share it. CuTe's shapes are int; gridDim.y counts the output's 128-column tiles.
+inline bool adapter_cutlass_sizes_fit(int64_t M, int64_t K, int64_t R) {
+  constexpr int64_t kMaxCols = 65535LL * 128;
+  return M >= 1 && M <= INT_MAX && K >= 8 && K <= kMaxCols && R >= 8 && R <= kMaxCols && K % 8 == 0 &&
+         R % 8 == 0;
+}
+
+// The fp32 split-K partials (splitk_rule.h) of an adapter's pair of products, [M, R] reduced over K
+// (down, dz) and [M, K] over R (up, dx): one buffer for both (the launches are ordered on the
+// stream), as large as the larger; 0 where both run one split.
+inline size_t adapter_cutlass_partial_bytes(int64_t M, int64_t K, int64_t R) {
+  const int64_t narrow = splitk::split_count(M, R, K), wide = splitk::split_count(M, K, R);
+  const int64_t floats = std::max(narrow > 1 ? narrow * M * R : 0, wide > 1 ? wide * M * K : 0);
+  return sizeof(float) * static_cast<size_t>(floats);
+}
 
 template <typename T>
 struct EpilogueBiasAct {
