@@ -1,7 +1,7 @@
 """With a GPU and the built extension: the 16-bit adapter forward (csrc/kernels/adapter_cutlass.cu) and
 its backward's dz and dx (adapter_bwd_cutlass.cu) on LoRA's CUTLASS kernels, where adapter_fused.cu's
 single pass does not apply (R > 64) and K and R are multiples of 8 (few output tiles: split-K,
-test_cutlass_splitk.py). Which path other shapes take: test_cuda_backend.py's ADAPTER_PATHS."""
+test_cutlass_splitk.py). Which path other shapes take: test_cuda_paths.py's ADAPTER_PATHS."""
 import re
 
 import pytest
