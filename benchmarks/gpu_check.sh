@@ -195,7 +195,7 @@ if ! wanted sanitizer; then
   :
 elif [ "$QUICK" != 1 ] && command -v compute-sanitizer >/dev/null && "$PY" -c "import lora_kernels._C" 2>/dev/null; then
   LORA_KERNELS_AUTOTUNE=0 stage sanitizer 100 150 '' compute-sanitizer --tool memcheck --error-exitcode 1 \
-    "$PY" -m pytest tests/test_cuda_backend.py -q -x -p no:cacheprovider
+    "$PY" -m pytest tests/test_cuda_backend.py tests/test_cuda_paths.py -q -x -p no:cacheprovider
 else
   printf 'sanitizer\tSKIPPED\t0\tquick run, no compute-sanitizer or no lora_kernels._C\n' >> "$STAGES"
 fi
