@@ -85,6 +85,15 @@ inline bool kernel_runs_on(int device, Kernel kernel, int smem_bytes) {
   return ok;
 }
 
+// The current device and its compute capability; false (the error cleared) where there is none.
+inline bool current_capability(int& device, int& major, int& minor) {
+  const bool ok = cudaGetDevice(&device) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess;
+  if (!ok) (void)cudaGetLastError();
+  return ok;
+}
+
 enum class CutlassPath { none, sm80, sm90a };
 
 // The forward's CUTLASS kernel, or none (lora_fwd then keeps its other paths): T half/bf16,
@@ -143,12 +152,7 @@ cudaError_t cutlass_sm90_launch(const CutlassGemm<Epi>& p, cudaStream_t stream, 
 template <class Epi, bool kBMN>
 CutlassPath cutlass_device_path() {
   int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return CutlassPath::none;
-  }
+  if (!current_capability(device, major, minor)) return CutlassPath::none;
 #if defined(LK_BUILT_SM90A)
   if (major == 9 && minor == 0)
     return cutlass_sm90_ready<Epi, kBMN>(device) ? CutlassPath::sm90a : CutlassPath::none;

@@ -152,12 +152,7 @@ template <typename T>
 Path device_path(int64_t RB, int64_t lda, int64_t W) {
   const bool tma = lda >= W;
   int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return Path::none;
-  }
+  if (!lora_detail::current_capability(device, major, minor)) return Path::none;
   const int64_t rt = rank_tile(RB);
   return rt == 16   ? path_for<T, 16>(device, major, minor, tma)
          : rt == 32 ? path_for<T, 32>(device, major, minor, tma)
