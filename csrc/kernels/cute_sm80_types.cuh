@@ -1,6 +1,6 @@
-// The CuTe element type and sm_80 tensor-core atom (mma.sync m16n8k16 with fp32 accumulators, the
-// TN form) of each 16-bit element type: one table for every CuTe kernel here (cutlass_sm80.cuh,
-// cutlass_wgrad_sm80.cuh, infonce_mma.cuh). The atom runs on sm_90 too.
+// The CuTe element type and the sm_80 tensor-core atom (mma.sync m16n8k16 with fp32 accumulators,
+// the TN form) of each 16-bit element type: one table for every CuTe kernel here (the sm_80 and
+// sm_90a GEMMs take E from it; the atom runs on sm_90 too).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -36,6 +36,7 @@
 // (cutlass_device_path) never launches it.
 #pragma once
 #include "cutlass_splitk.cuh"
+#include "cute_sm80_types.cuh"
 #include "lora_cutlass.cuh"
 
 #include <cute/tensor.hpp>
@@ -52,13 +53,9 @@ namespace {
 
 using namespace cute;
 
-template <typename T> struct Sm90Element;
-template <> struct Sm90Element<__half> { using type = cutlass::half_t; };
-template <> struct Sm90Element<__nv_bfloat16> { using type = cutlass::bfloat16_t; };
-
 template <typename T, bool kBMN>
 struct Sm90Config {
-  using E = typename Sm90Element<T>::type;
+  using E = typename CuteSm80<T>::E;  // cute_sm80_types.cuh: CuTe's 16-bit element type
   using TileShape = Shape<_128, _128, _64>;
   static constexpr int BM = 128, BN = 128;
   // A: [M, K] row-major (K-major). B(n, k): [N, K] row-major, i.e. K×N column-major (K-major), or

@@ -14,6 +14,7 @@
 // split rule's target assumes. Not run or timed: no GPU so far.
 // wgmma exists only in sm_90a code: elsewhere the body is empty and the host never launches it.
 #pragma once
+#include "cute_sm80_types.cuh"
 #include "cutlass_wgrad.cuh"
 
 #include <cute/tensor.hpp>
@@ -30,13 +31,9 @@ namespace {
 
 using namespace cute;
 
-template <typename T> struct Sm90Elem;
-template <> struct Sm90Elem<__half> { using type = cutlass::half_t; };
-template <> struct Sm90Elem<__nv_bfloat16> { using type = cutlass::bfloat16_t; };
-
 template <typename T, int RT>
 struct Sm90Cfg {
-  using E = typename Sm90Elem<T>::type;
+  using E = typename CuteSm80<T>::E;  // cute_sm80_types.cuh: CuTe's 16-bit element type
   static constexpr int BW = 128, BK = 64, kStages = RT == 16 ? 6 : RT == 32 ? 5 : 4;
   using TileShape = Shape<Int<BW>, Int<RT>, Int<BK>>;
   // A(w, m) column-major = MN-major; B(m, r) as CUTLASS's K×N row-major = MN-major. 16-byte alignment.
